@@ -1,0 +1,205 @@
+"""Tissue detection on a thumbnail and the patch grid at a target resolution, cached per slide.
+
+The mask is computed at `mask_mpp` (coarse, a few thousand pixels a side at most), so tiling a 100k x 100k slide costs
+one low-resolution read. Grid coordinates are level-0 pixels, the convention every reader and writer here shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+
+from .slides import Slide, SlideError, open_slide
+
+__all__ = ["PatchGrid", "SlidePatches", "TissueParams", "patch_grid", "tissue_mask"]
+
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Saturation/Otsu tissue detection; sizes in microns so they mean the same at any magnification."""
+
+    mask_mpp: float = 8.0  # resolution of the thumbnail the mask is computed on
+    min_saturation: float = 0.05  # floor under Otsu's threshold (0-1 HSV saturation): empty glass stays background
+    max_value: float = 0.95  # ignore near-white pixels whatever their saturation
+    median_um: float = 56.0  # median filter on saturation before thresholding (0: off)
+    close_um: float = 64.0  # morphological closing radius: joins fragmented tissue
+    min_object_um2: float = 50_000.0  # drop specks (dust, debris) smaller than this area
+    fill_holes: bool = True
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Patches of one slide: level-0 top-left corners, and the geometry needed to read them back."""
+
+    coords: np.ndarray  # (N, 2) int32, (x, y) in level-0 pixels
+    patch_size: int  # output pixels per side at `mpp`
+    mpp: float  # microns per pixel of the patches
+    level0_size: float  # level-0 pixels per patch side
+    tissue_fraction: np.ndarray  # (N,) float32
+    mask: np.ndarray  # tissue mask thumbnail (bool) at `mask_mpp`
+    mask_mpp: float
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+@dataclass(frozen=True)
+class SlidePatches:
+    """Where one slide's patches are: its file, id, grid and optional mpp override."""
+
+    slide_id: str
+    path: Path
+    grid: PatchGrid
+    mpp_override: float | None = None
+
+
+def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarray:
+    """Boolean tissue mask at `params.mask_mpp` microns per pixel."""
+    w0, h0 = slide.dimensions
+    scale = params.mask_mpp / slide.require_mpp()
+    thumb = slide.get_thumbnail((max(1, round(w0 / scale)), max(1, round(h0 / scale))))
+    hsv = rgb2hsv(thumb)
+    saturation = hsv[..., 1]
+    px = lambda um: max(0, int(round(um / params.mask_mpp)))  # noqa: E731 - tiny unit conversion
+    if px(params.median_um) > 1:
+        saturation = ndimage.median_filter(saturation, size=px(params.median_um))
+    candidate = saturation[hsv[..., 2] < params.max_value]
+    otsu = threshold_otsu(candidate) if candidate.size and np.ptp(candidate) > 0 else 1.0
+    mask = (saturation > max(otsu, params.min_saturation)) & (hsv[..., 2] < params.max_value)
+    radius = px(params.close_um)
+    if radius:
+        disk = _disk(radius)
+        mask = ndimage.binary_closing(np.pad(mask, radius), structure=disk)[radius:-radius, radius:-radius]
+    if params.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    min_pixels = params.min_object_um2 / params.mask_mpp**2
+    if min_pixels > 1 and mask.any():
+        labels, n = ndimage.label(mask)
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
+    return mask
+
+
+def patch_grid(
+    path: str | os.PathLike,
+    *,
+    mpp: float,
+    patch_size: int,
+    tissue_threshold: float = 0.5,
+    tissue: TissueParams = TissueParams(),
+    mpp_override: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> PatchGrid:
+    """Non-overlapping `patch_size` patches at `mpp` whose tissue fraction is at least `tissue_threshold`.
+
+    With `cache_dir`, the grid is stored there keyed by the file (path, size, mtime) and every parameter, so a
+    second call with the same inputs only reads a small .npz.
+    """
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise ValueError(f"tissue_threshold must be in [0, 1], got {tissue_threshold}")
+    path = Path(path)
+    cache_file = None
+    if cache_dir is not None:
+        key = _cache_key(path, mpp, patch_size, tissue_threshold, tissue, mpp_override)
+        cache_file = Path(cache_dir) / f"{path.name}.{key}.grid.npz"
+        if cache_file.is_file():
+            return _load(cache_file)
+    with open_slide(path, mpp=mpp_override) as slide:
+        grid = _compute_grid(slide, mpp, patch_size, tissue_threshold, tissue)
+    if cache_file is not None:
+        _save(cache_file, grid)
+    return grid
+
+
+def _compute_grid(slide: Slide, mpp: float, patch_size: int, threshold: float, tissue: TissueParams) -> PatchGrid:
+    mask = tissue_mask(slide, tissue)
+    if not mask.any():
+        raise SlideError(f"{slide.path}: no tissue found (check the slide, or lower `min_saturation`)")
+    level0_size = patch_size * mpp / slide.require_mpp()
+    w0, h0 = slide.dimensions
+    nx, ny = int(w0 // level0_size), int(h0 // level0_size)
+    if nx == 0 or ny == 0:
+        raise SlideError(f"{slide.path}: slide ({w0} x {h0} px) is smaller than one {patch_size} px patch at {mpp} um/px")
+    fraction = _cell_fractions(mask, level0_size * slide.mpp / tissue.mask_mpp, nx, ny)
+    gy, gx = np.nonzero(fraction >= max(threshold, 1e-9))
+    coords = np.stack([np.floor(gx * level0_size), np.floor(gy * level0_size)], axis=1).astype(np.int32)
+    if len(coords) == 0:
+        raise SlideError(f"{slide.path}: no patch has a tissue fraction of at least {threshold}")
+    return PatchGrid(coords, patch_size, mpp, level0_size, fraction[gy, gx].astype(np.float32), mask, tissue.mask_mpp)
+
+
+def _cell_fractions(mask: np.ndarray, cell: float, nx: int, ny: int) -> np.ndarray:
+    """Tissue fraction of each grid cell (`cell` mask pixels a side, fractional), by area-weighted integral image."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1))
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+
+    def at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:  # bilinear lookup: exact area for fractional edges
+        ys, xs = np.clip(ys, 0, mask.shape[0]), np.clip(xs, 0, mask.shape[1])
+        y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        y1, x1 = np.minimum(y0 + 1, mask.shape[0]), np.minimum(x0 + 1, mask.shape[1])
+        wy, wx = ys - y0, xs - x0
+        return (
+            integral[y0][:, x0] * np.outer(1 - wy, 1 - wx)
+            + integral[y1][:, x0] * np.outer(wy, 1 - wx)
+            + integral[y0][:, x1] * np.outer(1 - wy, wx)
+            + integral[y1][:, x1] * np.outer(wy, wx)
+        )
+
+    ys, xs = np.arange(ny + 1) * cell, np.arange(nx + 1) * cell
+    table = at(ys, xs)
+    area = table[1:, 1:] - table[:-1, 1:] - table[1:, :-1] + table[:-1, :-1]
+    return area / (cell * cell)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def _cache_key(path: Path, mpp: float, patch_size: int, threshold: float, tissue: TissueParams, override) -> str:
+    stat = path.stat()
+    blob = json.dumps(
+        [_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, mpp, patch_size, threshold,
+         asdict(tissue), override],
+        sort_keys=True,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _save(file: Path, grid: PatchGrid) -> None:
+    """Write to a temporary name then rename: a killed run never leaves a half-written grid."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in asdict(grid).items()})
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(file: Path) -> PatchGrid:
+    with np.load(file) as data:
+        return PatchGrid(
+            coords=data["coords"],
+            patch_size=int(data["patch_size"]),
+            mpp=float(data["mpp"]),
+            level0_size=float(data["level0_size"]),
+            tissue_fraction=data["tissue_fraction"],
+            mask=data["mask"],
+            mask_mpp=float(data["mask_mpp"]),
+        )
