@@ -1,0 +1,96 @@
+"""The base of every slide-level data module: labels CSV, classes, saved splits, one bag per batch."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .splits import SPLITS, SlideLabel, make_splits, read_labels, save_splits
+
+__all__ = ["BagDataModule"]
+
+
+class BagDataModule(pl.LightningDataModule):
+    """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch.
+
+    Splits come from the CSV's `split` column, else a seeded, stratified, patient-grouped k-fold (`fold` of `folds`
+    is the test set, `val_fraction` of the rest validates); they are saved as `splits.json` in the run directory.
+    Subclasses say how a list of slides becomes a dataset of bags (`bag_dataset`).
+    """
+
+    def __init__(
+        self,
+        labels: str,
+        classes: list[str] | None = None,
+        folds: int = 5,
+        fold: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.labels_path = Path(labels)
+        self.rows: list[SlideLabel] = read_labels(self.labels_path)
+        self.classes = list(classes) if classes else sorted({row.label for row in self.rows})
+        unknown = next((row for row in self.rows if row.label not in self.classes), None)
+        if unknown is not None:
+            raise ValueError(
+                f"{self.labels_path}: slide {unknown.slide_id!r} has label {unknown.label!r}, "
+                f"not one of classes {self.classes}"
+            )
+        self.class_index = {name: i for i, name in enumerate(self.classes)}
+        self.folds, self.fold, self.val_fraction, self.seed = folds, fold, val_fraction, seed
+        self.num_workers = num_workers
+        self.splits: dict[str, list[str]] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @abstractmethod
+    def bag_dataset(self, rows: list[SlideLabel]) -> Dataset:
+        """A dataset whose item i is the bag of `rows[i]` (a dict with at least `label` and `slide_id`)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = make_splits(
+                self.rows, folds=self.folds, fold=self.fold, val_fraction=self.val_fraction, seed=self.seed
+            )
+            if self.trainer is not None and self.trainer.is_global_zero:
+                save_splits(self.splits, self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def split_rows(self, split: str) -> list[SlideLabel]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        ids = set(self.splits[split])
+        return [row for row in self.rows if row.slide_id in ids]
+
+    def dataset(self, split: str) -> Dataset:
+        return self.bag_dataset(self.split_rows(split))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=None,  # one bag per step: no collation, no padding
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
