@@ -1,0 +1,73 @@
+"""The command line: one LightningCLI for fit/validate/test/predict, configured by YAML under `experiments/`.
+
+    python -m icmil_pl fit -c experiments/abmil_features.yaml --model.init_args.lr=1e-4
+    python -m icmil_pl test -c runs/<run>/config.yaml --ckpt_path runs/<run>/checkpoints/best-....ckpt
+
+`omegaconf+` mode resolves `${...}` after command-line overrides are applied, so a relative interpolation such as
+`${..lr}` follows `--model.init_args.lr=...`. Classes are named by their short names in YAML (`class_path: ABMIL`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from pytorch_lightning import LightningDataModule, LightningModule
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+# Imported so that jsonargparse knows every class by its short name.
+import data_modules.bags  # noqa: F401
+import data_modules.digits  # noqa: F401
+import data_modules.features  # noqa: F401
+import data_modules.patches  # noqa: F401
+from icmil_pl import aggregators, bag_classifier, embedder, end_to_end, writers  # noqa: F401
+
+from .results import stage_metrics, write_results
+
+__all__ = ["ICMILCLI", "main"]
+
+
+class ICMILCLI(LightningCLI):
+    """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`."""
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.fast_dev_run or getattr(self.model, "skip_results", False):
+            return
+        fit_seconds = time.perf_counter() - self._fit_start
+        callback = trainer.checkpoint_callback
+        best = (callback.best_model_path or None) if callback is not None else None
+        start = time.perf_counter()
+        val = trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        test = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        if trainer.is_global_zero:
+            run_dir = trainer.log_dir or trainer.default_root_dir
+            entry = {
+                "iteration": 0,
+                "checkpoint": best,
+                "val": stage_metrics(val, "val"),
+                "test": stage_metrics(test, "test"),
+                "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
+            }
+            path = write_results(run_dir, [entry], model=type(self.model).__name__)
+            print(f"results: {path}")
+
+
+def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
+    """Entry point for `python -m icmil_pl`; tests call `main([...])` in-process."""
+    return ICMILCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl"},
+        trainer_defaults={
+            "default_root_dir": "runs",
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,132 @@
+"""Feature extraction as a `predict` stage: a writer callback streams embeddings into the per-slide zarr cache.
+
+`python -m icmil_pl predict -c experiments/extract.yaml` and the ICMIL loop both run `trainer.predict(PatchEmbedder,
+SlidePatchDataModule)` with this callback: it picks the cache folder from the embedder's fingerprint and the patch
+geometry, tells the data module to skip slides already there, and commits each slide atomically once complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+from tqdm.auto import tqdm
+
+import icmil_pl
+from data_modules.cohort import TilingConfig
+from data_modules.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
+from data_modules.patches import SlidePatchDataModule
+
+from .embedder import PatchEmbedder
+
+__all__ = ["FeatureWriter", "cache_key", "extract_features"]
+
+
+def cache_key(embedder: PatchEmbedder, tiling: TilingConfig) -> str:
+    """Embedder fingerprint + patch geometry: the same embedder at another magnification is another cache."""
+    geometry = json.dumps({"mpp": tiling.mpp, "patch_size": tiling.patch_size}, sort_keys=True)
+    return f"{embedder.fingerprint()}-{hashlib.blake2b(geometry.encode(), digest_size=4).hexdigest()}"
+
+
+def provenance(embedder: PatchEmbedder, tiling: TilingConfig) -> dict:
+    return {
+        "backbone": embedder.hparams.backbone,
+        "truncate_after": embedder.hparams.truncate_after,
+        "weights_hash": embedder.weights_hash(),
+        "feature_dim": embedder.feature_dim,
+        "patch_size_px": tiling.patch_size,
+        "patch_size_um": tiling.patch_size * tiling.mpp,
+        "mpp": tiling.mpp,
+        "tissue_threshold": tiling.tissue_threshold,
+        "code_version": icmil_pl.__version__,
+    }
+
+
+class FeatureWriter(pl.Callback):
+    """Writes each slide's features to `<cache_root>/<cache key>/<slide_id>.zarr` as its patches are embedded."""
+
+    def __init__(self, cache_root: str = "runs/features", dtype: FeatureDtype = "float16") -> None:
+        self.cache_root, self.dtype = Path(cache_root), dtype
+        self.cache: FeatureCache | None = None
+        self._provenance: dict = {}
+        self._sizes: dict[str, int] = {}
+        self._grid_sizes: dict[str, float] = {}
+        self._open: dict[str, SlideFeatureWriter] = {}
+        self._bar: tqdm | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        data = trainer.datamodule
+        if not isinstance(pl_module, PatchEmbedder) or not isinstance(data, SlidePatchDataModule):
+            raise ValueError("FeatureWriter needs model: PatchEmbedder and data: SlidePatchDataModule")
+        self.cache = FeatureCache(self.cache_root, cache_key(pl_module, data.tiling))
+        self._provenance = provenance(pl_module, data.tiling)
+        if trainer.is_global_zero:
+            self.cache.write_manifest(self._provenance)
+        data.exclude({s for s in data.slide_ids if self.cache.has(s)})
+        todo = data.dataset()
+        self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
+        self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bar = tqdm(total=len(self._sizes), desc="extracting", unit="slide", disable=not trainer.is_global_zero)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        features = outputs.detach().float().cpu().numpy()
+        coords = batch["coords"].cpu().numpy()
+        ids = list(batch["slide_id"])
+        start = 0
+        while start < len(ids):  # a batch may span the end of one slide and the start of the next
+            end = start
+            while end < len(ids) and ids[end] == ids[start]:
+                end += 1
+            writer = self._open.get(ids[start]) or self._start(ids[start], features.shape[1])
+            writer.append(features[start:end], coords[start:end])
+            if writer.complete:
+                writer.commit()
+                del self._open[ids[start]]
+                if self._bar is not None:
+                    self._bar.update()
+            start = end
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unfinished = sorted(self._open)
+        self._abort()
+        if unfinished:
+            raise RuntimeError(f"feature extraction ended with incomplete slides: {unfinished}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._abort()
+
+    def _start(self, slide_id: str, dim: int) -> SlideFeatureWriter:
+        attrs = {**self._provenance, "slide_id": slide_id, "num_patches": self._sizes[slide_id],
+                 "level0_patch_size": self._grid_sizes[slide_id]}
+        writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
+        return writer
+
+    def _abort(self) -> None:
+        for writer in self._open.values():
+            writer.abort()
+        self._open.clear()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def extract_features(
+    embedder: PatchEmbedder,
+    data: SlidePatchDataModule,
+    cache_root: str = "runs/features",
+    *,
+    dtype: FeatureDtype = "float16",
+    trainer_kwargs: dict | None = None,
+) -> FeatureCache:
+    """Embed every patch of `data` not already cached under this embedder's key; returns the cache."""
+    writer = FeatureWriter(cache_root, dtype)
+    kwargs = {"logger": False, "enable_checkpointing": False, "use_distributed_sampler": False, **(trainer_kwargs or {})}
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), writer]
+    pl.Trainer(**kwargs).predict(embedder, datamodule=data, return_predictions=False)
+    return writer.cache

@@ -1,0 +1,111 @@
+"""Two-stage MIL from the command line, in-process: extract features to the cache, train, test, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from data_modules.synthetic import make_cohort
+from icmil_pl.cli import main
+
+CONF = Path(__file__).parent / "conf"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, 18, seed=0, size=(1024, 1024), mpp=0.5, tumour_contrast=1.5, tumour_area=(0.1, 0.2))
+    return root
+
+
+def _extract(cohort: Path, run: Path) -> None:
+    main(["predict", "-c", str(CONF / "extract.yaml"),
+          f"--trainer.callbacks.init_args.cache_root={run / 'features'}",
+          f"--trainer.default_root_dir={run}",
+          f"--data.init_args.labels={cohort / 'labels.csv'}",
+          f"--data.init_args.slides={cohort / 'slides'}",
+          f"--data.init_args.grid_cache={run / 'grids'}"])
+
+
+@pytest.fixture(scope="module")
+def features(cohort, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    _extract(cohort, run)
+    return run
+
+
+def test_extraction_writes_one_group_per_slide(cohort, features):
+    caches = [p for p in (features / "features").iterdir() if p.is_dir()]
+    assert len(caches) == 1
+    manifest = json.loads((caches[0] / "manifest.json").read_text())
+    assert manifest["backbone"] == "resnet18" and manifest["feature_dim"] == 128
+    assert manifest["patch_size_px"] == 64 and manifest["patch_size_um"] == pytest.approx(32.0)
+    with open(cohort / "labels.csv") as fh:
+        ids = [row["slide_id"] for row in csv.DictReader(fh)]
+    assert sorted(p.stem for p in caches[0].glob("*.zarr")) == sorted(ids)
+    group = zarr.open_group(caches[0] / f"{ids[0]}.zarr", mode="r")
+    assert group["features"].shape[1] == 128 and group["features"].dtype == np.float32
+    assert group["coords"].dtype == np.int32 and group["coords"].shape == (group["features"].shape[0], 2)
+    assert np.isfinite(group["features"][:]).all()
+    assert group.attrs["weights_hash"] == manifest["weights_hash"]
+    assert not list(caches[0].glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_second_extraction_skips_finished_slides(cohort, features):
+    cache = next(p for p in (features / "features").iterdir() if p.is_dir())
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.zarr/zarr.json")}
+    _extract(cohort, features)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.zarr/zarr.json")} == before
+
+
+def test_fit_test_predict(cohort, features, tmp_path):
+    args = ["-c", str(CONF / "abmil.yaml"),
+            f"--data.init_args.labels={cohort / 'labels.csv'}",
+            f"--data.init_args.features={features / 'features'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main(["fit", *args])
+    run = next(tmp_path.glob("lightning_logs/version_0"))
+    results = json.loads((run / "results.json").read_text())
+    entry = results["iterations"][0]
+    assert set(entry["val"]) == set(entry["test"]) == {"auroc", "accuracy", "f1", "balanced_accuracy"}
+    assert entry["test"]["auroc"] > 0.5  # above chance on an easy cohort
+    splits = json.loads((run / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["test"]) and splits["val"]
+    assert (run / "config.yaml").is_file() and (run / "predictions.csv").is_file()
+
+    best = entry["checkpoint"]
+    assert Path(best).is_file()
+    (run / "predictions.csv").unlink()
+    main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_1/predictions.csv")))))
+    assert len(rows) == len(splits["test"]) and {"slide_id", "label", "predicted", "prob_1"} <= set(rows[0])
+    main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
+    assert next(tmp_path.glob("lightning_logs/version_2/predictions.csv")).is_file()
+
+
+def test_print_config_resolves_overrides(cohort, features, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(CONF / "abmil.yaml"), "--model.init_args.lr=0.01", "--print_config",
+              f"--data.init_args.labels={cohort / 'labels.csv'}",
+              f"--data.init_args.features={features / 'features'}"])
+    printed = capsys.readouterr().out
+    assert "lr: 0.01" in printed and "class_path: icmil_pl.aggregators.ABMIL" in printed
+
+
+
+def test_wandb_logger_runs_offline(cohort, features, tmp_path):
+    """W&B needs no account or network: WANDB_MODE=offline (set for every test) keeps the run on disk."""
+    main(["fit", "-c", str(CONF / "abmil.yaml"), "--trainer.max_epochs=2",
+          f"--data.init_args.labels={cohort / 'labels.csv'}",
+          f"--data.init_args.features={features / 'features'}",
+          f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.logger=WandbLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.logger.init_args.project=icmil-tests"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
