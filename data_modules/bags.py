@@ -1,0 +1,120 @@
+"""Whole slides as lazy bags of patches, for end-to-end training: a bag is read chunk by chunk, never all at once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .bag_data import BagDataModule
+from .cohort import SlideCohort, TilingConfig
+from .slides import Resample, Slide, open_slide
+from .splits import SlideLabel
+from .tiling import SlidePatches
+
+__all__ = ["PatchBagDataModule", "SlideBag"]
+
+
+class SlideBag:
+    """All tissue patches of one slide (or a selection of them): `bag[a:b]` -> uint8 (b - a, 3, S, S).
+
+    This is the lazy bag `chunked.bag_backward` expects: it stays on the CPU and reads only the chunk asked for,
+    decoding patches on `threads` threads (the JPEG decoder releases the GIL). The slide is opened in the process that
+    reads, on first use; pickling drops the handle.
+    """
+
+    def __init__(self, patches: SlidePatches, indices: np.ndarray | None = None, resample: Resample = "bilinear",
+                 threads: int = 4) -> None:
+        self.patches = patches
+        self.indices = np.arange(len(patches.grid)) if indices is None else np.asarray(indices)
+        self.resample, self.threads = resample, threads
+        self._slide: Slide | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice):
+            raise TypeError(f"SlideBag supports slices (bag[a:b]), got {type(index).__name__}; use select() for indices")
+        coords = self.patches.grid.coords[self.indices[index]]
+        if self._slide is None:
+            self._slide = open_slide(self.patches.path, mpp=self.patches.mpp_override)
+            self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        size, mpp = self.patches.grid.patch_size, self.patches.grid.mpp
+
+        def read(xy: np.ndarray) -> np.ndarray:
+            return self._slide.read_at_mpp((int(xy[0]), int(xy[1])), (size, size), mpp, self.resample)
+
+        images = list(self._pool.map(read, coords)) if self._pool is not None else [read(xy) for xy in coords]
+        out = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def select(self, indices: np.ndarray) -> SlideBag:
+        """A bag of some of these patches (within-bag sampling), sharing nothing open."""
+        return SlideBag(self.patches, self.indices[np.asarray(indices)], self.resample, self.threads)
+
+    @property
+    def coords(self) -> np.ndarray:
+        return self.patches.grid.coords[self.indices]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self._slide is not None:
+            self._slide.close()
+        self._slide = self._pool = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None, "_pool": None}
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _SlideBagDataset(Dataset):
+    """A fresh `SlideBag` per item, so a slide's handle and tile cache live only while its step does."""
+
+    def __init__(self, patches: list[SlidePatches], rows: list[SlideLabel], class_index: dict[str, int],
+                 threads: int) -> None:
+        self.patches, self.rows, self.class_index, self.threads = patches, rows, class_index, threads
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {"patches": SlideBag(self.patches[index], threads=self.threads),
+                "label": torch.tensor(self.class_index[row.label]), "slide_id": row.slide_id}
+
+
+class PatchBagDataModule(BagDataModule):
+    """Slides of a labelled cohort as lazy bags of all their tissue patches (end-to-end MIL on slides)."""
+
+    def __init__(
+        self,
+        labels: str,
+        slides: str,
+        tiling: TilingConfig = TilingConfig(),
+        grid_cache: str = "runs/grids",
+        read_threads: int = 4,
+        classes: list[str] | None = None,
+        folds: int = 5,
+        fold: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(labels, classes, folds, fold, val_fraction, seed, num_workers=0)
+        self.cohort = SlideCohort(self.labels_path, slides)
+        self.tiling, self.grid_cache, self.read_threads = tiling, grid_cache, read_threads
+        self._patches: dict[str, SlidePatches] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._patches is None:
+            self._patches = {p.slide_id: p for p in self.cohort.patches(self.tiling, self.grid_cache)}
+        super().setup(stage)
+
+    def bag_dataset(self, rows: list[SlideLabel]) -> _SlideBagDataset:
+        return _SlideBagDataset([self._patches[r.slide_id] for r in rows], rows, self.class_index, self.read_threads)

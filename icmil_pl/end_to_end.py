@@ -1,0 +1,134 @@
+"""End-to-end MIL: embedder and aggregator trained together from slide labels, one whole bag per step.
+
+Three ways to pay for a bag, comparable from one config:
+- `chunk_size: int`: exact gradient of the whole bag in bounded memory (`chunked.bag_backward`);
+- `chunk_size: null`: the plain full-bag forward/backward (the baseline; memory grows with the bag);
+- `max_instances: k`: train on k random patches of the bag per step (Koriakina et al.), cheap but approximate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .aggregators import Aggregator, MILOutput
+from .chunked import Bag, bag_backward, embed_chunked
+from .slide_task import Scheduler, SlideTask
+
+__all__ = ["EndToEndMIL"]
+
+
+class EndToEndMIL(SlideTask):
+    """Manual optimization over whole bags: `{"patches": (N, C, H, W) tensor or lazy bag, "label", "slide_id"}`.
+
+    Gradients accumulate over `bags_per_step` bags (the loss of each is divided by it, so a step follows the mean
+    loss). Under DDP nothing is synchronised during the many backward passes of a bag; the gradients are averaged
+    across processes once, right before each optimizer step. Clipping happens in `on_before_optimizer_step`, after
+    the precision plugin unscaled fp16 gradients. Patches stay on the CPU; chunks move to the device as they are used.
+    """
+
+    def __init__(
+        self,
+        embedder: nn.Module,
+        aggregator: Aggregator,
+        chunk_size: int | None = 64,
+        max_instances: int | None = None,
+        bags_per_step: int = 1,
+        lr: float = 1e-4,
+        embedder_lr: float | None = None,
+        weight_decay: float = 1e-4,
+        scheduler: Scheduler = "none",
+        gradient_clip_val: float | None = None,
+        eval_chunk_size: int | None = None,
+        aux_loss_weight: float = 1.0,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__(aggregator, aux_loss_weight, class_names)
+        self.save_hyperparameters(ignore=["embedder", "aggregator"])
+        self.automatic_optimization = False
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int >= 1 or null (full bag), got {chunk_size}")
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"max_instances: expected an int >= 1 or null (whole bag), got {max_instances}")
+        if bags_per_step < 1:
+            raise ValueError(f"bags_per_step: expected an int >= 1, got {bags_per_step}")
+        dim = getattr(embedder, "feature_dim", None)
+        if dim is not None and dim != aggregator.in_dim:
+            raise ValueError(f"aggregator in_dim={aggregator.in_dim}, but the embedder gives {dim}-d features")
+        self.embedder = embedder
+
+    # -- evaluation: chunked, no graph -------------------------------------------------------------------------------
+    def embed(self, patches: Bag) -> torch.Tensor:
+        chunk = self.hparams.eval_chunk_size or self.hparams.chunk_size or len(patches)
+        return embed_chunked(self.embedder, patches, chunk)
+
+    def bag_output(self, batch: dict) -> MILOutput:
+        return self.aggregator(self.embed(batch["patches"]))
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Everything but the patches: a bag may be far larger than the accelerator's memory."""
+        return {k: v if k == "patches" else super(EndToEndMIL, self).transfer_batch_to_device(v, device, dataloader_idx)
+                for k, v in batch.items()}
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        patches, label = self._sample(batch["patches"]), batch["label"]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.scale if scaler is not None else None
+
+        def bag_loss(h: torch.Tensor) -> torch.Tensor:
+            return self.loss(self.aggregator(h), label) / hp.bags_per_step
+
+        if hp.chunk_size is None:
+            loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
+            (loss if scale is None else scale(loss)).backward()
+            loss = loss.detach()
+        else:
+            loss = bag_backward(self.embedder, bag_loss, patches, hp.chunk_size, scale_loss=scale)
+        self.log("train/loss", loss * hp.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
+
+        if (batch_idx + 1) % hp.bags_per_step == 0 or self.trainer.is_last_batch:
+            optimizer = self.optimizers()
+            self._average_gradients_across_processes()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [
+            {"params": [p for p in self.aggregator.parameters() if p.requires_grad], "lr": hp.lr},
+            {"params": [p for p in self.embedder.parameters() if p.requires_grad], "lr": hp.embedder_lr or hp.lr},
+        ]
+        return self.adam([g for g in groups if g["params"]], hp.lr, hp.weight_decay, hp.scheduler)
+
+    def _sample(self, patches: Bag) -> Bag:
+        """Within-bag sampling: `max_instances` random patches, in bag order (seeded by the global generator)."""
+        k, n = self.hparams.max_instances, len(patches)
+        if k is None or n <= k:
+            return patches
+        index = torch.randperm(n)[:k].sort().values
+        return patches[index] if isinstance(patches, torch.Tensor) else patches.select(index.numpy())
+
+    def _average_gradients_across_processes(self) -> None:
+        """One all-reduce of every gradient as a single flat buffer: the only DDP communication of a step."""
+        if self.trainer.world_size <= 1:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:  # a parameter unused on one rank (e.g. a DTFD branch) must still take part
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = self.trainer.strategy.reduce(_flatten_dense_tensors(grads), reduce_op="mean")
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)

@@ -1,0 +1,119 @@
+"""EndToEndMIL: a chunked optimizer step equals the full-bag step, and DDP equals one process on the same bags."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from icmil_pl.aggregators import ABMIL
+from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.end_to_end import EndToEndMIL
+
+
+class _Bags(Dataset):
+    """Fixed random uint8 bags of different sizes, one per item."""
+
+    def __init__(self, sizes=(7, 11), image=16, seed=0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.bags = [torch.randint(0, 256, (n, 3, image, image), generator=g, dtype=torch.uint8) for n in sizes]
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"patches": self.bags[i], "label": torch.tensor(i % 2), "slide_id": f"bag{i}"}
+
+
+class _Data(pl.LightningDataModule):
+    num_classes = 2
+
+    def __init__(self, sizes=(7, 11)) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Bags(self.sizes), batch_size=None, shuffle=False)
+
+
+def _model(**kwargs) -> EndToEndMIL:
+    torch.manual_seed(0)
+    embedder = PatchEmbedder("resnet18", truncate_after="layer1", batchnorm="frozen")
+    return EndToEndMIL(embedder, ABMIL(64, hidden_dim=32, attention_dim=16), lr=1e-3, **kwargs)
+
+
+def _one_step(model: EndToEndMIL, data: pl.LightningDataModule, root, **trainer) -> EndToEndMIL:
+    pl.seed_everything(0)
+    kwargs = dict(max_steps=1, accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    pl.Trainer(**{**kwargs, **trainer}).fit(model, datamodule=data)
+    return model
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10])
+def test_chunked_step_equals_full_bag_step(chunk_size, tmp_path):
+    start = _model(chunk_size=None, bags_per_step=2)
+    full = _one_step(copy.deepcopy(start), _Data(), tmp_path)
+    chunked = copy.deepcopy(start)
+    chunked.hparams.chunk_size = chunk_size
+    chunked = _one_step(chunked, _Data(), tmp_path)
+    assert _max_diff(start, full) > 1e-4  # the step did move the parameters
+    assert _max_diff(full, chunked) < 1e-5
+
+
+class _RecordingClip(EndToEndMIL):
+    """Records the gradient norm the optimizer steps with, after clipping."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        self.stepped_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None])).item()
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    torch.manual_seed(0)
+    model = _RecordingClip(PatchEmbedder("resnet18", truncate_after="layer1"), ABMIL(64, hidden_dim=32),
+                           chunk_size=4, bags_per_step=2, gradient_clip_val=1e-3)
+    _one_step(model, _Data(), tmp_path)
+    assert model.stepped_norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_within_bag_sampling_takes_k_sorted_patches():
+    model = _model(chunk_size=2, max_instances=4)
+    bag = torch.arange(10).view(10, 1, 1, 1)
+    torch.manual_seed(1)
+    picked = model._sample(bag).flatten()
+    assert len(picked) == 4 and torch.equal(picked, picked.sort().values) and len(set(picked.tolist())) == 4
+    assert model._sample(bag[:3]).shape[0] == 3  # small bags are kept whole
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="chunk_size"):
+        _model(chunk_size=0)
+    with pytest.raises(ValueError, match="bags_per_step"):
+        _model(bags_per_step=0)
+    with pytest.raises(ValueError, match="in_dim=32, but the embedder gives 64-d"):
+        EndToEndMIL(PatchEmbedder("resnet18", truncate_after="layer1"), ABMIL(32))
+
+
+def _ddp_update(tmp_path) -> dict:
+    """Two processes (gloo), one bag each, one optimizer step; returns rank 0's parameters after the step."""
+    model = _model(chunk_size=4, bags_per_step=1)
+    _one_step(model, _Data(), tmp_path, strategy="ddp_spawn", devices=2)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ddp_update_equals_single_process_update(tmp_path):
+    single = _one_step(_model(chunk_size=4, bags_per_step=2), _Data(), tmp_path)
+    ddp = _ddp_update(tmp_path)
+    diffs = [(single.state_dict()[k].float() - v.float()).abs().max().item() for k, v in ddp.items()]
+    assert max(diffs) < 1e-5
+    assert _max_diff(single, _model()) > 1e-4
+
