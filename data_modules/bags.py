@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +15,7 @@ from .slides import Resample, Slide, open_slide
 from .splits import SlideLabel
 from .tiling import SlidePatches
 
-__all__ = ["PatchBagDataModule", "SlideBag"]
+__all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataset"]
 
 
 class SlideBag:
@@ -74,20 +75,20 @@ class SlideBag:
         self.close()
 
 
-class _SlideBagDataset(Dataset):
-    """A fresh `SlideBag` per item, so a slide's handle and tile cache live only while its step does."""
+class SlideBagDataset(Dataset):
+    """Labelled slides as bags: a fresh `SlideBag` per item, so a slide's handle and tile cache live only as long as
+    its step does."""
 
-    def __init__(self, patches: list[SlidePatches], rows: list[SlideLabel], class_index: dict[str, int],
-                 threads: int) -> None:
-        self.patches, self.rows, self.class_index, self.threads = patches, rows, class_index, threads
+    def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[int], threads: int = 4) -> None:
+        self.slides, self.labels, self.threads = list(slides), list(labels), threads
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.slides)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        return {"patches": SlideBag(self.patches[index], threads=self.threads),
-                "label": torch.tensor(self.class_index[row.label]), "slide_id": row.slide_id}
+        slide = self.slides[index]
+        return {"patches": SlideBag(slide, threads=self.threads), "label": torch.tensor(self.labels[index]),
+                "slide_id": slide.slide_id}
 
 
 class PatchBagDataModule(BagDataModule):
@@ -116,5 +117,6 @@ class PatchBagDataModule(BagDataModule):
             self._patches = {p.slide_id: p for p in self.cohort.patches(self.tiling, self.grid_cache)}
         super().setup(stage)
 
-    def bag_dataset(self, rows: list[SlideLabel]) -> _SlideBagDataset:
-        return _SlideBagDataset([self._patches[r.slide_id] for r in rows], rows, self.class_index, self.read_threads)
+    def bag_dataset(self, rows: list[SlideLabel]) -> SlideBagDataset:
+        return SlideBagDataset([self._patches[r.slide_id] for r in rows], [self.class_index[r.label] for r in rows],
+                               self.read_threads)

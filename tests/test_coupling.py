@@ -1,0 +1,281 @@
+"""ICMIL coupling: the distillation loss by hand, confidence weights, augmentation, and both strategies fitting on tiny
+generated slides on the CPU (the input embedder and head untouched, the teacher never trained)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
+
+from data_modules.synthetic import make_cohort
+from data_modules.tiling import SlidePatches, TissueParams, patch_grid
+from icmil_pl.aggregators import ABMIL, DSMIL
+from icmil_pl.bag_classifier import BagClassifier
+from icmil_pl.coupling import (
+    BagGradient,
+    Distillation,
+    StandardizedHead,
+    _hold_out,
+    confidence_weights,
+    distillation_loss,
+    random_flip_resized_crop,
+    reduced_features,
+)
+from icmil_pl.embedder import PatchEmbedder
+
+# ---------------------------------------------------------------------------------------------------- pure functions
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return (p * np.log(p / q)).sum(1)
+
+
+T = np.array([[2.0, 0.0], [0.5, 1.5]])  # teacher instance logits
+S = np.array([[1.0, 1.0], [0.0, 2.0]])  # student head on student features
+U = np.array([[1.5, 0.5], [1.0, 1.0]])  # student head on teacher features
+ZT = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]])  # teacher reduced features
+ZS = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 1.0]])  # student reduced features
+
+
+def test_distillation_loss_equals_hand_computation():
+    k1, k2, k3 = _kl(_softmax(T), _softmax(S)), _kl(_softmax(T), _softmax(U)), _kl(_softmax(ZT), _softmax(ZS))
+    np.testing.assert_allclose(k1, [0.32781333, 0.08260774], rtol=1e-6)  # the numbers, written out
+    expected = k1.mean() + 0.5 * k2.mean() + 0.5 * k3.mean()
+    assert expected == pytest.approx(0.30180245, rel=1e-7)
+
+    t, s, u, zt, zs = (torch.tensor(x, dtype=torch.float32) for x in (T, S, U, ZT, ZS))
+    loss = distillation_loss(t, s, u, zt, zs, head_weight=0.5, feature_weight=0.5)
+    assert loss.total.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.instance.item() == pytest.approx(k1.mean(), rel=1e-5)
+    assert loss.head.item() == pytest.approx(k2.mean(), rel=1e-5)
+    assert loss.feature.item() == pytest.approx(k3.mean(), rel=1e-5)
+    # the teacher is the target: each term is kl_div(student log-probs, teacher, batchmean)
+    batchmean = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    assert loss.instance.item() == pytest.approx(batchmean.item(), rel=1e-6)
+
+    weighted = distillation_loss(t, s, u, zt, zs, head_weight=0.5, feature_weight=0.5, weights=torch.tensor([1, 0.25]))
+    assert weighted.total.item() == pytest.approx(0.27082455, rel=1e-5)  # (k1 . [1, 0.25]) / 2 + the same others
+    no_features = distillation_loss(t, s, u, head_weight=2.0)
+    assert no_features.total.item() == pytest.approx(k1.mean() + 2.0 * k2.mean(), rel=1e-5)
+
+
+def test_confidence_weights():
+    attention = torch.tensor([0.1, 0.2, 0.3])  # a = [0, 0.5, 1]
+    torch.testing.assert_close(confidence_weights(attention, 2.0), torch.tensor([1.0, 0.0, 1.0]))
+    attention = torch.tensor([0.1, 0.15, 0.3, 0.25])  # a = [0, 0.25, 1, 0.75] -> |2a - 1| = [1, 0.5, 1, 0.5]
+    torch.testing.assert_close(confidence_weights(attention, 6.0), torch.tensor([1.0, 0.5**6, 1.0, 0.5**6]))
+    torch.testing.assert_close(confidence_weights(attention, None), torch.ones(4))
+    torch.testing.assert_close(confidence_weights(torch.full((3,), 1 / 3), 6.0), torch.ones(3))  # no information
+
+
+def test_flip_resized_crop():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    whole = random_flip_resized_crop(images, scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
+    matches = [[torch.allclose(whole[i], f[i], atol=1e-5) for f in flips] for i in range(16)]
+    assert all(sum(m) == 1 for m in matches)  # scale 1: the whole patch, exactly one of its four flips
+    assert len({m.index(True) for m in matches}) == 4  # and all four occur
+
+    images = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8).expand(64, 3, 8, 8) / 63
+    crops = random_flip_resized_crop(images, scale=(0.25, 0.25), generator=torch.Generator().manual_seed(1))
+    assert crops.shape == images.shape and crops.min() >= 0 and crops.max() <= 1
+    # a quarter of the area, resized to the full patch: the value range shrinks, to 1/2 of it for a square crop
+    spans = crops.amax((1, 2, 3)) - crops.amin((1, 2, 3))
+    assert (spans < 0.9).all() and (spans > 0.3).all()
+    again = random_flip_resized_crop(images, scale=(0.25, 0.25), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(crops, again)
+
+
+def test_reduced_features_are_the_heads_hidden_layer():
+    head = ABMIL(8, hidden_dim=4).eval()
+    h = torch.randn(5, 8)
+    torch.testing.assert_close(reduced_features(head, h), head.embed(h))
+    assert reduced_features(DSMIL(8), h) is None
+    bag = BagClassifier(head)
+    bag.feature_mean.fill_(1.0)
+    bag.feature_std.fill_(2.0)
+    standardized = StandardizedHead(bag, frozen=True)
+    torch.testing.assert_close(standardized.instance_logits(h), bag.instance_logits(h))
+    torch.testing.assert_close(standardized.hidden(h), head.embed((h - 1) / 2))
+    standardized.train()
+    assert not standardized.training and not any(p.requires_grad for p in standardized.parameters())
+
+
+def test_hold_out_is_stratified_and_seeded():
+    slides = [SimpleNamespace(slide_id=f"s{i}") for i in range(10)]
+    labels = {f"s{i}": i % 2 for i in range(10)}
+    train, val = _hold_out(slides, labels, 0.1, seed=3)
+    assert len(val) == 2 and sorted(labels[s.slide_id] for s in val) == [0, 1]
+    train_ids, val_ids = {s.slide_id for s in train}, {s.slide_id for s in val}
+    assert train_ids | val_ids == set(labels) and not train_ids & val_ids
+    assert _hold_out(slides, labels, 0.1, seed=3) == (train, val)
+    assert _hold_out(slides[:3], labels, 0.1, seed=3) == (slides[:3], [])  # < 4 slides: train loss selects
+
+
+# ---------------------------------------------------------------------------------------------------------- fitting
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[list[SlidePatches], dict[str, int]]:
+    root = make_cohort(tmp_path_factory.mktemp("cohort"), 4, seed=0, size=(512, 512))
+    tissue = TissueParams(mask_mpp=2.0, min_object_um2=0)  # a 256 um slide: finer mask, no speck removal
+    with (root / "labels.csv").open() as fh:
+        labels = {row["slide_id"]: int(row["label"]) for row in csv.DictReader(fh)}
+    slides = []
+    for slide_id in sorted(labels):
+        path = next((root / "slides").glob(f"{slide_id}.*"))
+        slides.append(SlidePatches(slide_id, path, patch_grid(path, mpp=1.0, patch_size=32, tissue=tissue)))
+    return slides, labels
+
+
+def _models(aggregator=None) -> tuple[PatchEmbedder, BagClassifier]:
+    torch.manual_seed(0)
+    embedder = PatchEmbedder("resnet18", truncate_after="layer1")
+    bag = BagClassifier(aggregator or ABMIL(64, hidden_dim=32, attention_dim=16))
+    bag.feature_mean.uniform_(0.0, 1.0)  # standardisation is part of the head
+    bag.feature_std.uniform_(0.5, 2.0)
+    return embedder, bag
+
+
+class _Probe(pl.Callback):
+    """Records, after every backward, whether a frozen part got a gradient, and the module the strategy built."""
+
+    def __init__(self, frozen: str) -> None:
+        self.frozen, self.frozen_grads, self.steps, self.start = frozen, 0, 0, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.module = pl_module
+        self.start = copy.deepcopy(getattr(pl_module, self.frozen.split(",")[0]).state_dict())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps += 1
+        for name in self.frozen.split(","):
+            self.frozen_grads += sum(p.grad is not None for p in getattr(pl_module, name).parameters())
+
+
+def _trainer_kwargs(tmp_path, *callbacks, **kwargs) -> dict:
+    return dict(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
+                enable_model_summary=False, callbacks=list(callbacks), **kwargs)  # fmt: skip
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_distillation_fit(cohort, tmp_path):
+    slides, _ = cohort
+    embedder, bag = _models()
+    before, bag_before = copy.deepcopy(embedder), copy.deepcopy(bag)
+    probe = _Probe("teacher,teacher_head")
+    strategy = Distillation(lr=1e-3, batch_size=16, patches_per_epoch=64, confidence_beta=6.0, num_workers=0,
+                            max_epochs=2)  # fmt: skip
+    student = strategy.fit(embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path, probe), root=tmp_path,
+                           seed=0)  # fmt: skip
+
+    assert isinstance(student, PatchEmbedder) and student is not embedder
+    assert student.weights_hash() != before.weights_hash()
+    assert _same(embedder, before) and _same(bag, bag_before)  # the inputs are untouched
+    assert probe.steps == 2 * 4 and probe.frozen_grads == 0  # 64 patches / 16 per epoch; the teacher never learns
+    assert not probe.module.teacher.training and not probe.module.teacher_head.training
+    assert _same(probe.module.teacher, before)
+
+    with (tmp_path / "log" / "version_0" / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/agreement")]
+    agreement = [float(r["val/agreement"]) for r in rows]
+    assert len(agreement) == 2 and all(0.0 <= a <= 1.0 for a in agreement)
+    best = int(np.argmax(agreement))  # ties: the earlier epoch
+    (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert checkpoint.name == f"best-epoch={best}.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in student.state_dict().items())
+
+
+def test_distillation_without_reduced_features_warns(cohort, tmp_path):
+    slides, _ = cohort
+    embedder, bag = _models(DSMIL(64, query_dim=16))
+    strategy = Distillation(batch_size=16, patches_per_epoch=16, num_workers=0, max_epochs=1)
+    with pytest.warns(UserWarning, match="feature term"):
+        student = strategy.fit(embedder, bag, slides[:1], trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path,
+                               seed=0)  # fmt: skip
+    assert student.weights_hash() != embedder.weights_hash()
+
+
+@pytest.mark.parametrize("train_head, n_slides", [(False, 4), (True, 2)])
+def test_bag_gradient_fit(cohort, tmp_path, train_head, n_slides):
+    slides, labels = cohort
+    if n_slides == 2:  # one per class: too few to hold any out
+        slides = [next(s for s in slides if labels[s.slide_id] == c) for c in (0, 1)]
+    embedder, bag = _models()
+    before, bag_before = copy.deepcopy(embedder), copy.deepcopy(bag)
+    probe = _Probe("aggregator")
+    strategy = BagGradient(lr=1e-3, chunk_size=8, max_instances=12, train_head=train_head, bags_per_step=2,
+                           read_threads=1, max_epochs=1)  # fmt: skip
+    tuned = strategy.fit(embedder, bag, slides, labels=labels, root=tmp_path, seed=0,
+                         trainer_kwargs=_trainer_kwargs(tmp_path, probe))  # fmt: skip
+
+    assert isinstance(tuned, PatchEmbedder) and tuned is not embedder
+    assert tuned.weights_hash() != before.weights_hash()
+    assert _same(embedder, before) and _same(bag, bag_before)
+    assert probe.steps == 1  # two training slides (4 with 2 held out, or 2 without validation), two bags per step
+    head_after = probe.module.aggregator.state_dict()
+    head_changed = any(not torch.equal(head_after[k], v) for k, v in probe.start.items())
+    assert head_changed == train_head and (probe.frozen_grads > 0) == train_head
+    assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
+    with (tmp_path / "log" / "version_0" / "metrics.csv").open() as fh:
+        logged = {k for row in csv.DictReader(fh) for k, v in row.items() if v}
+    assert ("val/loss" in logged) == (n_slides == 4) and "train/loss" in logged
+
+
+def test_bad_configuration(cohort, tmp_path):
+    for kwargs, field in [
+        ({"lr": 0.0}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"patches_per_epoch": 0}, "patches_per_epoch"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"confidence_beta": -1.0}, "confidence_beta"),
+        ({"head_weight": -0.5}, "head_weight"),
+        ({"crop_scale": (0.0, 1.0)}, "crop_scale"),
+        ({"crop_scale": (0.8, 0.5)}, "crop_scale"),
+        ({"max_epochs": 0}, "max_epochs"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{field}: expected"):
+            Distillation(**kwargs)
+    for kwargs, field in [
+        ({"lr": -1e-5}, "lr"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"bags_per_step": 0}, "bags_per_step"),
+        ({"max_instances": 0}, "max_instances"),
+        ({"val_fraction": 1.5}, "val_fraction"),
+        ({"select_by": "accuracy"}, "select_by"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{field}: expected"):
+            BagGradient(**kwargs)
+
+    slides, labels = cohort
+    embedder, bag = _models()
+    with pytest.raises(ValueError, match="^labels: expected a class index for every training slide"):
+        BagGradient().fit(embedder, bag, slides, trainer_kwargs={}, root=tmp_path, seed=0)
+    with pytest.raises(ValueError, match=r"^labels: expected class indices in \[0, 2\)"):
+        BagGradient().fit(embedder, bag, slides, labels={**labels, slides[0].slide_id: 2}, trainer_kwargs={},
+                          root=tmp_path, seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match="^trainer_kwargs.accumulate_grad_batches"):
+        BagGradient().fit(embedder, bag, slides, labels=labels, trainer_kwargs={"accumulate_grad_batches": 2},
+                          root=tmp_path, seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match="^train: expected at least one training slide"):
+        Distillation().fit(embedder, bag, [], trainer_kwargs={}, root=tmp_path, seed=0)
