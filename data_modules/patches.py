@@ -108,8 +108,8 @@ class SlideShardSampler(Sampler[int]):
 class SlidePatchDataModule(pl.LightningDataModule):
     """Every tissue patch of a cohort's slides, in slide order, for `predict` (feature extraction).
 
-    Grids are computed once per slide and cached in `grid_cache`. `exclude` drops slides that need no work (the
-    feature writer calls it for slides already in the cache), so a rerun only embeds what is missing.
+    Grids are computed once per slide and cached in `grid_cache`. `exclude` sets the slides that need no work (the
+    feature writer passes those already in its cache), so a rerun only embeds what is missing.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
             self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache)
 
     def exclude(self, slide_ids: set[str]) -> None:
-        self._excluded |= set(slide_ids)
+        self._excluded = set(slide_ids)
 
     @property
     def slide_ids(self) -> list[str]:

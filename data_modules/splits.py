@@ -105,7 +105,11 @@ def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int)
     if n_groups < n_splits:
         raise ValueError(f"cannot make {n_splits} folds from {n_groups} patients; use fewer folds")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest_idx, held_idx = list(splitter.split(np.zeros(len(rows)), labels, groups))[index]
+    try:
+        rest_idx, held_idx = list(splitter.split(np.zeros(len(rows)), labels, groups))[index]
+    except ValueError as exc:
+        raise ValueError(f"cannot split {len(rows)} slides into {n_splits} stratified folds ({exc}); "
+                         "use fewer folds or a larger val_fraction") from None
     return [rows[i] for i in rest_idx], [rows[i] for i in held_idx]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from .aggregators import Aggregator, MILOutput
@@ -30,6 +32,8 @@ class BagClassifier(SlideTask):
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names)
         self.save_hyperparameters(ignore=["aggregator"])
+        # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
+        self.cfg = SimpleNamespace(lr=lr, weight_decay=weight_decay, scheduler=scheduler, standardize=standardize)
         self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))
         self.register_buffer("feature_std", torch.ones(aggregator.in_dim))
 
@@ -38,7 +42,7 @@ class BagClassifier(SlideTask):
         dim = getattr(self.trainer.datamodule, "feature_dim", None) if self.trainer is not None else None
         if dim is not None and dim != self.aggregator.in_dim:
             raise ValueError(f"model aggregator in_dim={self.aggregator.in_dim}, but the features are {dim}-d")
-        if stage == "fit" and self.hparams.standardize and hasattr(self.trainer.datamodule, "feature_stats"):
+        if stage == "fit" and self.cfg.standardize and hasattr(self.trainer.datamodule, "feature_stats"):
             mean, std = self.trainer.datamodule.feature_stats("train")
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(std)
@@ -59,5 +63,5 @@ class BagClassifier(SlideTask):
         return loss
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.cfg
         return self.adam(self.parameters(), hp.lr, hp.weight_decay, hp.scheduler)

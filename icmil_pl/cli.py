@@ -19,7 +19,8 @@ import data_modules.bags  # noqa: F401
 import data_modules.digits  # noqa: F401
 import data_modules.features  # noqa: F401
 import data_modules.patches  # noqa: F401
-from icmil_pl import aggregators, bag_classifier, embedder, end_to_end, writers  # noqa: F401
+from icmil_pl import aggregators, bag_classifier, coupling, embedder, end_to_end, writers  # noqa: F401
+from icmil_pl.loop import ICMIL, ICMILLoop
 
 from .results import stage_metrics, write_results
 
@@ -27,7 +28,19 @@ __all__ = ["ICMILCLI", "main"]
 
 
 class ICMILCLI(LightningCLI):
-    """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`."""
+    """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`.
+
+    `fit` with an `ICMIL` model runs the whole ICMIL procedure (`ICMILLoop`) with fresh Trainers built from the
+    config's trainer settings, instead of a single `trainer.fit`.
+    """
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit" and isinstance(self.model, ICMIL):
+            trainer = self.config[subcommand]["trainer"].as_dict()
+            seed = self.config[subcommand].get("seed_everything")
+            ICMILLoop(self.model, self.datamodule, trainer, self.trainer.logger, seed=int(seed or 0)).run()
+            return
+        super()._run_subcommand(subcommand)
 
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()

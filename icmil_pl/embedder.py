@@ -44,6 +44,9 @@ class PatchEmbedder(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # the architecture as plain data (fingerprints, provenance): LightningCLI rewrites nested modules' hparams
+        self.config = {"backbone": backbone, "truncate_after": truncate_after, "mean": list(mean), "std": list(std),
+                       "batchnorm": batchnorm, "drop_path_rate": drop_path_rate}
         self.backbone = _build_backbone(backbone, truncate_after, pretrained, drop_path_rate)
         if weights is not None:
             _load_weights(self.backbone, Path(weights))
@@ -68,8 +71,7 @@ class PatchEmbedder(pl.LightningModule):
     def fingerprint(self) -> str:
         """A short hash of the architecture, normalisation and current weights: feature caches are keyed by it."""
         digest = hashlib.blake2b(digest_size=8)
-        config = {k: v for k, v in self.hparams.items() if k not in ("pretrained", "weights")}
-        digest.update(json.dumps(config, sort_keys=True, default=list).encode())
+        digest.update(json.dumps(self.config, sort_keys=True).encode())
         digest.update(self.weights_hash().encode())
         return digest.hexdigest()
 

@@ -8,6 +8,8 @@ Three ways to pay for a bag, comparable from one config:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -46,6 +48,12 @@ class EndToEndMIL(SlideTask):
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names)
         self.save_hyperparameters(ignore=["embedder", "aggregator"])
+        # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
+        self.cfg = SimpleNamespace(
+            chunk_size=chunk_size, max_instances=max_instances, bags_per_step=bags_per_step, lr=lr,
+            embedder_lr=embedder_lr, weight_decay=weight_decay, scheduler=scheduler,
+            gradient_clip_val=gradient_clip_val, eval_chunk_size=eval_chunk_size,
+        )
         self.automatic_optimization = False
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size: expected an int >= 1 or null (full bag), got {chunk_size}")
@@ -60,7 +68,7 @@ class EndToEndMIL(SlideTask):
 
     # -- evaluation: chunked, no graph -------------------------------------------------------------------------------
     def embed(self, patches: Bag) -> torch.Tensor:
-        chunk = self.hparams.eval_chunk_size or self.hparams.chunk_size or len(patches)
+        chunk = self.cfg.eval_chunk_size or self.cfg.chunk_size or len(patches)
         return embed_chunked(self.embedder, patches, chunk)
 
     def bag_output(self, batch: dict) -> MILOutput:
@@ -73,7 +81,7 @@ class EndToEndMIL(SlideTask):
 
     # -- training ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.hparams
+        hp = self.cfg
         patches, label = self._sample(batch["patches"]), batch["label"]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.scale if scaler is not None else None
@@ -96,8 +104,8 @@ class EndToEndMIL(SlideTask):
             optimizer.zero_grad(set_to_none=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        if self.cfg.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def on_train_epoch_end(self) -> None:
         scheduler = self.lr_schedulers()
@@ -105,7 +113,7 @@ class EndToEndMIL(SlideTask):
             scheduler.step()
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.cfg
         groups = [
             {"params": [p for p in self.aggregator.parameters() if p.requires_grad], "lr": hp.lr},
             {"params": [p for p in self.embedder.parameters() if p.requires_grad], "lr": hp.embedder_lr or hp.lr},
@@ -114,7 +122,7 @@ class EndToEndMIL(SlideTask):
 
     def _sample(self, patches: Bag) -> Bag:
         """Within-bag sampling: `max_instances` random patches, in bag order (seeded by the global generator)."""
-        k, n = self.hparams.max_instances, len(patches)
+        k, n = self.cfg.max_instances, len(patches)
         if k is None or n <= k:
             return patches
         index = torch.randperm(n)[:k].sort().values

@@ -36,6 +36,7 @@ class SlideTask(pl.LightningModule):
         self.num_classes = aggregator.num_classes
         self.aux_loss_weight = aux_loss_weight
         self.class_names = class_names
+        self.checkpoint_dir: str | None = None  # None: Lightning's default, <run dir>/checkpoints
         self.metrics = torch.nn.ModuleDict(
             {stage: slide_metrics(self.num_classes).clone(prefix=f"{stage}/") for stage in ("val", "test")}
         )
@@ -93,7 +94,8 @@ class SlideTask(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming."""
-        return [ModelCheckpoint(monitor="val/auroc", mode="max", save_last=True, filename="best-{epoch}")]
+        return [ModelCheckpoint(dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max", save_last=True,
+                                filename="best-{epoch}")]
 
     def adam(self, param_groups, lr: float, weight_decay: float, scheduler: Scheduler):
         optimizer = torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)

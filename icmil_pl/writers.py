@@ -32,8 +32,8 @@ def cache_key(embedder: PatchEmbedder, tiling: TilingConfig) -> str:
 
 def provenance(embedder: PatchEmbedder, tiling: TilingConfig) -> dict:
     return {
-        "backbone": embedder.hparams.backbone,
-        "truncate_after": embedder.hparams.truncate_after,
+        "backbone": embedder.config["backbone"],
+        "truncate_after": embedder.config["truncate_after"],
         "weights_hash": embedder.weights_hash(),
         "feature_dim": embedder.feature_dim,
         "patch_size_px": tiling.patch_size,

@@ -62,7 +62,7 @@ def test_chunked_step_equals_full_bag_step(chunk_size, tmp_path):
     start = _model(chunk_size=None, bags_per_step=2)
     full = _one_step(copy.deepcopy(start), _Data(), tmp_path)
     chunked = copy.deepcopy(start)
-    chunked.hparams.chunk_size = chunk_size
+    chunked.cfg.chunk_size = chunk_size
     chunked = _one_step(chunked, _Data(), tmp_path)
     assert _max_diff(start, full) > 1e-4  # the step did move the parameters
     assert _max_diff(full, chunked) < 1e-5
