@@ -53,7 +53,7 @@ def loading(root: Path, bags: int, instances: int, dim: int) -> None:
                 read_bag(folder, f"s{i}")
             results[name] = bags / (time.perf_counter() - start)
     h5 = results["h5 float32 (CLAM)"]
-    print(f"\nloading {bags} bags of {instances} x {dim} (read_bag -> float32 arrays)")
+    print(f"\nloading {bags} bags of {instances} x {dim} (read_bag, arrays as stored)")
     for name, rate in results.items():
         print(f"  {name:20s} {rate:8.1f} bags/s  {rate / h5:5.2f}x h5")
     print("  target: >= 1.0x h5")

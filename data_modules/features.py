@@ -17,7 +17,7 @@ __all__ = ["FeatureBagDataModule", "FeatureBagDataset", "read_bag", "resolve_fea
 
 
 def read_bag(features_dir: Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, coords (N, 2)) of one slide from `<dir>/<id>.zarr` or `<dir>/<id>.h5`."""
+    """(features (N, D) float16 or float32 as stored, coords (N, 2)) from `<dir>/<id>.zarr` or `<dir>/<id>.h5`."""
     zarr_path, h5_path = features_dir / f"{slide_id}.zarr", features_dir / f"{slide_id}.h5"
     if zarr_path.is_dir():
         bag = FeatureCache(features_dir.parent, features_dir.name).read(slide_id)
@@ -30,8 +30,10 @@ def read_bag(features_dir: Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]
             coords = fh["coords"][:] if "coords" in fh else np.zeros((len(features), 2), np.int32)
     else:
         raise ValueError(f"slide {slide_id!r}: no features in {features_dir} (expected {zarr_path.name} or {h5_path.name})")
-    features = np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
-    return features, np.asarray(coords).reshape(-1, 2)
+    features = np.asarray(features)
+    if features.dtype not in (np.float16, np.float32):  # half stays half: the model converts on its device
+        features = features.astype(np.float32)
+    return features.reshape(-1, features.shape[-1]), np.asarray(coords).reshape(-1, 2)
 
 
 def resolve_features_dir(path: Path) -> Path:

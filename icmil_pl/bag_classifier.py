@@ -48,7 +48,8 @@ class BagClassifier(SlideTask):
             self.feature_std.copy_(std)
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean) / self.feature_std
+        """Standardised float32 features (caches may store float16; converting on the device is free)."""
+        return (features.float() - self.feature_mean) / self.feature_std
 
     def bag_output(self, batch: dict) -> MILOutput:
         return self.aggregator(self.normalize(batch["features"]))

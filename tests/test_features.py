@@ -85,7 +85,7 @@ def test_reads_clam_and_trident_h5(tmp_path):
     _h5(tmp_path, "clam", np.ones((4, 6), np.float16), np.arange(8).reshape(4, 2))
     _h5(tmp_path, "batched", np.ones((1, 4, 6), np.float32))  # some tools keep a leading batch axis
     features, coords = read_bag(tmp_path, "clam")
-    assert features.shape == (4, 6) and features.dtype == np.float32 and coords.tolist()[1] == [2, 3]
+    assert features.shape == (4, 6) and features.dtype == np.float16 and coords.tolist()[1] == [2, 3]  # kept half
     assert read_bag(tmp_path, "batched")[0].shape == (4, 6)
     with pytest.raises(ValueError, match="slide 'missing': no features in"):
         read_bag(tmp_path, "missing")
