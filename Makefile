@@ -24,11 +24,15 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ''
 
+# Until the ICMIL demo config lands: end-to-end MIL with exact chunked gradients on digit bags (a few minutes on CPU).
 demo: install
-	$(PY) -m icmil_pl fit -c experiments/demo.yaml
+	$(PY) -m icmil_pl fit -c experiments/digits_e2e.yaml --trainer.max_epochs=5
 
 bench: install
 	$(PY) benchmarks/bench_slides.py
+	$(PY) benchmarks/bench_features.py
+	$(PY) benchmarks/bench_digits_e2e.py --epochs 5
+	$(PY) benchmarks/bench_chunked.py --sizes 256 1024
 
 clean:
 	rm -rf $(VENV) *.egg-info
