@@ -1,0 +1,241 @@
+"""Peak memory and time per bag of the chunked bag backward against full-bag backward and per-chunk checkpointing.
+
+One training step (forward, loss, backward) of a ResNet-18 embedder (timm, random init, BatchNorm in eval mode) and a
+gated-attention ABMIL-like head on bags of 64x64 patches. Each (variant, bag size) runs in a fresh subprocess so that
+peak memory (max RSS on CPU, max allocated on CUDA) belongs to that configuration alone. Patches come from a lazy bag
+that generates them on demand (a 16384-patch float bag would be 800 MB by itself).
+
+Full-bag backward is run only while its estimated peak (its growth above the model's baseline, extrapolated linearly
+from the largest size measured so far) fits --budget-gb; the worker also caps its address space on CPU, so a
+misestimate reports OOM instead of taking the machine down. Timings are the fastest of --steps steps after one
+warm-up step (bags larger than --large warm up on a 256-patch bag and are timed once), over --rounds rounds.
+
+    python benchmarks/bench_chunked.py [--sizes 256 1024 4096 16384] [--device cpu|cuda] [--precision 32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+VARIANTS = ("chunked", "full", "checkpoint")
+PATCH = 64
+GB = 1024**3
+
+
+class SyntheticBag:
+    """Deterministic patches generated on read: smooth per-patch patterns, no storage beyond one chunk."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        c, y, x = torch.meshgrid(torch.arange(3.0), torch.arange(PATCH * 1.0), torch.arange(PATCH * 1.0), indexing="ij")
+        self.grid = 1.3 * c + 0.11 * y + 0.07 * x
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        ids = torch.arange(*index.indices(self.n), dtype=torch.float32)
+        return torch.sin(self.grid + 0.37 * ids[:, None, None, None])
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, dim: int = 512, hidden: int = 128, classes: int = 2) -> None:
+        super().__init__()
+        self.v, self.u, self.w = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))), dim=0)
+        return self.head((a * h).sum(0))
+
+
+def step(variant: str, embedder: nn.Module, head: nn.Module, bag: SyntheticBag, chunk: int, device: torch.device):
+    from icmil_pl.chunked import bag_backward
+
+    def bag_loss(h: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h)[None].float(), torch.tensor([1], device=device))
+
+    if variant == "chunked":
+        bag_backward(embedder, bag_loss, bag, chunk)
+    elif variant == "full":
+        bag_loss(embedder(bag[0 : len(bag)].to(device))).backward()
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [
+            checkpoint(embedder, bag[a : a + chunk].to(device), use_reentrant=False) for a in range(0, len(bag), chunk)
+        ]
+        bag_loss(torch.cat(parts)).backward()
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def vm_size_bytes() -> int:
+    return _proc_status_bytes("VmSize")
+
+
+def rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import timm
+
+    device = torch.device(args.device)
+    if device.type == "cpu":  # guard: an allocation past the budget raises instead of swapping the machine to death
+        limit = vm_size_bytes() + int(1.5 * args.budget_gb * GB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.manual_seed(0)
+    embedder = timm.create_model("resnet18", pretrained=False, num_classes=0).to(device).eval()
+    head = GatedAttention(embedder.num_features).to(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    large = args.size > args.large
+    warmup, steps = SyntheticBag(min(256, args.size) if large else args.size), 1 if large else args.steps
+
+    def timed(bag: SyntheticBag) -> tuple[float, float]:
+        """Wall seconds, and this process's CPU seconds (less sensitive to other jobs sharing the cores)."""
+        embedder.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with amp:
+            step(args.variant, embedder, head, bag, args.chunk_size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    try:
+        timed(warmup)
+        seconds, cpu_seconds = min(timed(SyntheticBag(args.size)) for _ in range(steps))
+    except (RuntimeError, MemoryError) as err:
+        if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
+            raise
+        return {"status": "OOM"}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "steps": steps,
+        "peak_gb": peak / GB,
+        "base_gb": base / GB,
+        "warmup_size": len(warmup),
+    }
+
+
+def run_config(args: argparse.Namespace, variant: str, size: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--size", str(size)]
+    for flag in ("device", "precision", "chunk_size", "steps", "budget_gb", "large"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if proc.returncode in (-9, 137):  # killed by the kernel's OOM killer
+            return {"status": "OOM"}
+        raise RuntimeError(f"{variant} N={size} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: dict | None, b: dict | None, key: str) -> str:
+    if a is None or b is None or a["status"] != "ok" or b["status"] != "ok":
+        return "n/a"
+    return f"{a[key] / b[key]:.2f}x"
+
+
+def main(args: argparse.Namespace) -> None:
+    sizes = sorted(args.sizes)
+    results: dict[tuple[str, int], dict] = {}
+    print(
+        f"device={args.device} precision={args.precision} chunk_size={args.chunk_size} patch={PATCH}px "
+        f"threads={torch.get_num_threads()} budget={args.budget_gb} GB (full bag)"
+    )
+    print(f"{'variant':<11}{'N':>7}{'peak GB':>10}{'(base)':>8}{'s/bag':>10}{'cpu s':>9}{'patch/s':>10}  note")
+    largest_full: dict | None = None  # sizes ascend, so the full bag's estimate extrapolates from below
+    for size in sizes:
+        variants = list(args.variants)
+        if "full" in variants and largest_full is not None:
+            base = largest_full["base_gb"]
+            estimate = base + (largest_full["peak_gb"] - base) * size / largest_full["size"]
+            if estimate > args.budget_gb:
+                variants.remove("full")
+                results["full", size] = {"status": "skipped"}
+                print(f"{'full':<11}{size:>7}{'OOM/skipped':>20}  estimated {estimate:.1f} GB > budget")
+        # Each round runs every variant once, so jobs sharing the machine slow them about equally; fastest kept.
+        runs = [{v: run_config(args, v, size) for v in variants} for _ in range(args.rounds)]
+        for variant in variants:
+            res = min((r[variant] for r in runs), key=lambda r: r.get("seconds", float("inf")))
+            results[variant, size] = res
+            if res["status"] != "ok":
+                print(f"{variant:<11}{size:>7}{'OOM':>20}")
+                continue
+            if variant == "full":
+                largest_full = {**res, "size": size}
+            warm, steps = res["warmup_size"], f"{res['steps']} step(s) x {args.rounds} round(s)"
+            note = f"fastest of {steps}" if warm == size else f"warm-up on {warm}, {steps}"
+            print(
+                f"{variant:<11}{size:>7}{res['peak_gb']:>10.2f}{res['base_gb']:>8.2f}{res['seconds']:>10.2f}"
+                f"{res['cpu_seconds']:>9.1f}{size / res['seconds']:>10.1f}  {note}"
+            )
+
+    lo, hi = sizes[0], sizes[-1]
+    print(f"\nratios (time: wall, in brackets process CPU)\n  chunked peak memory N={hi} / N={lo}: "
+          f"{ratio(results.get(('chunked', hi)), results.get(('chunked', lo)), 'peak_gb')}  (target <= 1.25x)")
+    for size in sizes:
+        chunked, full, ckpt = (results.get((v, size)) for v in VARIANTS)
+        print(
+            f"  N={size:<6} chunked/full time {ratio(chunked, full, 'seconds')} ({ratio(chunked, full, 'cpu_seconds')})"
+            f" [target <= 1.4x, floor ~4/3]; chunked/checkpoint time {ratio(chunked, ckpt, 'seconds')}"
+            f" ({ratio(chunked, ckpt, 'cpu_seconds')}) [target <= 1.0x]; chunked/full peak memory"
+            f" {ratio(chunked, full, 'peak_gb')}"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration; the fastest is reported")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per configuration; fastest kept")
+    parser.add_argument("--budget-gb", type=float, default=8.0, help="full-bag runs only while estimated to fit")
+    parser.add_argument(
+        "--large", type=int, default=4096, help="bags larger than this warm up on a 256-patch bag and are timed once"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if any(size < 1 for size in args.sizes) or args.chunk_size < 1 or min(args.steps, args.rounds) < 1:
+        parser.error("--sizes, --chunk-size, --steps and --rounds must be >= 1")
+    return args
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up when redirected to a log
+    arguments = parse_args()
+    if arguments.worker:
+        print(json.dumps(worker(arguments)))
+    else:
+        main(arguments)
