@@ -1,0 +1,47 @@
+"""PatchEmbedder: truncation, local weights, frozen BatchNorm and the fingerprint that keys feature caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icmil_pl.embedder import FrozenBatchNorm2d, PatchEmbedder
+
+
+def test_truncation_gives_the_stage_width():
+    embedder = PatchEmbedder("resnet18", truncate_after="layer2")
+    out = embedder(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert embedder.feature_dim == 128 and out.shape == (2, 128)
+    with pytest.raises(ValueError, match=r"truncate_after='layer9': resnet18 has stages"):
+        PatchEmbedder("resnet18", truncate_after="layer9")
+    with pytest.raises(ValueError, match="not a timm model name"):
+        PatchEmbedder("no_such_net")
+
+
+def test_local_weights_load_and_change_the_fingerprint(tmp_path):
+    torch.manual_seed(0)
+    source = PatchEmbedder("resnet18", truncate_after="layer1")
+    torch.manual_seed(1)
+    other = PatchEmbedder("resnet18", truncate_after="layer1")
+    assert source.fingerprint() != other.fingerprint()
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.backbone.state_dict().items()}}, path)
+    loaded = PatchEmbedder("resnet18", truncate_after="layer1", weights=str(path))
+    assert loaded.fingerprint() == source.fingerprint()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(loaded(images), source(images))
+    with pytest.raises(ValueError, match="no such file"):
+        PatchEmbedder("resnet18", truncate_after="layer1", weights=str(tmp_path / "missing.pth"))
+
+
+def test_frozen_batchnorm_survives_train_and_mode_restores():
+    embedder = PatchEmbedder("resnet18", truncate_after="layer1")
+    bn = embedder.backbone.bn1
+    assert isinstance(bn, FrozenBatchNorm2d)
+    embedder.train()
+    bn.training = True  # what Lightning's mode restore does
+    before = bn.running_mean.clone()
+    embedder(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    assert not bn.training and torch.equal(bn.running_mean, before) and bn.weight.requires_grad
+    assert not isinstance(PatchEmbedder("resnet18", truncate_after="layer1", batchnorm="train").backbone.bn1,
+                          FrozenBatchNorm2d)
