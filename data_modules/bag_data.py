@@ -11,10 +11,46 @@ from torch.utils.data import DataLoader, Dataset
 
 from .splits import SPLITS, SlideLabel, make_splits, read_labels, save_splits
 
-__all__ = ["BagDataModule"]
+__all__ = ["BagDataModule", "BagLoaders"]
 
 
-class BagDataModule(pl.LightningDataModule):
+class BagLoaders(pl.LightningDataModule):
+    """Train/val/test/predict loaders over `self.dataset(split)`, one bag per batch, training order seeded.
+
+    Subclasses set `seed` and `num_workers` and implement `dataset`.
+    """
+
+    seed: int
+    num_workers: int
+
+    @abstractmethod
+    def dataset(self, split: str) -> Dataset:
+        """The bags of `split` ("train", "val" or "test")."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=None,  # one bag per step: no collation, no padding
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class BagDataModule(BagLoaders):
     """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch.
 
     Splits come from the CSV's `split` column, else a seeded, stratified, patient-grouped k-fold (`fold` of `folds`
@@ -72,25 +108,3 @@ class BagDataModule(pl.LightningDataModule):
 
     def dataset(self, split: str) -> Dataset:
         return self.bag_dataset(self.split_rows(split))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=None,  # one bag per step: no collation, no padding
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )

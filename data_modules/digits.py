@@ -17,12 +17,12 @@ its own random stream, so e.g. `num_train_bags` does not change the test bags.
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from .bag_data import BagLoaders
 from .splits import SPLITS
 
 __all__ = ["DigitBagDataset", "DigitBagsDataModule"]
@@ -55,7 +55,7 @@ class DigitBagDataset(Dataset):
         }
 
 
-class DigitBagsDataModule(pl.LightningDataModule):
+class DigitBagsDataModule(BagLoaders):
     """MNIST-bags train/val/test bags of real handwritten digits (see the module docstring); predict = test.
 
     After `setup`, `pools` holds the image indices (into `sklearn.datasets.load_digits()`) of each split and
@@ -88,6 +88,7 @@ class DigitBagsDataModule(pl.LightningDataModule):
         _check("image_size", image_size >= 8, "an int >= 8 (the digits are 8x8)", image_size)
         _check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
         self.save_hyperparameters()
+        self.seed, self.num_workers = seed, num_workers
         self.pools: dict[str, np.ndarray] | None = None
         self._datasets: dict[str, DigitBagDataset] = {}
 
@@ -112,28 +113,6 @@ class DigitBagsDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.setup()
         return self._datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=None,  # one bag per step: no collation, no padding
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
 
 
 def _check(name: str, ok: bool, expected: str, value: object) -> None:
