@@ -197,7 +197,9 @@ class ICMILLoop:
         bag.load_state_dict(torch.load(best_bag, map_location="cpu", weights_only=False)["state_dict"])
         train_ids = set(splits["train"])
         train = [s for s in self.data.slide_patches if s.slide_id in train_ids]
-        labels = {row.slide_id: self.data_class_index[row.label] for row in self.data.cohort.rows}
+        rows = self.data.cohort.rows
+        class_index = {name: k for k, name in enumerate(sorted({row.label for row in rows}))}  # as FeatureBagDataModule
+        labels = {row.slide_id: class_index[row.label] for row in rows}
         root = self.run_dir / f"iter{i}" / "couple"
         kwargs = self._trainer("couple", i, root)
         coupled = self.icmil.coupling.fit(embedder, bag, train, trainer_kwargs=kwargs, root=root,
@@ -211,10 +213,6 @@ class ICMILLoop:
         return str(path), None
 
     # -- helpers -----------------------------------------------------------------------------------------------------
-    @property
-    def data_class_index(self) -> dict[str, int]:
-        return {name: k for k, name in enumerate(sorted({row.label for row in self.data.cohort.rows}))}
-
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)
         embedder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
