@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -122,11 +123,16 @@ class SlidePatchDataModule(pl.LightningDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__()
-        self.cohort = SlideCohort(labels, slides)
+        self.labels, self.slides = labels, slides
         self.tiling, self.grid_cache = tiling, grid_cache
         self.batch_size, self.num_workers = batch_size, num_workers
         self.slide_patches: list[SlidePatches] | None = None
         self._excluded: set[str] = set()
+
+    @functools.cached_property
+    def cohort(self) -> SlideCohort:
+        """Read on first use, so that `prepare_data` may write the cohort first."""
+        return SlideCohort(self.labels, self.slides)
 
     def setup(self, stage: str | None = None) -> None:
         if self.slide_patches is None:

@@ -37,6 +37,7 @@ from typing import IO, Literal, get_args
 import numpy as np
 import tifffile
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 Flavour = Literal["svs", "ome", "tiff"]
 Compression = Literal["jpeg", "jpeg2000", "lzw", "deflate"]
@@ -260,7 +261,7 @@ class _Scene:
                 if regions:
                     break
                 raise ValueError(f"size: {self.size} has no room for a tumour region; use a larger slide")
-            iy, ix = np.nonzero(room >= radius * (1 + amp) + margin)
+            iy, ix = np.nonzero(room >= min(radius * (1 + amp) + margin, room.max()))  # max: exact when clipped
             pick = int(rng.integers(len(ix)))
             centre = (float(xs[ix[pick]]), float(ys[iy[pick]]))
             regions.append(_region(centre, float(radius), harmonics, self.size))
@@ -827,7 +828,7 @@ def make_cohort(
 
     ids = [f"slide_{i:03d}" for i in range(n_slides)]
     infos = []
-    for i, slide_id in enumerate(ids):
+    for i, slide_id in enumerate(tqdm(ids, desc=f"writing {root}", unit="slide", leave=False)):
         flavour = flavours[i % len(flavours)]
         infos.append(
             write_slide(

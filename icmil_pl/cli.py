@@ -19,6 +19,7 @@ import data_modules.bags  # noqa: F401
 import data_modules.digits  # noqa: F401
 import data_modules.features  # noqa: F401
 import data_modules.patches  # noqa: F401
+import data_modules.synthetic_cohort  # noqa: F401
 from icmil_pl import aggregators, bag_classifier, coupling, embedder, end_to_end, writers  # noqa: F401
 from icmil_pl.loop import ICMIL, ICMILLoop
 

@@ -138,6 +138,7 @@ class ICMILLoop:
     # -- the procedure -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data.prepare_data()
         self.data.setup()
         rows = self.data.cohort.rows
         split_cfg = self.icmil.splits

@@ -319,3 +319,23 @@ def test_large_slide_is_written_with_bounded_memory(tmp_path):
     with tifffile.TiffFile(tmp_path / "big.svs") as tif:
         level0 = zarr.open(tif.pages[0].aszarr(), mode="r")
         assert np.array_equal(region, level0[6789:6989, 12345:12645])
+
+
+def test_synthetic_cohort_data_module_writes_once_then_reads(tmp_path):
+    from data_modules.cohort import TilingConfig
+    from data_modules.synthetic_cohort import SyntheticCohortDataModule
+
+    def module(n_slides: int) -> SyntheticCohortDataModule:
+        return SyntheticCohortDataModule(str(tmp_path / "c"), n_slides=n_slides, size=(1024, 1024),
+                                         tiling=TilingConfig(mpp=1.0, patch_size=32), grid_cache=str(tmp_path / "g"))
+
+    data = module(4)
+    assert not (tmp_path / "c").exists()  # nothing is written before prepare_data
+    data.prepare_data()
+    stamp = (tmp_path / "c" / "labels.csv").stat().st_mtime_ns
+    data.setup()
+    assert data.slide_ids == [f"slide_{i:03d}" for i in range(4)] and all(len(s.grid) > 0 for s in data.slide_patches)
+    module(4).prepare_data()  # complete: reused as is
+    assert (tmp_path / "c" / "labels.csv").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other parameters"):
+        module(5).prepare_data()
