@@ -6,12 +6,30 @@ from abc import abstractmethod
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .splits import SPLITS, SlideLabel, make_splits, read_labels, save_splits
 
-__all__ = ["BagDataModule", "BagLoaders"]
+__all__ = ["BagDataModule", "BagLoaders", "EpochShuffle"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of range(n) that is a function of (seed, epoch) only: a run resumed from a checkpoint at epoch k
+    sees the orders an uninterrupted run would (a seeded `torch.Generator` would restart from epoch 0's order).
+    Lightning calls `set_epoch` before each training epoch (and under DDP shards this sampler per process)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class BagLoaders(pl.LightningDataModule):
@@ -40,11 +58,11 @@ class BagLoaders(pl.LightningDataModule):
         return self._loader("test")
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=None,  # one bag per step: no collation, no padding
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

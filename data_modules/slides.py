@@ -117,7 +117,9 @@ class Slide:
             raise
         if self.mpp is not None:
             self.properties["mpp"] = str(self.mpp)
-        self._lock = threading.RLock()
+        # One lock for every read of the file, tifffile's delay-loaded tag values included: reads are seek + read on
+        # one shared handle, and patch reads run on several threads.
+        self._tif.filehandle.set_lock(True)
         self._cache = _TileCache(tile_cache_bytes)
 
     # -- OpenSlide-compatible geometry -------------------------------------------------------------------------------
@@ -253,7 +255,7 @@ class Slide:
         if offset == 0 or count == 0:
             return None
         fh = self._tif.filehandle
-        with self._lock:
+        with fh.lock:
             fh.seek(offset)
             data = fh.read(count)
         try:
@@ -320,6 +322,7 @@ def _pyramid_levels(tif: tifffile.TiffFile, path: Path) -> list[_Level]:
         end = int((offsets + counts).max())
         if end > tif.filehandle.size:
             raise SlideError(f"{path}: truncated file: level {i} tile data ends at byte {end}, file has {tif.filehandle.size}")
+        page.decode  # noqa: B018 - tifffile builds (and caches) the tile decoder once here, not on reader threads
         levels.append(
             _Level(page, page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, offsets, counts)
         )

@@ -32,14 +32,19 @@ class ICMILCLI(LightningCLI):
     """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`.
 
     `fit` with an `ICMIL` model runs the whole ICMIL procedure (`ICMILLoop`) with fresh Trainers built from the
-    config's trainer settings, instead of a single `trainer.fit`.
+    config's trainer settings, instead of a single `trainer.fit`; `validate`, `test` and `predict` with it use the
+    final embedder and bag classifier of the finished run in `run_dir`.
     """
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand == "fit" and isinstance(self.model, ICMIL):
+        if isinstance(self.model, ICMIL):
             trainer = self.config[subcommand]["trainer"].as_dict()
             seed = self.config[subcommand].get("seed_everything")
-            ICMILLoop(self.model, self.datamodule, trainer, self.trainer.logger, seed=int(seed or 0)).run()
+            loop = ICMILLoop(self.model, self.datamodule, trainer, self.trainer.logger, seed=int(seed or 0))
+            if subcommand == "fit":
+                loop.run()
+            else:
+                loop.evaluate(subcommand)
             return
         super()._run_subcommand(subcommand)
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
+from data_modules.bag_data import EpochShuffle
 from data_modules.bags import SlideBagDataset
 from data_modules.patches import PatchDataset
 from data_modules.tiling import SlidePatches
@@ -138,12 +139,17 @@ def _fit_best(
     seed: int,
     **overrides: Any,
 ) -> None:
-    """Fits `module` on a fresh Trainer, then loads the weights `checkpoint` judged best (if it saved any)."""
+    """Fits `module` on a fresh Trainer, then loads the weights `checkpoint` judged best (if it saved any).
+
+    `root/checkpoints/last.ckpt` (full training state, every epoch) lets a killed phase continue from its last epoch.
+    """
     pl.seed_everything(seed, workers=True, verbose=False)
     kwargs = {**trainer_kwargs, **overrides, "default_root_dir": str(root), "enable_checkpointing": True}
     callbacks = trainer_kwargs.get("callbacks") or []
-    kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, Sequence) else [callbacks]), checkpoint]
-    pl.Trainer(**kwargs).fit(module, datamodule=data)
+    last = ModelCheckpoint(Path(root) / "checkpoints", "last", enable_version_counter=False)  # the latest epoch
+    kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, Sequence) else [callbacks]), checkpoint, last]
+    resume = Path(root) / "checkpoints" / "last.ckpt"
+    pl.Trainer(**kwargs).fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None)
     if checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -469,8 +475,7 @@ class _SlideBags(pl.LightningDataModule):
         self.train, self.val, self.labels, self.threads, self.seed = train, val, labels, threads, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._bags(self.train), batch_size=None, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
+        return DataLoader(self._bags(self.train), batch_size=None, sampler=EpochShuffle(len(self.train), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._bags(self.val), batch_size=None)

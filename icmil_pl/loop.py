@@ -23,12 +23,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader
 
 from data_modules.features import FeatureBagDataModule
 from data_modules.patches import SlidePatchDataModule
@@ -38,6 +39,7 @@ from .bag_classifier import BagClassifier
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
 from .results import stage_metrics, write_results
+from .seeding import EpochSeed
 from .writers import extract_features
 
 __all__ = ["ICMIL", "ICMILLoop", "SplitConfig"]
@@ -179,9 +181,7 @@ class ICMILLoop:
 
     def _bag(self, i: int, cache: str) -> tuple[str, dict]:
         bag = copy.deepcopy(self.icmil.bag)
-        split = self.icmil.splits
-        data = FeatureBagDataModule(str(self.data.cohort.labels_path), cache, folds=split.folds, fold=split.fold,
-                                    val_fraction=split.val_fraction, seed=split.seed)
+        data = self._bag_data(cache)
         root = self.run_dir / f"iter{i}" / "bag"
         bag.checkpoint_dir = str(root / "checkpoints")
         trainer = pl.Trainer(**{**self._trainer("bag", i, root), "default_root_dir": str(root)})
@@ -213,7 +213,42 @@ class ICMILLoop:
         self._step += 1
         return str(path), None
 
+    # -- a finished run ----------------------------------------------------------------------------------------------
+    def evaluate(self, stage: Literal["validate", "test", "predict"]) -> list:
+        """`stage` with the final embedder and bag classifier of a finished run, on this config's cohort.
+
+        validate/test use the run's splits; predict scores every slide of the cohort. Slides missing from the final
+        embedder's feature cache (a new cohort) are embedded first. Outputs (predictions.csv) go to
+        `<run>/final/<stage>/`.
+        """
+        n, done = self.icmil.iterations, self.state["done"]
+        if f"iter{n}/bag" not in done:
+            raise ValueError(f"model.init_args.run_dir: {self.run_dir} holds no finished ICMIL run of {n} iterations "
+                             "(state.json); run fit with this config first")  # fmt: skip
+        self.data.prepare_data()
+        self.data.setup()
+        embedder = self._load_embedder(done[f"iter{n - 1}/couple"]["output"]) if n else self.icmil.embedder
+        root = self.run_dir / "final" / stage
+        kwargs = {**self._trainer("embed", n, root), "logger": False}
+        cache = extract_features(embedder, self.data, str(self.run_dir / "features"), dtype=self.icmil.feature_dtype,
+                                 trainer_kwargs=kwargs)  # fmt: skip
+        data = self._bag_data(str(cache.path))
+        trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root)})
+        bag, best = copy.deepcopy(self.icmil.bag), done[f"iter{n}/bag"]["output"]
+        if stage == "predict":
+            every_slide = DataLoader(data.bag_dataset(data.rows), batch_size=None)
+            out = trainer.predict(bag, dataloaders=every_slide, ckpt_path=best)
+        else:
+            out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
+        print(f"{stage} with the final embedder and bag classifier of {self.run_dir}: outputs in {root}")
+        return out
+
     # -- helpers -----------------------------------------------------------------------------------------------------
+    def _bag_data(self, cache: str) -> FeatureBagDataModule:
+        split = self.icmil.splits
+        return FeatureBagDataModule(str(self.data.cohort.labels_path), cache, folds=split.folds, fold=split.fold,
+                                    val_fraction=split.val_fraction, seed=split.seed)  # fmt: skip
+
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)
         embedder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -222,6 +257,7 @@ class ICMILLoop:
     def _trainer(self, phase: str, i: int, root: Path) -> dict[str, Any]:
         kwargs = {**self.trainer_kwargs, **self.icmil.phase_trainer[phase]}
         kwargs.setdefault("enable_model_summary", False)
+        kwargs["callbacks"] = [EpochSeed(self.seed + 1000 * i + PHASES.index(phase))]
         if self.logger is not None and phase != "embed":
             kwargs["logger"] = _PhaseLogger(self.logger, f"iter{i}/{phase}", self._step, root)
         else:

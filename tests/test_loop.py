@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from data_modules.synthetic import make_cohort
 from icmil_pl.cli import main
-from icmil_pl.coupling import Distillation
+from icmil_pl.coupling import _DistillationModule
 
 CONF = Path(__file__).parent / "conf"
 
@@ -21,10 +22,11 @@ def cohort(tmp_path_factory):
     return root
 
 
-def _run(cohort: Path, root: Path) -> dict:
-    main(["fit", "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={root / 'run'}",
+def _run(cohort: Path, root: Path, subcommand: str = "fit") -> dict:
+    main([subcommand, "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={root / 'run'}",
           f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
-          f"--data.init_args.grid_cache={root / 'grids'}", f"--trainer.logger.init_args.save_dir={root / 'logs'}"])
+          f"--data.init_args.grid_cache={root / 'grids'}", f"--trainer.logger.init_args.save_dir={root / 'logs'}",
+          "--model.init_args.coupling.init_args.max_epochs=2"])
     return json.loads((root / "run" / "results.json").read_text())
 
 
@@ -41,17 +43,38 @@ def test_two_iterations_and_resume_after_a_crash(cohort, tmp_path, monkeypatch):
     logged = (next((tmp_path / "clean" / "logs").rglob("metrics.csv"))).read_text().splitlines()[0]
     assert "iter0/bag/val/auroc" in logged and "iter1/bag/test/auroc" in logged and "final/test/auroc" in logged
 
-    original = Distillation.fit
+    # test and predict on the finished run: its final embedder (features already cached) and bag classifier
+    _run(cohort, tmp_path / "clean", "test")
+    tested = list(csv.DictReader((run / "final" / "test" / "predictions.csv").open()))
+    assert sorted(r["slide_id"] for r in tested) == sorted(json.loads((run / "splits.json").read_text())["test"])
+    _run(cohort, tmp_path / "clean", "predict")
+    predicted = list(csv.DictReader((run / "final" / "predict" / "predictions.csv").open()))
+    assert len(predicted) == 12 and {r["slide_id"]: r for r in predicted}[tested[0]["slide_id"]] == tested[0]
+    assert len([p for p in (run / "features").iterdir() if p.is_dir()]) == 2  # nothing re-extracted
 
-    def crash(self, *args, **kwargs):
-        raise RuntimeError("killed during couple")
+    # Killed in the second epoch of the couple phase of iteration 0: the rerun skips the finished phases, continues the
+    # couple phase from its last checkpoint (epoch 0 is not trained again) and ends with the same results.
+    original = _DistillationModule.training_step
+    epochs_trained = []
 
-    monkeypatch.setattr(Distillation, "fit", crash)
+    def crash_in_epoch_1(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("killed during couple")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(_DistillationModule, "training_step", crash_in_epoch_1)
     with pytest.raises(RuntimeError, match="killed during couple"):
         _run(cohort, tmp_path / "resumed")
     state = json.loads((tmp_path / "resumed" / "run" / "state.json").read_text())
     assert set(state["done"]) == {"iter0/embed", "iter0/bag"}
-    monkeypatch.setattr(Distillation, "fit", original)
+    assert (tmp_path / "resumed" / "run" / "iter0" / "couple" / "checkpoints" / "last.ckpt").is_file()
+
+    def record(self, batch, batch_idx):
+        epochs_trained.append((self.trainer.global_rank, self.current_epoch))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(_DistillationModule, "training_step", record)
     resumed = _run(cohort, tmp_path / "resumed")
+    assert {e for _, e in epochs_trained} == {1}  # iteration 1 has no couple phase; iteration 0 resumed at epoch 1
     for a, b in zip(clean["iterations"], resumed["iterations"]):
         assert a["val"] == pytest.approx(b["val"]) and a["test"] == pytest.approx(b["test"])
