@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/bench_features.py
 	$(PY) benchmarks/bench_digits_e2e.py --epochs 5
 	$(PY) benchmarks/bench_chunked.py --sizes 256 1024
+	$(PY) benchmarks/bench_icmil.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

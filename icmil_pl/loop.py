@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,9 @@ class ICMILLoop:
         self.trainer_kwargs = {k: v for k, v in trainer.items() if k not in ("logger", "callbacks", "default_root_dir")}
         self.logger = logger
         self.run_dir = icmil.run_dir
+        if trainer.get("fast_dev_run"):  # a smoke test never marks phases of the real run done
+            self.run_dir = icmil.run_dir / "fast_dev_run"
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         self.state_path = self.run_dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": {}}
         self._step = self.state.get("log_step", 0)
@@ -187,7 +191,11 @@ class ICMILLoop:
         trainer = pl.Trainer(**{**self._trainer("bag", i, root), "default_root_dir": str(root)})
         last = root / "checkpoints" / "last.ckpt"
         trainer.fit(bag, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-        best = trainer.checkpoint_callback.best_model_path or str(last)
+        best = trainer.checkpoint_callback.best_model_path
+        if not best:  # no validation-selected checkpoint (fast_dev_run, no validation): the weights as trained
+            best = str(last)
+            if not last.is_file():
+                trainer.save_checkpoint(last)
         val = trainer.validate(bag, datamodule=data, ckpt_path=best, verbose=False)
         test = trainer.test(bag, datamodule=data, ckpt_path=best, verbose=False)
         self._advance(trainer)
@@ -256,6 +264,8 @@ class ICMILLoop:
 
     def _trainer(self, phase: str, i: int, root: Path) -> dict[str, Any]:
         kwargs = {**self.trainer_kwargs, **self.icmil.phase_trainer[phase]}
+        if phase == "embed":  # every slide's features, also under fast_dev_run: the bag phase needs whole bags
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("fast_dev_run", "limit_predict_batches")}
         kwargs.setdefault("enable_model_summary", False)
         kwargs["callbacks"] = [EpochSeed(self.seed + 1000 * i + PHASES.index(phase))]
         if self.logger is not None and phase != "embed":

@@ -78,3 +78,28 @@ def test_two_iterations_and_resume_after_a_crash(cohort, tmp_path, monkeypatch):
     assert {e for _, e in epochs_trained} == {1}  # iteration 1 has no couple phase; iteration 0 resumed at epoch 1
     for a, b in zip(clean["iterations"], resumed["iterations"]):
         assert a["val"] == pytest.approx(b["val"]) and a["test"] == pytest.approx(b["test"])
+
+
+def test_evaluate_needs_a_finished_run(tmp_path):
+    from data_modules.patches import SlidePatchDataModule
+    from icmil_pl.aggregators import ABMIL
+    from icmil_pl.bag_classifier import BagClassifier
+    from icmil_pl.embedder import PatchEmbedder
+    from icmil_pl.loop import ICMIL, ICMILLoop
+
+    icmil = ICMIL(PatchEmbedder("resnet18", truncate_after="layer1"), BagClassifier(ABMIL(64)), iterations=1,
+                  run_dir=str(tmp_path / "run"))
+    loop = ICMILLoop(icmil, SlidePatchDataModule("labels.csv", "slides"), trainer={}, logger=None)
+    with pytest.raises(ValueError, match=r"run_dir: .*run holds no finished ICMIL run of 1 iterations"):
+        loop.evaluate("test")
+
+
+def test_fast_dev_run_smoke_tests_every_phase_apart_from_the_run(cohort, tmp_path):
+    main(["fit", "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={tmp_path / 'run'}",
+          f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
+          f"--data.init_args.grid_cache={tmp_path / 'grids'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.fast_dev_run=true"])
+    smoke = tmp_path / "run" / "fast_dev_run"
+    assert set(json.loads((smoke / "state.json").read_text())["done"]) == {
+        "iter0/embed", "iter0/bag", "iter0/couple", "iter1/embed", "iter1/bag"}
+    assert not (tmp_path / "run" / "state.json").exists()
