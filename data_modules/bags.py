@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,6 +112,10 @@ class PatchBagDataModule(BagDataModule):
         self.cohort = SlideCohort(self.labels_path, slides)
         self.tiling, self.grid_cache, self.read_threads = tiling, grid_cache, read_threads
         self._patches: dict[str, SlidePatches] | None = None
+
+    @property
+    def slides_dir(self) -> Path:
+        return self.cohort.slides_dir
 
     def setup(self, stage: str | None = None) -> None:
         if self._patches is None:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .splits import SlideLabel, read_labels
 from .tiling import SlidePatches, TissueParams, patch_grid
 
-__all__ = ["SLIDE_EXTENSIONS", "SlideCohort", "TilingConfig"]
+__all__ = ["SLIDE_EXTENSIONS", "SlideCohort", "TilingConfig", "find_slide"]
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi")
 
@@ -27,6 +27,15 @@ class TilingConfig:
     mpp_override: float | None = None
 
 
+def find_slide(slides_dir: str | os.PathLike, slide_id: str) -> Path | None:
+    """`<slides_dir>/<slide_id>.<ext>` for the first slide extension that exists, else None."""
+    for ext in SLIDE_EXTENSIONS:
+        path = Path(slides_dir) / f"{slide_id}{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
 class SlideCohort:
     """Slide files of a labels CSV (`slide_id,label[,patient_id][,split]`), each found as `<slides>/<id>.<ext>`."""
 
@@ -36,14 +45,13 @@ class SlideCohort:
         self.paths = {row.slide_id: self._find(row.slide_id) for row in self.rows}
 
     def _find(self, slide_id: str) -> Path:
-        for ext in SLIDE_EXTENSIONS:
-            path = self.slides_dir / f"{slide_id}{ext}"
-            if path.is_file():
-                return path
-        raise ValueError(
-            f"{self.labels_path}: slide {slide_id!r} has no file in {self.slides_dir} "
-            f"(looked for {slide_id}{{{','.join(SLIDE_EXTENSIONS)}}})"
-        )
+        path = find_slide(self.slides_dir, slide_id)
+        if path is None:
+            raise ValueError(
+                f"{self.labels_path}: slide {slide_id!r} has no file in {self.slides_dir} "
+                f"(looked for {slide_id}{{{','.join(SLIDE_EXTENSIONS)}}})"
+            )
+        return path
 
     def patches(self, tiling: TilingConfig, cache_dir: str | os.PathLike, slide_ids: list[str] | None = None) -> list[SlidePatches]:
         """Patch grids of the given slides (all by default), computed once and cached in `cache_dir`."""

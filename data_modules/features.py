@@ -88,9 +88,11 @@ class FeatureBagDataModule(BagDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        slides: str | None = None,
     ) -> None:
         super().__init__(labels, classes, folds, fold, val_fraction, seed, num_workers)
         self.features_dir = resolve_features_dir(Path(features))
+        self.slides_dir = None if slides is None else Path(slides)  # only for pictures: heatmaps need the slides
         self.feature_dim: int | None = None
 
     def prepare_data(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -39,8 +39,10 @@ from data_modules.splits import make_splits, save_splits
 from .bag_classifier import BagClassifier
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
+from .figures import FigureWriter
 from .results import stage_metrics, write_results
 from .seeding import EpochSeed
+from .viz import iteration_figure, save_png
 from .writers import extract_features
 
 __all__ = ["ICMIL", "ICMILLoop", "SplitConfig"]
@@ -245,6 +247,8 @@ class ICMILLoop:
         bag, best = copy.deepcopy(self.icmil.bag), done[f"iter{n}/bag"]["output"]
         if stage == "predict":
             every_slide = DataLoader(data.bag_dataset(data.rows), batch_size=None)
+            trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root),
+                                    "callbacks": [FigureWriter(str(self.data.cohort.slides_dir))]})  # fmt: skip
             out = trainer.predict(bag, dataloaders=every_slide, ckpt_path=best)
         else:
             out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
@@ -255,7 +259,8 @@ class ICMILLoop:
     def _bag_data(self, cache: str) -> FeatureBagDataModule:
         split = self.icmil.splits
         return FeatureBagDataModule(str(self.data.cohort.labels_path), cache, folds=split.folds, fold=split.fold,
-                                    val_fraction=split.val_fraction, seed=split.seed)  # fmt: skip
+                                    val_fraction=split.val_fraction, seed=split.seed,
+                                    slides=str(self.data.cohort.slides_dir))  # fmt: skip
 
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)
@@ -292,6 +297,9 @@ class ICMILLoop:
             seconds = {p: done[f"iter{i}/{p}"]["seconds"] for p in PHASES if f"iter{i}/{p}" in done}
             iterations.append({"iteration": i, "checkpoint": bag["output"], **bag["metrics"], "seconds": seconds})
         write_results(self.run_dir, iterations, model="ICMIL", coupling=type(self.icmil.coupling).__name__)
+        figure = save_png(iteration_figure(iterations), self.run_dir / "figures" / "auroc_by_iteration.png")
+        if isinstance(self.logger, WandbLogger):
+            self.logger.log_image(key="final/auroc_by_iteration", images=[str(figure)])
         if self.logger is not None:  # stable names for sweeps: the final iteration's metrics
             final = iterations[-1]
             self.logger.log_metrics({f"final/{s}/{m}": v for s in ("val", "test") for m, v in final[s].items()},

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .aggregators import Aggregator, MILOutput
+from .figures import FigureWriter
 from .metrics import slide_metrics
 
 __all__ = ["SlideTask"]
@@ -92,10 +93,19 @@ class SlideTask(pl.LightningModule):
     def on_predict_epoch_end(self) -> None:
         self._write_predictions()
 
+    @property
+    def predictions(self) -> list[dict]:
+        """This test or predict epoch's rows so far: slide_id, label (None if unknown), probs[, attention]."""
+        return self._predictions
+
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming."""
-        return [ModelCheckpoint(dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max", save_last=True,
-                                filename="best-{epoch}")]
+        """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; draw the
+        test and predict figures (`FigureWriter`) unless the Trainer has a configured one."""
+        callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max",
+                                                        save_last=True, filename="best-{epoch}")]  # fmt: skip
+        if not any(isinstance(c, FigureWriter) for c in self.trainer.callbacks):
+            callbacks.append(FigureWriter())
+        return callbacks
 
     def adam(self, param_groups, lr: float, weight_decay: float, scheduler: Scheduler):
         optimizer = torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,144 @@
+"""The pictures of a test or predict run, as a callback on any `SlideTask` (bag classifier or end-to-end model).
+
+After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its heatmap
+(`figures/<slide>_heatmap.png`), its top/bottom patches (`figures/<slide>_patches.png`) and its per-patch scores with
+coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays). Scores are the aggregator's attention, or, for
+aggregators without attention (TransMIL, MaxPool without it), the positive-class probability of each patch on its
+own (`instance_logits`). Everything goes under the run's log directory; with a W&B logger the images and a
+per-slide prediction table are logged too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import zarr
+from pytorch_lightning.loggers import WandbLogger
+
+from data_modules.cohort import find_slide
+from data_modules.slides import open_slide
+
+from .viz import confusion_figure, grid_step, heatmap_figure, montage_figure, roc_figure, save_png
+
+__all__ = ["FigureWriter"]
+
+
+class FigureWriter(pl.Callback):
+    """Writes the figures of `test` and `predict` (see the module docstring).
+
+    `slides`: the folder holding `<slide_id>.<ext>` files, for heatmaps and patches (default: the data module's
+    `slides_dir` when it has one; without slides only the scores and test figures are written). `top_k` patches per
+    montage row; `thumbnail_px` the heatmap's longest side.
+    """
+
+    def __init__(self, slides: str | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
+        if top_k < 1 or thumbnail_px < 64:
+            raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
+        self.slides, self.top_k, self.thumbnail_px = slides, top_k, thumbnail_px
+
+    # -- test --------------------------------------------------------------------------------------------------------
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = pl_module.predictions
+        if not trainer.is_global_zero or not rows:
+            return
+        names = _class_names(pl_module)
+        labels = [row["label"] for row in rows]
+        probs = torch.stack([row["probs"] for row in rows]).numpy()
+        paths = [save_png(confusion_figure(labels, probs.argmax(1), names, "test"), self._dir(trainer) / "test_confusion.png")]
+        if len(names) == 2 and len(set(labels)) == 2:
+            paths.append(save_png(roc_figure(labels, probs[:, 1], "test ROC"), self._dir(trainer) / "test_roc.png"))
+        self._log_images(trainer, "test/figures", paths)
+        self._log_table(trainer, "test/predictions", rows, names)
+
+    # -- predict -----------------------------------------------------------------------------------------------------
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        coords = batch.get("coords")
+        if coords is None or len(coords) == 0:
+            return
+        coords = coords.cpu().numpy()
+        scores, kind = self._scores(pl_module, outputs, batch)
+        if scores is None:
+            return
+        slide_id = batch["slide_id"]
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        group = zarr.open_group(str(root / "scores.zarr"), mode="a").require_group(slide_id)
+        group.create_array("coords", data=coords.astype(np.int64), overwrite=True)
+        group.create_array("scores", data=scores.astype(np.float32), overwrite=True)
+        group.attrs.update({"kind": kind, "slide_id": slide_id})
+        path = self._slide_path(trainer, slide_id)
+        if path is None:
+            return
+        names = _class_names(pl_module)
+        probs = outputs["probs"]
+        k = int(probs.argmax())
+        title = f"{slide_id}: {names[k]} (p = {float(probs[k]):.2f})"
+        with open_slide(path) as slide:
+            w0, h0 = slide.dimensions
+            thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
+            heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title,
+                                     label=f"{kind} (min-max in slide)")  # fmt: skip
+            montage = self._montage(slide, coords, scores, title)
+        out = self._dir(trainer)
+        paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]
+        self._log_images(trainer, f"predict/{slide_id}", paths)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and pl_module.predictions:
+            self._log_table(trainer, "predict/predictions", pl_module.predictions, _class_names(pl_module))
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _scores(self, pl_module: pl.LightningModule, outputs: dict, batch: dict) -> tuple[np.ndarray | None, str]:
+        if outputs.get("attention") is not None:
+            return outputs["attention"].reshape(-1).numpy(), "attention"
+        if "features" not in batch:  # an end-to-end model without attention: patch scores would need the embedder
+            return None, ""
+        with torch.no_grad():
+            logits = pl_module.instance_logits(batch["features"].to(pl_module.device).float())
+        return logits.float().softmax(-1)[:, -1].cpu().numpy(), "patch probability"
+
+    def _montage(self, slide, coords: np.ndarray, scores: np.ndarray, title: str):
+        side = int(grid_step(coords)) if len(coords) > 1 else 256
+        order = np.argsort(-scores, kind="stable")
+        k = min(self.top_k, len(order))
+
+        def patch(i: int) -> np.ndarray:
+            x, y = coords[i]
+            level = slide.get_best_level_for_downsample(side / 128)
+            ds = slide.level_downsamples[level]
+            return slide.read_region((int(x), int(y)), level, (round(side / ds), round(side / ds)))
+
+        top, bottom = order[:k], order[::-1][:k]
+        return montage_figure([patch(i) for i in top], [patch(i) for i in bottom], scores[top], scores[bottom], title)
+
+    def _slide_path(self, trainer: pl.Trainer, slide_id: str) -> Path | None:
+        folder = self.slides or getattr(trainer.datamodule, "slides_dir", None)
+        return None if folder is None else find_slide(folder, slide_id)
+
+    @staticmethod
+    def _dir(trainer: pl.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / "figures"
+
+    @staticmethod
+    def _log_images(trainer: pl.Trainer, key: str, paths: list[os.PathLike]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[str(p) for p in paths], caption=[Path(p).stem for p in paths])
+
+    @staticmethod
+    def _log_table(trainer: pl.Trainer, key: str, rows: list[dict], names: list[str]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                data = [[r["slide_id"], "" if r["label"] is None else names[r["label"]], names[int(r["probs"].argmax())],
+                         *r["probs"].tolist()] for r in rows]  # fmt: skip
+                logger.log_table(key=key, columns=["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]],
+                                 data=data)  # fmt: skip
+
+
+def _class_names(pl_module: pl.LightningModule) -> list[str]:
+    return pl_module.class_names or [str(c) for c in range(pl_module.num_classes)]

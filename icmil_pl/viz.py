@@ -1,0 +1,156 @@
+"""Pictures people judge a slide classifier by: attention heatmaps on the slide, the patches that drove the call, ROC
+curves, confusion matrices and AUROC by ICMIL iteration.
+
+Rendering only: every function takes arrays and returns a matplotlib `Figure` (object API, no pyplot state, so it is
+safe in callbacks and threads); `save_png` writes one atomically. Callers decide what to draw and where it goes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+__all__ = [
+    "confusion_figure",
+    "grid_step",
+    "heatmap_figure",
+    "iteration_figure",
+    "montage_figure",
+    "roc_figure",
+    "save_png",
+    "score_map",
+]
+
+CMAP = "inferno"
+
+
+def grid_step(coords: np.ndarray) -> float:
+    """A patch grid's step in level-0 pixels (= the patch size for non-overlapping grids), from the coordinates alone,
+    so heatmaps need no tiling metadata: the smallest positive gap between distinct x (or y) positions."""
+    gaps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+    gaps = np.concatenate([g[g > 0] for g in gaps])
+    if gaps.size == 0:
+        raise ValueError("coords: need at least two distinct patch positions to infer the grid step")
+    return float(gaps.min())
+
+
+def score_map(shape: tuple[int, int], downsample: float, coords: np.ndarray, patch: float, scores: np.ndarray) -> np.ndarray:
+    """(H, W) float map at `downsample` (level-0 pixels per map pixel): each patch's score over its footprint, NaN
+    where no patch lies; where patches overlap, the highest score shows."""
+    out = np.full(shape, np.nan, np.float32)
+    x0 = np.floor(coords[:, 0] / downsample).astype(int)
+    y0 = np.floor(coords[:, 1] / downsample).astype(int)
+    side = max(1, int(round(patch / downsample)))
+    for i in np.argsort(scores):  # ascending: higher scores are painted last
+        out[max(y0[i], 0) : max(y0[i] + side, 0), max(x0[i], 0) : max(x0[i] + side, 0)] = scores[i]
+    return out
+
+
+def heatmap_figure(
+    thumbnail: np.ndarray,
+    downsample: float,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    title: str,
+    *,
+    patch: float | None = None,
+    label: str = "attention (min-max in slide)",
+    alpha: float = 0.5,
+) -> Figure:
+    """The thumbnail with the per-patch scores overlaid (min-max normalised in the slide), a colour bar and the
+    outline of the tiled tissue. `downsample` = level-0 pixels per thumbnail pixel; `patch` = patch side in level-0
+    pixels (inferred from the grid when None)."""
+    scores = np.asarray(scores, np.float64)
+    span = scores.max() - scores.min()
+    normed = (scores - scores.min()) / span if span > 0 else np.full_like(scores, 0.5)
+    heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), normed)
+    h, w = thumbnail.shape[:2]
+    fig = Figure(figsize=(7.5, 7.5 * h / w + 0.8), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(thumbnail)
+    image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
+    tiled = np.isfinite(heat).astype(np.float32)
+    if 0 < tiled.mean() < 1:
+        ax.contour(tiled, levels=[0.5], colors="black", linewidths=0.6)
+    ax.set_title(title)
+    ax.set_axis_off()
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
+    return fig
+
+
+def montage_figure(top: Sequence[np.ndarray], bottom: Sequence[np.ndarray], top_scores: Sequence[float],
+                   bottom_scores: Sequence[float], title: str) -> Figure:  # fmt: skip
+    """Two rows of patches: the k highest-scoring (top) and the k lowest-scoring (bottom), each with its score."""
+    k = max(len(top), len(bottom), 1)
+    fig = Figure(figsize=(1.6 * k, 3.8), dpi=100, layout="constrained")
+    axes = np.asarray(fig.subplots(2, k, squeeze=False))
+    for row, (patches, scores, name) in enumerate([(top, top_scores, "highest"), (bottom, bottom_scores, "lowest")]):
+        for j in range(k):
+            ax = axes[row, j]
+            ax.set_axis_off()
+            if j < len(patches):
+                ax.imshow(patches[j])
+                ax.set_title(f"{scores[j]:.3g}", fontsize=8)
+        axes[row, 0].text(-0.08, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle(title)
+    return fig
+
+
+def roc_figure(labels: Sequence[int], scores: Sequence[float], title: str = "ROC") -> Figure:
+    """ROC of the positive-class probability against binary labels, AUROC in the legend."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("labels: a ROC curve needs slides of both classes")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {roc_auc_score(labels, scores):.3f} (n = {len(labels)})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def confusion_figure(labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str],
+                     title: str = "confusion matrix") -> Figure:  # fmt: skip
+    """Counts of true (rows) against predicted (columns) classes."""
+    n = len(class_names)
+    matrix = confusion_matrix(labels, predicted, labels=list(range(n)))
+    fig = Figure(figsize=(1.2 * n + 2.5, 1.2 * n + 1.8), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            dark = matrix[i, j] > matrix.max() / 2
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color="white" if dark else "black")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
+           xlabel="predicted", ylabel="true", title=title)  # fmt: skip
+    return fig
+
+
+def iteration_figure(iterations: Sequence[dict], metric: str = "auroc") -> Figure:
+    """Validation and test `metric` by ICMIL iteration (the `iterations` list of `results.json`)."""
+    its = [r["iteration"] for r in iterations]
+    fig = Figure(figsize=(4.5, 3.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for stage in ("val", "test"):
+        ax.plot(its, [r[stage][metric] for r in iterations], marker="o", label=stage)
+    ax.set(xlabel="ICMIL iteration", ylabel=metric.upper() if metric == "auroc" else metric, xticks=its,
+           title=f"{metric} by iteration")  # fmt: skip
+    ax.legend()
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write `fig` as PNG atomically (temp file, then rename), so a killed run leaves no half image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
