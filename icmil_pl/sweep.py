@@ -1,0 +1,302 @@
+"""Offline W&B sweeps: `python -m icmil_pl sweep experiments/sweeps/<x>.yaml --count N [--out DIR] [--seed S]`.
+
+`wandb sweep` needs a server and hospital clusters are often air-gapped, so this runs the same sweep file locally.
+W&B's own open-source engine (`sweeps`) proposes each trial from the trials so far (random, grid, bayes); the
+`command` is expanded as `wandb agent` expands it and run as a fresh in-process `fit`, with every output of trial k
+under `<out>/trial-<k>/`. The metric is read back from the trial's results.json (`METRICS`): `final/<stage>/<name>`
+is the last iteration's `<stage>` `<name>`, the value ICMIL also logs under that name.
+
+    <out>/state.json   the sweep, the seed and every trial (parameters, status, metric, error), rewritten after each
+    <out>/trials.csv   trial, status, metric, every parameter and error, best first
+
+Re-running the same command continues: finished and failed trials are kept, an unfinished (killed) one is run again
+with its parameters, and the sweep stops at `--count` trials in all, or when a grid is exhausted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any, Literal, TypedDict, get_args
+
+import numpy as np
+import yaml
+
+from .cli import main as cli_main
+from .loop import ICMIL
+from .metrics import METRIC_NAMES
+from .results import read_results
+
+with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1 way, which pydantic 2 warns about
+    warnings.simplefilter("ignore")
+    import sweeps
+
+__all__ = ["METRICS", "Trial", "expand_command", "load_sweep", "main", "resolve_config", "run_sweep", "run_trial",
+           "trial_argv"]
+
+Method = Literal["random", "grid", "bayes"]
+Goal = Literal["maximize", "minimize"]
+Status = Literal["running", "finished", "failed"]
+
+# sweep metric name -> (stage, metric) of the last iteration in results.json
+METRICS: dict[str, tuple[str, str]] = {f"final/{s}/{m}": (s, m) for s in ("val", "test") for m in METRIC_NAMES}
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # what follows `--` in a jsonargparse override
+_ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # the agent's SWEEP_COMMAND_ENV_VAR_REGEX
+_MODULE = ["-m", "icmil_pl", "fit"]
+
+
+class Trial(TypedDict):
+    """One trial as state.json keeps it; "running" after a kill means: run it again with these parameters."""
+
+    trial: int
+    status: Status
+    params: dict[str, Any]
+    metric: float | None
+    error: str
+
+
+def load_sweep(path: str | os.PathLike) -> dict:
+    """The sweep file, checked up front: a typo should fail once with its field named, not in every trial."""
+
+    def bad(field: str, message: str) -> ValueError:
+        return ValueError(f"{path}: {field}: {message}")
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such sweep file")
+    sweep = yaml.safe_load(Path(path).read_text())
+    if not isinstance(sweep, dict):
+        raise ValueError(f"{path}: expected a W&B sweep mapping (method, metric, parameters, command)")
+    if sweep.get("method") not in get_args(Method):
+        raise bad("method", f"expected one of {', '.join(get_args(Method))}, got {sweep.get('method')!r}")
+    metric = sweep.get("metric")
+    if not isinstance(metric, dict):
+        raise bad("metric", f"expected {{name: final/val/auroc, goal: maximize}}, got {metric!r}")
+    if metric.get("name") not in METRICS:
+        raise bad("metric.name", f"expected final/<val|test>/<{'|'.join(METRIC_NAMES)}> (read from results.json), "
+                                 f"got {metric.get('name')!r}")  # fmt: skip
+    if metric.get("goal") not in get_args(Goal):
+        raise bad("metric.goal", f"expected one of {', '.join(get_args(Goal))}, got {metric.get('goal')!r}")
+    parameters = sweep.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise bad("parameters", "expected a mapping of CLI keys (a.b.c for --a.b.c) to W&B parameter specs")
+    for key, spec in parameters.items():
+        if not _KEY.fullmatch(str(key)) or not isinstance(spec, dict) or "parameters" in spec:
+            raise bad(f"parameters.{key}", "expected a flat dotted CLI key (a.b.c for --a.b.c) mapped to a W&B "
+                                           "parameter spec (value, values, min/max, distribution)")  # fmt: skip
+    if violations := sweeps.schema_violations_from_proposed_config(sweep):
+        raise ValueError(f"{path}: {'; '.join(violations)}")
+    command = sweep.get("command")
+    if not isinstance(command, list) or "${args}" not in command or _module_at(command) is None:
+        raise bad("command", f"expected a list like [${{env}}, python, -m, icmil_pl, fit, -c, <config>, ${{args}}], "
+                             f"got {command!r}")  # fmt: skip
+    return sweep
+
+
+def expand_command(command: list, params: dict[str, Any], program: str | None = None) -> list[str]:
+    """`command` as `wandb agent` expands it (wandb_agent.py, sdk/launch/sweeps/utils.py): `${envvar:NAME}` within a
+    token, whole-token macros to their lists (values as `str(value)`), an unknown macro to nothing."""
+    flags = [f"{key}={value}" for key, value in params.items()]
+    macros = {
+        "env": ["/usr/bin/env"],
+        "interpreter": ["python"],
+        "program": [str(program)],
+        "args": [f"--{flag}" for flag in flags],
+        "args_no_hyphens": flags,
+        "args_no_equals": [arg for key, value in params.items() for arg in (f"--{key}", str(value))],
+        "args_no_boolean_flags": [f"--{key}" if value is True else f"--{key}={value}"
+                                  for key, value in params.items() if value is not False],
+        "args_json": [json.dumps(params)],
+        "args_append_hydra": [f"+{flag}" for flag in flags],
+        "args_override_hydra": [f"++{flag}" for flag in flags],
+    }
+    argv = []
+    for token in map(str, command):
+        token = _ENVVAR.sub(lambda match: os.environ.get(match[1], match[1]), token)
+        argv += macros.get(token[2:-1], []) if token.startswith("${") and token.endswith("}") else [token]
+    return argv
+
+
+def trial_argv(sweep: dict, params: dict[str, Any]) -> list[str]:
+    """The `python -m icmil_pl` arguments of one trial (from `fit` on), as the agent would run them."""
+    command = expand_command(sweep["command"], params, sweep.get("program"))
+    return command[_module_at(command) + 2 :]
+
+
+def resolve_config(argv: list[str]) -> dict:
+    """The config LightningCLI builds from `argv` (every -c file and override applied), parsed but not run; a bad
+    key or value raises ValueError with jsonargparse's message on one line instead of exiting."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            cli_main([*argv, "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code:
+            raise ValueError(" ".join(err.getvalue().partition("error:")[2].split()) or f"exit {exit_.code}") from None
+    return yaml.safe_load(out.getvalue())
+
+
+def run_trial(argv: list[str], root: Path) -> dict:
+    """Fit one trial in-process with its outputs under `root`; returns its results.json.
+
+    Where a run writes depends on its model and logger, wherever the config set them, so the resolved config decides
+    what to point at `root`: ICMIL's run_dir (a shared one would resume another trial's state.json), the logger's
+    save_dir and the trainer's default_root_dir.
+    """
+    config = resolve_config(argv)
+    outputs = [f"--trainer.default_root_dir={root}"]
+    logger = config["trainer"].get("logger")
+    if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
+        outputs.append(f"--trainer.logger.init_args.save_dir={root}")
+    icmil = config["model"]["class_path"] == f"{ICMIL.__module__}.{ICMIL.__name__}"
+    if icmil:
+        outputs.append(f"--model.init_args.run_dir={root}")
+    trainer = cli_main([*argv, *outputs]).trainer
+    return read_results(root if icmil else trainer.log_dir or trainer.default_root_dir)  # as ICMILCLI.after_fit
+
+
+def run_sweep(path: str | os.PathLike, count: int, out: str | os.PathLike | None = None, seed: int = 0) -> list[Trial]:
+    """Run (or continue) the sweep in `path` up to `count` trials; returns the trials, best first."""
+    sweep = load_sweep(path)
+    folder = Path(out or Path("runs/sweeps") / Path(path).stem)
+    state_path = folder / "state.json"
+    identity = {"sweep": json.loads(json.dumps(sweep)), "seed": seed}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {**identity, "trials": []}
+    if {key: state[key] for key in identity} != identity:
+        raise ValueError(f"{folder}: holds another sweep or seed (state.json); pass another --out")
+    trials: list[Trial] = state["trials"]
+    names = _short_names(list(sweep["parameters"]))
+    while sum(t["status"] != "running" for t in trials) < count:
+        trial = next((t for t in trials if t["status"] == "running"), None)  # killed last time: run it again
+        if trial is None:
+            params = _propose(sweep, trials, seed)
+            if params is None:
+                print(f"the grid is exhausted after {len(trials)} trials")
+                break
+            trial = Trial(trial=len(trials) + 1, status="running", params=params, metric=None, error="")
+            trials.append(trial)
+            _save(folder, state, sweep)
+        print(f"trial {trial['trial']}/{count}: "
+              + " ".join(f"{name}={_format(trial['params'].get(key))}" for key, name in names.items()))  # fmt: skip
+        try:
+            results = run_trial(trial_argv(sweep, trial["params"]), folder / f"trial-{trial['trial']}")
+            stage, metric = METRICS[sweep["metric"]["name"]]
+            trial.update(status="finished", metric=float(results["iterations"][-1][stage][metric]))
+        except (Exception, SystemExit) as error:  # a failed trial is a result: record it, the sweep goes on
+            trial.update(status="failed", error=f"{type(error).__name__}: {' '.join(str(error).split())}")
+        finally:  # each trial its own W&B run, as under `wandb agent` (a WandbLogger would reuse an open one)
+            if (wandb := sys.modules.get("wandb")) is not None and wandb.run is not None:
+                wandb.finish(exit_code=0 if trial["status"] == "finished" else 1)
+        _save(folder, state, sweep)
+    ranked = _ranked(trials, sweep["metric"]["goal"])
+    _print_table(ranked, sweep)
+    print(f"trials: {folder / 'trials.csv'}")
+    return ranked
+
+
+def _module_at(command: list) -> int | None:
+    """Index of `-m icmil_pl fit` in `command`: what comes before it is the interpreter, not the CLI's."""
+    tokens = [str(token) for token in command]
+    return next((i for i in range(len(tokens) - 2) if tokens[i : i + 3] == _MODULE), None)
+
+
+def _propose(sweep: dict, trials: list[Trial], seed: int) -> dict[str, Any] | None:
+    """The engine's next parameters given the trials so far (bayes fits them, grid skips their points); None when a
+    grid is exhausted. The engine samples from the global `random` and `numpy` generators, which every fit reseeds
+    (seed_everything): seeded by (seed, trial) here, trials differ and a resumed sweep proposes what an uninterrupted
+    one would."""
+    runs = [
+        sweeps.SweepRun(name=f"trial-{t['trial']}", state=t["status"],
+                        config={key: {"value": value} for key, value in t["params"].items()},
+                        summary_metrics={} if t["metric"] is None else {sweep["metric"]["name"]: t["metric"]})
+        for t in trials
+    ]  # fmt: skip
+    state = np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0]
+    random.seed(int(state))
+    np.random.seed(state)
+    proposal = sweeps.next_run(sweep, runs)
+    if proposal is None:
+        return None
+    return {key: value["value"].item() if isinstance(value["value"], np.generic) else value["value"]
+            for key, value in proposal.config.items()}  # fmt: skip
+
+
+def _ranked(trials: list[Trial], goal: Goal) -> list[Trial]:
+    """Finished trials best first, then the rest (failed, or without a finite metric) in trial order."""
+    sign = -1.0 if goal == "maximize" else 1.0
+
+    def key(t: Trial) -> tuple[bool, float, int]:
+        ok = t["status"] == "finished" and math.isfinite(t["metric"])
+        return not ok, sign * t["metric"] if ok else 0.0, t["trial"]
+
+    return sorted(trials, key=key)
+
+
+def _save(out: Path, state: dict, sweep: dict) -> None:
+    """state.json and trials.csv, each replaced whole: a kill never leaves half a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(sweep["parameters"])
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["trial", "status", "metric", *keys, "error"])
+    for t in _ranked(state["trials"], sweep["metric"]["goal"]):
+        writer.writerow([t["trial"], t["status"], "" if t["metric"] is None else t["metric"],
+                         *(t["params"].get(k, "") for k in keys), t["error"]])  # fmt: skip
+    for name, text in (("state.json", json.dumps(state, indent=1)), ("trials.csv", table.getvalue())):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """`model.init_args.bag.init_args.lr` -> `bag.lr`: the shortest dotted suffix, without init_args and class_path,
+    that no other parameter shares; for the printed table."""
+    parts = {key: [p for p in key.split(".") if p not in ("init_args", "class_path")] or [key] for key in keys}
+
+    def suffix(p: list[str], n: int) -> str:
+        return ".".join(p[-n:])
+
+    return {key: next((suffix(p, n) for n in range(1, len(p) + 1)
+                       if sum(suffix(q, n) == suffix(p, n) for q in parts.values()) == 1), key)
+            for key, p in parts.items()}  # fmt: skip
+
+
+def _format(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _print_table(trials: list[Trial], sweep: dict) -> None:
+    keys = list(sweep["parameters"])
+    names = _short_names(keys)
+    rows = [["trial", "status", sweep["metric"]["name"], *(names[k] for k in keys), "error"]]
+    rows += [[str(t["trial"]), t["status"], _format(t["metric"]), *(_format(t["params"].get(k)) for k in keys),
+              t["error"][:80]] for t in trials]  # fmt: skip
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m icmil_pl sweep ...` (see the module docstring); a bad sweep file exits with one line."""
+    parser = argparse.ArgumentParser(prog="python -m icmil_pl sweep",
+                                     description="Run a W&B sweep file without a W&B server.")  # fmt: skip
+    parser.add_argument("sweep", help="W&B sweep file, e.g. experiments/sweeps/demo.yaml")
+    parser.add_argument("--count", type=int, required=True, help="trials in all, those of earlier runs included")
+    parser.add_argument("--out", help="output folder (default: runs/sweeps/<sweep file name>)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the proposals (default: 0)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")  # no server: a WandbLogger in the command logs to disk
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the trials' argv, not sys.argv
+    try:
+        run_sweep(args.sweep, args.count, args.out, args.seed)
+    except ValueError as error:  # a bad sweep file or --out: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

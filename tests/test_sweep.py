@@ -1,0 +1,235 @@
+"""Sweeps: every value a sweep file can propose reaches the CLI as a valid key, a trial runs, and the offline runner
+ranks trials, records failures and continues after a kill without running finished trials again."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import wandb
+import yaml
+
+from data_modules.synthetic import make_cohort
+from icmil_pl import sweep as sweep_module
+from icmil_pl.cli import main as cli_main
+from icmil_pl.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
+
+ROOT = Path(__file__).parents[1]
+SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+SMALL_DIGITS = ["--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+                "--data.init_args.num_train_bags=8", "--data.init_args.num_val_bags=8",
+                "--data.init_args.num_test_bags=8", "--data.init_args.mean_bag_size=4"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # sweep commands name configs relative to the repository root, as `wandb agent` runs them
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+
+
+def _proposals(sweep: dict, n: int = 3) -> list[dict]:
+    """A few seeded random proposals of the sweep's engine, then every value of each categorical parameter."""
+    proposals = [sweep_module._propose({**sweep, "method": "random"}, [], seed=k) for k in range(n)]
+    for key, spec in sweep["parameters"].items():
+        proposals += [{**proposals[0], key: value} for value in spec.get("values", [])]
+    return proposals
+
+
+def _at(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_proposal_is_a_valid_cli_override(path, monkeypatch):
+    sweep = load_sweep(path)
+    base, proposals = resolve_config(trial_argv(sweep, {})), _proposals(sweep)
+    for params in proposals:
+        config = resolve_config(trial_argv(sweep, params))
+        for key, value in params.items():
+            if key.endswith("class_path"):  # a short class name; the base config's init_args carry over
+                in_dim = key.replace("class_path", "init_args.in_dim")
+                assert _at(config, key).endswith(f".{value}") and _at(config, in_dim) == _at(base, in_dim)
+            else:
+                assert _at(config, key) == pytest.approx(value)
+    # under `wandb agent` every run gets its own ICMIL run_dir (a shared one would resume the previous run's state)
+    monkeypatch.setenv("WANDB_RUN_ID", "abc123")
+    assert resolve_config(trial_argv(sweep, proposals[0]))["model"]["init_args"]["run_dir"].endswith("/abc123")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, 12, seed=2, size=(1024, 1024), mpp=0.5, tumour_contrast=1.0, tumour_area=(0.1, 0.2))
+    return root
+
+
+def _tiny(config: dict, cohort: Path, out: Path) -> list[str]:
+    """Overrides that run a trial of an ICMIL sweep on the tiny cohort with a small embedder, outputs under `out`."""
+    data = {
+        "SyntheticCohortDataModule": [f"--data.init_args.root={cohort}", "--data.init_args.n_slides=12",
+                                      "--data.init_args.seed=2", "--data.init_args.size=[1024,1024]",
+                                      "--data.init_args.tumour_contrast=1.0", "--data.init_args.tumour_area=[0.1,0.2]"],
+        "SlidePatchDataModule": [f"--data.init_args.labels={cohort / 'labels.csv'}",
+                                 f"--data.init_args.slides={cohort / 'slides'}"],
+    }  # fmt: skip
+    coupling = {
+        "BagGradient": ["--model.init_args.coupling.init_args.read_threads=1"],
+        "Distillation": ["--model.init_args.coupling.init_args.num_workers=0",
+                         "--model.init_args.coupling.init_args.batch_size=16",
+                         "--model.init_args.coupling.init_args.patches_per_epoch=64"],
+    }  # fmt: skip
+    return [
+        *data[config["data"]["class_path"].rsplit(".", 1)[1]],
+        *coupling[config["model"]["init_args"]["coupling"]["class_path"].rsplit(".", 1)[1]],
+        "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}", f"--model.init_args.run_dir={out / 'run'}",
+        "--model.init_args.splits.folds=3", "--model.init_args.splits.val_fraction=0.34",
+        "--model.init_args.embedder.init_args.backbone=resnet18",
+        "--model.init_args.embedder.init_args.pretrained=false",
+        "--model.init_args.embedder.init_args.truncate_after=layer1",
+        "--model.init_args.bag.init_args.aggregator.init_args.in_dim=64", "--data.init_args.tiling.mpp=1.0",
+        "--data.init_args.tiling.patch_size=32", "--data.init_args.tiling.tissue_threshold=0.5",
+        f"--data.init_args.grid_cache={out / 'grids'}", "--data.init_args.batch_size=32",
+        "--data.init_args.num_workers=0",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_a_trial_runs_with_fast_dev_run(path, cohort, tmp_path):
+    sweep = load_sweep(path)
+    argv = trial_argv(sweep, {**_proposals(sweep, n=1)[0], "model.init_args.iterations": 1})
+    try:
+        cli_main([*argv, *_tiny(resolve_config(argv), cohort, tmp_path)])
+    finally:
+        wandb.finish()
+    assert list((tmp_path / "run").rglob("results.json"))
+
+
+def test_commands_expand_as_the_agent_expands_them():
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    params = {"a.b": 1.0e-5, "c": True, "d": False, "e": "TransMIL", "f": 3}
+    agent = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    for macro, expected in agent.items():
+        if macro != "args_dict":
+            assert expand_command([f"${{{macro}}}"], params) == expected, macro
+    assert expand_command(["${env}", "${interpreter}", "${program}", "${unknown}", "x${envvar:NO_SUCH_VAR}"], {},
+                          "train.py") == ["/usr/bin/env", "python", "train.py", "xNO_SUCH_VAR"]  # fmt: skip
+
+
+def _digits_sweep(tmp_path: Path, method: str, parameters: dict) -> Path:
+    path = tmp_path / f"{method}.yaml"
+    command = ["${env}", "${interpreter}", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml", *SMALL_DIGITS,
+               "${args}"]  # fmt: skip
+    path.write_text(yaml.safe_dump({"program": "icmil_pl/__main__.py", "method": method, "parameters": parameters,
+                                    "metric": {"name": "final/val/auroc", "goal": "maximize"}, "command": command}))
+    return path
+
+
+def _table(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "trials.csv").open()))
+
+
+def _count_trials(monkeypatch, fail=lambda root: None) -> list[str]:
+    """Records the trial folder of every run_trial call; `fail(root)` may raise instead of running it."""
+    calls, run_trial = [], sweep_module.run_trial
+
+    def counted(argv, root):
+        calls.append(root.name)
+        fail(root)
+        return run_trial(argv, root)
+
+    monkeypatch.setattr(sweep_module, "run_trial", counted)
+    return calls
+
+
+LR = "model.init_args.lr"
+
+
+@pytest.mark.parametrize("method", ["random", "grid"])
+def test_offline_sweep_ranks_its_trials(method, tmp_path, monkeypatch):
+    lr = {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2} if method == "random" else {
+        "values": [1e-2, 1e-3, 1e-4]}  # fmt: skip
+    path, out = _digits_sweep(tmp_path, method, {LR: lr}), tmp_path / "out"
+    calls = _count_trials(monkeypatch)
+    ranked = run_sweep(path, 3, out)
+    rows = _table(out)
+    assert [r["trial"] for r in rows] == [str(t["trial"]) for t in ranked] and len(rows) == 3
+    assert all(r["status"] == "finished" and 0.0 <= float(r["metric"]) <= 1.0 for r in rows)
+    assert [float(r["metric"]) for r in rows] == sorted((float(r["metric"]) for r in rows), reverse=True)
+    assert len({r[LR] for r in rows}) == 3
+    if method == "grid":  # exhausted: asking for more runs nothing
+        assert len(run_sweep(path, 5, out)) == 3 and len(calls) == 3
+        assert {float(r[LR]) for r in rows} == {1e-2, 1e-3, 1e-4}
+        with pytest.raises(ValueError, match="holds another sweep or seed"):
+            run_sweep(path, 3, out, seed=1)
+    assert sorted(calls) == ["trial-1", "trial-2", "trial-3"]
+
+
+class _Killed(BaseException):
+    """What a kill looks like to the sweep: not an Exception, so not a failed trial."""
+
+
+def test_killed_sweep_continues_and_failed_trials_are_recorded(tmp_path, monkeypatch):
+    path = _digits_sweep(tmp_path, "random", {LR: {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
+    out, killed = tmp_path / "out", []
+
+    def fail(root: Path) -> None:
+        if root.name == "trial-2" and not killed:
+            killed.append(root)
+            raise _Killed
+        if root.name == "trial-3":
+            raise RuntimeError("boom\nsecond line")
+
+    calls = _count_trials(monkeypatch, fail)
+    with pytest.raises(_Killed):
+        run_sweep(path, 3, out)
+    before = {r["trial"]: r for r in _table(out)}
+    assert {k: r["status"] for k, r in before.items()} == {"1": "finished", "2": "running"}
+
+    calls.clear()
+    ranked = run_sweep(path, 3, out)
+    assert calls == ["trial-2", "trial-3"]  # trial 1 is kept, trial 2 runs again, trial 3 is new
+    rows = _table(out)
+    assert [r["trial"] for r in rows] == [str(t["trial"]) for t in ranked]
+    assert [r["status"] for r in rows] == ["finished", "finished", "failed"]
+    assert rows[-1]["trial"] == "3" and rows[-1]["error"] == "RuntimeError: boom second line"
+    assert {r["trial"]: r[LR] for r in rows if r["trial"] != "3"} == {k: r[LR] for k, r in before.items()}
+
+
+def test_a_bad_key_fails_its_trial_with_the_clis_message(tmp_path, monkeypatch):
+    path = _digits_sweep(tmp_path, "grid", {"model.init_args.no_such_key": {"values": [1, 2]}})
+    calls = _count_trials(monkeypatch)
+    ranked = run_sweep(path, 2, tmp_path / "out")
+    assert calls == ["trial-1", "trial-2"] and [t["status"] for t in ranked] == ["failed", "failed"]
+    assert "no_such_key" in ranked[0]["error"] and "\n" not in ranked[0]["error"]
+
+
+GOOD = {"program": "icmil_pl/__main__.py", "method": "random", "parameters": {LR: {"values": [1e-3]}},
+        "metric": {"name": "final/val/auroc", "goal": "maximize"},
+        "command": ["${env}", "python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml", "${args}"]}
+
+
+@pytest.mark.parametrize("field, change", [
+    ("method", {"method": "sobol"}),
+    ("metric", {"metric": None}),
+    ("metric.name", {"metric": {"name": "val_auroc", "goal": "maximize"}}),
+    ("metric.goal", {"metric": {"name": "final/val/auroc", "goal": "up"}}),
+    ("parameters", {"parameters": {}}),
+    ("parameters.--model.init_args.lr", {"parameters": {f"--{LR}": {"values": [1e-3]}}}),
+    ("parameters.model", {"parameters": {"model": {"parameters": {"lr": {"values": [1e-3]}}}}}),
+    ("command", {"command": ["python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml"]}),
+    ("command", {"command": ["python", "train.py", "${args}"]}),
+])  # fmt: skip
+def test_a_bad_sweep_file_fails_up_front(field, change, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, **change}))
+    with pytest.raises(ValueError) as error:
+        load_sweep(path)
+    assert str(error.value).startswith(f"{path}: {field}: ") and "\n" not in str(error.value)
+    with pytest.raises(SystemExit, match=f"^error: {path}: {field}: "):
+        sweep_module.main([str(path), "--count", "1", "--out", str(tmp_path / "out")])
