@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .splits import SPLITS, SlideLabel, make_splits, read_labels, save_splits
+from .splits import SPLITS, SlideLabel, make_splits, read_labels, require_labels, save_splits
 
 __all__ = ["BagDataModule", "BagLoaders", "EpochShuffle"]
 
@@ -89,8 +89,9 @@ class BagDataModule(BagLoaders):
         super().__init__()
         self.labels_path = Path(labels)
         self.rows: list[SlideLabel] = read_labels(self.labels_path)
-        self.classes = list(classes) if classes else sorted({row.label for row in self.rows})
-        unknown = next((row for row in self.rows if row.label not in self.classes), None)
+        labels = {row.label for row in self.rows if row.label is not None}
+        self.classes = list(classes) if classes else sorted(labels)
+        unknown = next((row for row in self.rows if row.label is not None and row.label not in self.classes), None)
         if unknown is not None:
             raise ValueError(
                 f"{self.labels_path}: slide {unknown.slide_id!r} has label {unknown.label!r}, "
@@ -102,15 +103,20 @@ class BagDataModule(BagLoaders):
         self.splits: dict[str, list[str]] | None = None
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def num_classes(self) -> int | None:
+        """None for a cohort without labels (predict only): the model knows its classes."""
+        return len(self.classes) or None
+
+    def label_index(self, row: SlideLabel) -> int | None:
+        return None if row.label is None else self.class_index[row.label]
 
     @abstractmethod
     def bag_dataset(self, rows: list[SlideLabel]) -> Dataset:
         """A dataset whose item i is the bag of `rows[i]` (a dict with at least `label` and `slide_id`)."""
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
+        if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
+            require_labels(self.rows, self.labels_path, "splitting into train/val/test")
             self.splits = make_splits(
                 self.rows, folds=self.folds, fold=self.fold, val_fraction=self.val_fraction, seed=self.seed
             )
@@ -126,3 +132,7 @@ class BagDataModule(BagLoaders):
 
     def dataset(self, split: str) -> Dataset:
         return self.bag_dataset(self.split_rows(split))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every slide of the labels CSV, labelled or not, in CSV order."""
+        return DataLoader(self.bag_dataset(self.rows), batch_size=None, num_workers=self.num_workers)

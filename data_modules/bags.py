@@ -77,23 +77,26 @@ class SlideBag:
 
 
 class SlideBagDataset(Dataset):
-    """Labelled slides as bags: a fresh `SlideBag` per item, so a slide's handle and tile cache live only as long as
-    its step does."""
+    """Slides as bags: a fresh `SlideBag` per item, so a slide's handle and tile cache live only as long as its step
+    does. A label of None (an unlabelled slide, predict only) leaves "label" out of the item."""
 
-    def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[int], threads: int = 4) -> None:
+    def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[int | None], threads: int = 4) -> None:
         self.slides, self.labels, self.threads = list(slides), list(labels), threads
 
     def __len__(self) -> int:
         return len(self.slides)
 
     def __getitem__(self, index: int) -> dict:
-        slide = self.slides[index]
-        return {"patches": SlideBag(slide, threads=self.threads), "label": torch.tensor(self.labels[index]),
-                "slide_id": slide.slide_id}
+        slide, label = self.slides[index], self.labels[index]
+        bag = SlideBag(slide, threads=self.threads)
+        item = {"patches": bag, "slide_id": slide.slide_id, "coords": torch.from_numpy(bag.coords.astype(np.int64))}
+        if label is not None:
+            item["label"] = torch.tensor(label)
+        return item
 
 
 class PatchBagDataModule(BagDataModule):
-    """Slides of a labelled cohort as lazy bags of all their tissue patches (end-to-end MIL on slides)."""
+    """Slides of a cohort as lazy bags of all their tissue patches (end-to-end MIL on slides)."""
 
     def __init__(
         self,
@@ -123,5 +126,5 @@ class PatchBagDataModule(BagDataModule):
         super().setup(stage)
 
     def bag_dataset(self, rows: list[SlideLabel]) -> SlideBagDataset:
-        return SlideBagDataset([self._patches[r.slide_id] for r in rows], [self.class_index[r.label] for r in rows],
+        return SlideBagDataset([self._patches[r.slide_id] for r in rows], [self.label_index(r) for r in rows],
                                self.read_threads)

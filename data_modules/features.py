@@ -52,7 +52,8 @@ def resolve_features_dir(path: Path) -> Path:
 
 
 class FeatureBagDataset(Dataset):
-    """One item = one slide's whole bag: `{"features": (N, D), "label": int, "slide_id": str, "coords": (N, 2)}`."""
+    """One item = one slide's whole bag: `{"features": (N, D), "label": int, "slide_id": str, "coords": (N, 2)}`
+    (no "label" for an unlabelled slide)."""
 
     def __init__(self, features_dir: Path, slides: list[SlideLabel], class_index: dict[str, int]) -> None:
         self.features_dir, self.slides, self.class_index = features_dir, slides, class_index
@@ -63,12 +64,11 @@ class FeatureBagDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.slides[index]
         features, coords = read_bag(self.features_dir, row.slide_id)
-        return {
-            "features": torch.from_numpy(features),
-            "label": torch.tensor(self.class_index[row.label]),
-            "slide_id": row.slide_id,
-            "coords": torch.from_numpy(coords.astype(np.int64)),
-        }
+        item = {"features": torch.from_numpy(features), "slide_id": row.slide_id,
+                "coords": torch.from_numpy(coords.astype(np.int64))}  # fmt: skip
+        if row.label is not None:
+            item["label"] = torch.tensor(self.class_index[row.label])
+        return item
 
 
 class FeatureBagDataModule(BagDataModule):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-__all__ = ["SPLITS", "SlideLabel", "make_splits", "read_labels", "save_splits"]
+__all__ = ["SPLITS", "SlideLabel", "make_splits", "read_labels", "require_labels", "save_splits"]
 
 SPLITS = ("train", "val", "test")
 
@@ -23,27 +23,28 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class SlideLabel:
     slide_id: str
-    label: str
+    label: str | None  # None: unknown (new slides to predict)
     patient_id: str
     split: str | None = None
 
 
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
-    """Rows of a `slide_id,label[,patient_id][,split]` CSV; a missing patient id means one patient per slide."""
+    """Rows of a `slide_id[,label][,patient_id][,split]` CSV; a missing patient id means one patient per slide.
+
+    Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says
+    where they are needed."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: labels CSV not found")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or ())
-        missing = {"slide_id", "label"} - columns
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected slide_id,label[,patient_id][,split]")
+        if "slide_id" not in (reader.fieldnames or ()):
+            raise ValueError(f"{path}: missing column 'slide_id'; expected slide_id[,label][,patient_id][,split]")
         rows = []
         for line, row in enumerate(reader, start=2):
-            slide_id, label = (row["slide_id"] or "").strip(), (row["label"] or "").strip()
-            if not slide_id or not label:
-                raise ValueError(f"{path}:{line}: empty slide_id or label")
+            slide_id, label = (row["slide_id"] or "").strip(), (row.get("label") or "").strip() or None
+            if not slide_id:
+                raise ValueError(f"{path}:{line}: empty slide_id")
             split = (row.get("split") or "").strip() or None
             if split is not None and split not in SPLITS:
                 raise ValueError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
@@ -57,6 +58,15 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
             raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
         seen.add(row.slide_id)
     return rows
+
+
+def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose: str) -> None:
+    """A clear error when a slide has no label but `purpose` (training, testing) needs one."""
+    unlabelled = [row.slide_id for row in rows if row.label is None]
+    if unlabelled:
+        more = f" and {len(unlabelled) - 1} more" if len(unlabelled) > 1 else ""
+        raise ValueError(f"{path}: slide {unlabelled[0]!r}{more} has no label, which {purpose} needs "
+                         "(only predict runs on unlabelled slides)")  # fmt: skip
 
 
 def make_splits(

@@ -30,16 +30,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader
 
 from data_modules.features import FeatureBagDataModule
 from data_modules.patches import SlidePatchDataModule
-from data_modules.splits import make_splits, save_splits
+from data_modules.splits import make_splits, require_labels, save_splits
 
 from .bag_classifier import BagClassifier
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
-from .figures import FigureWriter
 from .results import stage_metrics, write_results
 from .seeding import EpochSeed
 from .viz import iteration_figure, save_png
@@ -149,6 +147,7 @@ class ICMILLoop:
         self.data.prepare_data()
         self.data.setup()
         rows = self.data.cohort.rows
+        require_labels(rows, self.data.cohort.labels_path, "ICMIL training")
         split_cfg = self.icmil.splits
         splits = make_splits(rows, folds=split_cfg.folds, fold=split_cfg.fold, val_fraction=split_cfg.val_fraction,
                              seed=split_cfg.seed)
@@ -227,8 +226,9 @@ class ICMILLoop:
     def evaluate(self, stage: Literal["validate", "test", "predict"]) -> list:
         """`stage` with the final embedder and bag classifier of a finished run, on this config's cohort.
 
-        validate/test use the run's splits; predict scores every slide of the cohort. Slides missing from the final
-        embedder's feature cache (a new cohort) are embedded first. Outputs (predictions.csv) go to
+        validate/test use the run's splits; predict scores every slide of the labels CSV, which may be new slides
+        without labels (`--data.init_args.labels=new.csv --data.init_args.slides=new/`): slides missing from the final
+        embedder's feature cache are embedded first. Outputs (predictions.csv) go to
         `<run>/final/<stage>/`.
         """
         n, done = self.icmil.iterations, self.state["done"]
@@ -245,13 +245,7 @@ class ICMILLoop:
         data = self._bag_data(str(cache.path))
         trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root)})
         bag, best = copy.deepcopy(self.icmil.bag), done[f"iter{n}/bag"]["output"]
-        if stage == "predict":
-            every_slide = DataLoader(data.bag_dataset(data.rows), batch_size=None)
-            trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root),
-                                    "callbacks": [FigureWriter(str(self.data.cohort.slides_dir))]})  # fmt: skip
-            out = trainer.predict(bag, dataloaders=every_slide, ckpt_path=best)
-        else:
-            out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
+        out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
         print(f"{stage} with the final embedder and bag classifier of {self.run_dir}: outputs in {root}")
         return out
 

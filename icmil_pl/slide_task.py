@@ -52,8 +52,16 @@ class SlideTask(pl.LightningModule):
         classes = getattr(data, "num_classes", None)
         if classes is not None and classes != self.num_classes:
             raise ValueError(f"model aggregator num_classes={self.num_classes}, but the labels have {classes} classes")
-        if self.class_names is None and hasattr(data, "classes"):
+        if self.class_names is None and getattr(data, "classes", None):
             self.class_names = [str(c) for c in data.classes]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The classes the model was trained on name its outputs, also on slides without labels."""
+        if checkpoint.get("class_names"):
+            self.class_names = list(checkpoint["class_names"])
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """Cross entropy of the bag logits, plus the aggregator's auxiliary predictions of the same bag label."""

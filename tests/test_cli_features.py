@@ -85,8 +85,24 @@ def test_fit_test_predict(cohort, features, tmp_path):
     main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_1/predictions.csv")))))
     assert len(rows) == len(splits["test"]) and {"slide_id", "label", "predicted", "prob_1"} <= set(rows[0])
-    main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
-    assert next(tmp_path.glob("lightning_logs/version_2/predictions.csv")).is_file()
+    assert (run.parent / "version_1" / "figures" / "test_roc.png").is_file()
+
+    # predict on slides without labels (a slide_id column only): every listed slide, classes named by the checkpoint;
+    # with the slides folder given, a heatmap and a patch montage per slide
+    new = tmp_path / "new.csv"
+    new.write_text("slide_id\n" + "".join(f"{s}\n" for s in splits["test"]))
+    main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", f"--data.init_args.labels={new}",
+          f"--data.init_args.slides={cohort / 'slides'}"])
+    out = run.parent / "version_2"
+    predicted = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["slide_id"] for r in predicted] == splits["test"] and all(r["label"] == "" for r in predicted)
+    assert {r["slide_id"]: r["prob_1"] for r in predicted} == {r["slide_id"]: r["prob_1"] for r in rows}
+    for slide in splits["test"]:
+        assert (out / "figures" / f"{slide}_heatmap.png").is_file() and (out / "figures" / f"{slide}_patches.png").is_file()
+        scores = zarr.open_group(str(out / "scores.zarr"), mode="r")[slide]
+        assert scores["scores"].shape[0] == scores["coords"].shape[0] > 0
+    with pytest.raises(ValueError, match=r"new\.csv: slide '.+' and \d+ more has no label, which splitting"):
+        main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", f"--data.init_args.labels={new}"])
 
 
 def test_print_config_resolves_overrides(cohort, features, capsys):

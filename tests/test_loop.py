@@ -22,9 +22,9 @@ def cohort(tmp_path_factory):
     return root
 
 
-def _run(cohort: Path, root: Path, subcommand: str = "fit") -> dict:
+def _run(cohort: Path, root: Path, subcommand: str = "fit", labels: Path | None = None) -> dict:
     main([subcommand, "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={root / 'run'}",
-          f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
+          f"--data.init_args.labels={labels or cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
           f"--data.init_args.grid_cache={root / 'grids'}", f"--trainer.logger.init_args.save_dir={root / 'logs'}",
           "--model.init_args.coupling.init_args.max_epochs=2"])
     return json.loads((root / "run" / "results.json").read_text())
@@ -51,6 +51,20 @@ def test_two_iterations_and_resume_after_a_crash(cohort, tmp_path, monkeypatch):
     predicted = list(csv.DictReader((run / "final" / "predict" / "predictions.csv").open()))
     assert len(predicted) == 12 and {r["slide_id"]: r for r in predicted}[tested[0]["slide_id"]] == tested[0]
     assert len([p for p in (run / "features").iterdir() if p.is_dir()]) == 2  # nothing re-extracted
+    figures = run / "final" / "predict" / "figures"
+    assert (figures / f"{tested[0]['slide_id']}_heatmap.png").is_file()
+    assert (figures / f"{tested[0]['slide_id']}_patches.png").is_file()
+    assert (run / "final" / "test" / "figures" / "test_confusion.png").is_file()
+    assert (run / "figures" / "auroc_by_iteration.png").is_file()
+
+    # new slides without labels: a CSV with the slide_id column only; classes are named from the checkpoint
+    new = tmp_path / "new.csv"
+    new.write_text("slide_id\n" + "".join(f"{r['slide_id']}\n" for r in tested[:2]))
+    _run(cohort, tmp_path / "clean", "predict", labels=new)
+    unlabelled = list(csv.DictReader((run / "final" / "predict" / "predictions.csv").open()))
+    assert [r["slide_id"] for r in unlabelled] == [r["slide_id"] for r in tested[:2]]
+    assert all(r["label"] == "" and r["predicted"] in ("0", "1") for r in unlabelled)
+    assert unlabelled[0]["prob_1"] == tested[0]["prob_1"]
 
     # Killed in the second epoch of the couple phase of iteration 0: the rerun skips the finished phases, continues the
     # couple phase from its last checkpoint (epoch 0 is not trained again) and ends with the same results.
