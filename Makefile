@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
-export WANDB_MODE ?= offline
 
 .PHONY: install test test-all demo bench clean
 

@@ -5,14 +5,22 @@
 
 `omegaconf+` mode resolves `${...}` after command-line overrides are applied, so a relative interpolation such as
 `${..lr}` follows `--model.init_args.lr=...`. Classes are named by their short names in YAML (`class_path: ABMIL`).
+
+With `--trainer.logger=WandbLogger` the run is offline unless wandb has credentials (`wandb login`) or WANDB_MODE says
+otherwise, and carries the resolved config under `cli` (see `icmil_pl.wandb_run`).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
+import yaml
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 # Imported so that jsonargparse knows every class by its short name.
 import data_modules.bags  # noqa: F401
@@ -23,6 +31,7 @@ import data_modules.synthetic_cohort  # noqa: F401
 from icmil_pl import aggregators, bag_classifier, coupling, embedder, end_to_end, writers  # noqa: F401
 from icmil_pl.loop import ICMIL, ICMILLoop
 
+from . import wandb_run
 from .results import stage_metrics, write_results
 
 __all__ = ["ICMILCLI", "main"]
@@ -34,19 +43,44 @@ class ICMILCLI(LightningCLI):
     `fit` with an `ICMIL` model runs the whole ICMIL procedure (`ICMILLoop`) with fresh Trainers built from the
     config's trainer settings, instead of a single `trainer.fit`; `validate`, `test` and `predict` with it use the
     final embedder and bag classifier of the finished run in `run_dir`.
+
+    After `fit` every logger gets the final validation and test metrics under the names ICMIL logs them by,
+    `final/{val,test}/<metric>`, so a sweep optimises `final/val/auroc` whatever the model.
     """
 
+    def after_instantiate_classes(self) -> None:
+        self._wandb_offline_by_default = wandb_run.default_offline(self.trainer.loggers)
+
     def _run_subcommand(self, subcommand: str) -> None:
+        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            config = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False))
+            wandb_run.start(self.trainer.loggers, config, announce_offline=self._wandb_offline_by_default)
         if isinstance(self.model, ICMIL):
             trainer = self.config[subcommand]["trainer"].as_dict()
             seed = self.config[subcommand].get("seed_everything")
             loop = ICMILLoop(self.model, self.datamodule, trainer, self.trainer.logger, seed=int(seed or 0))
             if subcommand == "fit":
+                self._save_run_config(loop.run_dir)
                 loop.run()
+                self._print_wandb_locations()
             else:
                 loop.evaluate(subcommand)
             return
         super()._run_subcommand(subcommand)
+
+    @rank_zero_only
+    def _save_run_config(self, run_dir: Path) -> None:
+        """`<run_dir>/config.yaml`, the resolved config (as `SaveConfigCallback` writes it for a single `fit`), so
+        `test -c <run_dir>/config.yaml` reproduces the run's setup."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        self._parser("fit").save(self.config["fit"], tmp, skip_none=False, overwrite=True)
+        os.replace(tmp, run_dir / "config.yaml")
+
+    @rank_zero_only
+    def _print_wandb_locations(self) -> None:
+        for line in wandb_run.locations(self.trainer.loggers):
+            print(line)
 
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()
@@ -71,7 +105,12 @@ class ICMILCLI(LightningCLI):
                 "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
             }
             path = write_results(run_dir, [entry], model=type(self.model).__name__)
+            final = {f"final/{s}/{name}": value for s in ("val", "test") for name, value in entry[s].items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(final, step=trainer.global_step)
+                logger.save()
             print(f"results: {path}")
+            self._print_wandb_locations()
 
 
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:

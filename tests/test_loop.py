@@ -22,9 +22,9 @@ def cohort(tmp_path_factory):
     return root
 
 
-def _run(cohort: Path, root: Path, subcommand: str = "fit", labels: Path | None = None) -> dict:
+def _run(cohort: Path, root: Path, subcommand: str = "fit") -> dict:
     main([subcommand, "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={root / 'run'}",
-          f"--data.init_args.labels={labels or cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
+          f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
           f"--data.init_args.grid_cache={root / 'grids'}", f"--trainer.logger.init_args.save_dir={root / 'logs'}",
           "--model.init_args.coupling.init_args.max_epochs=2"])
     return json.loads((root / "run" / "results.json").read_text())
@@ -60,7 +60,7 @@ def test_two_iterations_and_resume_after_a_crash(cohort, tmp_path, monkeypatch):
     # new slides without labels: a CSV with the slide_id column only; classes are named from the checkpoint
     new = tmp_path / "new.csv"
     new.write_text("slide_id\n" + "".join(f"{r['slide_id']}\n" for r in tested[:2]))
-    _run(cohort, tmp_path / "clean", "predict", labels=new)
+    main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={new}"])  # the run's saved config
     unlabelled = list(csv.DictReader((run / "final" / "predict" / "predictions.csv").open()))
     assert [r["slide_id"] for r in unlabelled] == [r["slide_id"] for r in tested[:2]]
     assert all(r["label"] == "" and r["predicted"] in ("0", "1") for r in unlabelled)

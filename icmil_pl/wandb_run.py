@@ -1,0 +1,96 @@
+"""The CLI's W&B runs: offline unless the user is logged in, the resolved config on the run, where the run went.
+
+A `WandbLogger` needs no account. When nobody chose a mode (no `WANDB_MODE`, no `offline`/`mode` on the logger), the
+run is online if wandb finds credentials without asking (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, an `api_key`
+setting, the netrc entry `wandb login` writes for the W&B host) and offline otherwise, with one line saying how to
+upload it (`wandb sync <dir>`). The mode is passed to `wandb.init` (not through `WANDB_MODE`: wandb reads its
+environment once per process, so a variable set after its first use is ignored).
+
+The resolved config goes on the run as one nested dict under `CONFIG_KEY`: under `wandb agent` the run's config
+already holds the sweep parameters as flat dotted keys (`model.init_args.lr`), and Lightning logs the model's
+hyperparameters by argument name (`lr`), so neither is overwritten (and W&B shows `cli.model.init_args.lr`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+__all__ = ["CONFIG_KEY", "default_offline", "has_credentials", "locations", "start"]
+
+CONFIG_KEY = "cli"  # not a CLI argument (`config` is: a sweep over `--config` files would lock that key)
+
+
+def has_credentials() -> bool:
+    """Whether wandb would find credentials for its host without prompting; local files and variables only."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+    from wandb.errors import AuthenticationError
+
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # wandb < 0.22: the same lookup (environment, settings, netrc) behind `wandb.api`
+        return bool(wandb.api.api_key)
+    from wandb.sdk import wandb_setup
+
+    settings = wandb_setup.singleton().settings  # environment + settings files; starts nothing
+    if settings.api_key or settings.identity_token_file or wbauth.session_credentials(host=settings.base_url):
+        return True
+    try:
+        return wbauth.read_netrc_auth(host=settings.base_url) is not None
+    except AuthenticationError:  # a malformed key: wandb could not log in with it either
+        return False
+
+
+def _wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def default_offline(loggers: Iterable[Logger]) -> bool:
+    """Makes the W&B runs of `loggers` offline where nobody chose a mode and wandb has no credentials; True if so.
+
+    Call before the runs start (`logger.experiment` creates one). `offline=True` on a logger is passed on as well, so
+    it holds even where wandb was used earlier in this process (Lightning sets WANDB_MODE, which wandb then ignores).
+    """
+    pending = [logger for logger in _wandb_loggers(loggers) if logger._experiment is None]
+    for logger in pending:
+        if logger._offline and logger._wandb_init.get("mode") is None:
+            logger._wandb_init["mode"] = "offline"
+    # LightningCLI passes every wandb.init argument of the logger's **kwargs, unset ones as None
+    unset = [logger for logger in pending if logger._wandb_init.get("mode") is None
+             and logger._wandb_init.get("settings") is None]  # fmt: skip
+    if not unset or os.environ.get("WANDB_MODE") or has_credentials():
+        return False
+    for logger in unset:
+        logger._wandb_init["mode"] = "offline"  # WandbLogger passes these to wandb.init
+    return True
+
+
+@rank_zero_only
+def start(loggers: Iterable[Logger], config: dict, announce_offline: bool = False) -> None:
+    """Starts the W&B runs of `loggers` with `config` under `CONFIG_KEY`; `announce_offline`: print the one line
+    telling a user without credentials that the run is offline and how to upload it."""
+    for logger in _wandb_loggers(loggers):
+        run = logger.experiment
+        run.config.update({CONFIG_KEY: config}, allow_val_change=True)
+        if announce_offline and getattr(run, "offline", False):
+            where = run.settings.sync_dir
+            print(f"W&B: offline run in {where} (no API key found: `wandb login` for online runs, or set WANDB_MODE); "
+                  f"upload it with: wandb sync {where}")  # fmt: skip
+
+
+def locations(loggers: Iterable[Logger]) -> list[str]:
+    """One line per started W&B run of `loggers`: its URL and folder, or for an offline run how to upload it."""
+    lines = []
+    for logger in _wandb_loggers(loggers):
+        run = logger._experiment  # a run not started is not created just to print it
+        if run is None or getattr(run, "disabled", False) or not hasattr(run, "settings"):
+            continue
+        where = run.settings.sync_dir
+        lines.append(f"W&B run (offline): {where}  (upload: wandb sync {where})" if run.offline
+                     else f"W&B run: {run.url}  (local files: {where})")  # fmt: skip
+    return lines
