@@ -39,6 +39,7 @@ from .bag_classifier import BagClassifier
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
 from .results import stage_metrics, write_results
+from .progress import PhaseProgressBar
 from .seeding import EpochSeed
 from .viz import iteration_figure, save_png
 from .writers import extract_features
@@ -46,6 +47,9 @@ from .writers import extract_features
 __all__ = ["ICMIL", "ICMILLoop", "SplitConfig"]
 
 PHASES = ("embed", "bag", "couple")
+PHASE_TEXT = {"embed": "extracting features", "bag": "training the bag classifier",
+              "couple": "fine-tuning the embedder from the bag classifier"}  # fmt: skip
+_say = rank_zero_only(print)  # one line per event, not one per process
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class _PhaseLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass  # the full config is logged once by the loop
+        pass  # the resolved config is logged once by the CLI (icmil_pl.wandb_run, under "cli")
 
     @rank_zero_only
     def save(self) -> None:
@@ -145,9 +149,9 @@ class ICMILLoop:
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data.prepare_data()
-        self.data.setup()
         rows = self.data.cohort.rows
         require_labels(rows, self.data.cohort.labels_path, "ICMIL training")
+        self.data.setup()
         split_cfg = self.icmil.splits
         splits = make_splits(rows, folds=split_cfg.folds, fold=split_cfg.fold, val_fraction=split_cfg.val_fraction,
                              seed=split_cfg.seed)
@@ -162,12 +166,17 @@ class ICMILLoop:
             embedder = self._load_embedder(embedder_path)
         results = self._write_results()
         self._print_table(results)
+        _say(f"\noutputs in {self.run_dir}: results.json, figures/auroc_by_iteration.png, iter<i>/ (checkpoints, "
+             f"embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
+             f"<test|predict> -c <this config>")
         return results
 
     def _phase(self, i: int, phase: str, work) -> Any:
         key = f"iter{i}/{phase}"
         if key in self.state["done"]:
+            _say(f"{key}: done in an earlier run ({self.state_path}), skipped")
             return self.state["done"][key]["output"]
+        _say(f"{key}: {PHASE_TEXT[phase]} (iteration {i} of {self.icmil.iterations})")
         pl.seed_everything(self.seed + 1000 * i + PHASES.index(phase), verbose=False)
         start = time.perf_counter()
         output, metrics = work()
@@ -243,10 +252,10 @@ class ICMILLoop:
         cache = extract_features(embedder, self.data, str(self.run_dir / "features"), dtype=self.icmil.feature_dtype,
                                  trainer_kwargs=kwargs)  # fmt: skip
         data = self._bag_data(str(cache.path))
-        trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root)})
+        trainer = pl.Trainer(**{**self._trainer("bag", n, root), "logger": False, "default_root_dir": str(root)})
         bag, best = copy.deepcopy(self.icmil.bag), done[f"iter{n}/bag"]["output"]
         out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
-        print(f"{stage} with the final embedder and bag classifier of {self.run_dir}: outputs in {root}")
+        _say(f"{stage} with the final embedder and bag classifier of {self.run_dir}: outputs in {root}")
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -267,6 +276,8 @@ class ICMILLoop:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("fast_dev_run", "limit_predict_batches")}
         kwargs.setdefault("enable_model_summary", False)
         kwargs["callbacks"] = [EpochSeed(self.seed + 1000 * i + PHASES.index(phase))]
+        if kwargs.get("enable_progress_bar", True):
+            kwargs["callbacks"].append(PhaseProgressBar(f"iter{i}/{phase}"))
         if self.logger is not None and phase != "embed":
             kwargs["logger"] = _PhaseLogger(self.logger, f"iter{i}/{phase}", self._step, root)
         else:
@@ -302,6 +313,7 @@ class ICMILLoop:
         return {"iterations": iterations}
 
     @staticmethod
+    @rank_zero_only
     def _print_table(results: dict) -> None:
         print(f"\n{'iter':>4s} {'val AUROC':>9s} {'test AUROC':>10s} {'test acc':>8s} {'test F1':>7s}  "
               f"{'embed s':>7s} {'bag s':>6s} {'couple s':>8s}")
