@@ -49,7 +49,8 @@ class FigureWriter(pl.Callback):
         names = _class_names(pl_module)
         labels = [row["label"] for row in rows]
         probs = torch.stack([row["probs"] for row in rows]).numpy()
-        paths = [save_png(confusion_figure(labels, probs.argmax(1), names, "test"), self._dir(trainer) / "test_confusion.png")]
+        confusion = confusion_figure(labels, probs.argmax(1), names, "test confusion matrix")
+        paths = [save_png(confusion, self._dir(trainer) / "test_confusion.png")]
         if len(names) == 2 and len(set(labels)) == 2:
             paths.append(save_png(roc_figure(labels, probs[:, 1], "test ROC"), self._dir(trainer) / "test_roc.png"))
         self._log_images(trainer, "test/figures", paths)
@@ -82,7 +83,7 @@ class FigureWriter(pl.Callback):
             w0, h0 = slide.dimensions
             thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
             heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title,
-                                     label=f"{kind} (min-max in slide)")  # fmt: skip
+                                     label=f"{kind} (percentile in slide)")  # fmt: skip
             montage = self._montage(slide, coords, scores, title)
         out = self._dir(trainer)
         paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]

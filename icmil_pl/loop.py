@@ -168,7 +168,7 @@ class ICMILLoop:
         self._print_table(results)
         _say(f"\noutputs in {self.run_dir}: results.json, figures/auroc_by_iteration.png, iter<i>/ (checkpoints, "
              f"embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
-             f"<test|predict> -c <this config>")
+             f"<test|predict> -c <this config, or {self.run_dir / 'config.yaml'}>")
         return results
 
     def _phase(self, i: int, phase: str, work) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 __all__ = [
@@ -21,12 +22,13 @@ __all__ = [
     "heatmap_figure",
     "iteration_figure",
     "montage_figure",
+    "percentiles",
     "roc_figure",
     "save_png",
     "score_map",
 ]
 
-CMAP = "inferno"
+CMAP = "coolwarm"  # blue (low) to red (high), the pathology heatmap convention; tissue stays visible under it
 
 
 def grid_step(coords: np.ndarray) -> float:
@@ -51,6 +53,16 @@ def score_map(shape: tuple[int, int], downsample: float, coords: np.ndarray, pat
     return out
 
 
+def percentiles(scores: np.ndarray) -> np.ndarray:
+    """Each score's rank in its slide as a fraction in [0, 1] (ties share their mean rank). Attention is peaky: on a
+    min-max scale a few patches are hot and the rest one colour, while ranks show the whole ordering (as CLAM's
+    heatmaps do)."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) < 2:
+        return np.full(len(scores), 0.5)
+    return (rankdata(scores) - 1) / (len(scores) - 1)
+
+
 def heatmap_figure(
     thumbnail: np.ndarray,
     downsample: float,
@@ -59,26 +71,26 @@ def heatmap_figure(
     title: str,
     *,
     patch: float | None = None,
-    label: str = "attention (min-max in slide)",
-    alpha: float = 0.5,
+    label: str = "attention (percentile in slide)",
+    alpha: float = 0.45,
 ) -> Figure:
-    """The thumbnail with the per-patch scores overlaid (min-max normalised in the slide), a colour bar and the
-    outline of the tiled tissue. `downsample` = level-0 pixels per thumbnail pixel; `patch` = patch side in level-0
-    pixels (inferred from the grid when None)."""
-    scores = np.asarray(scores, np.float64)
-    span = scores.max() - scores.min()
-    normed = (scores - scores.min()) / span if span > 0 else np.full_like(scores, 0.5)
-    heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), normed)
+    """The slide thumbnail beside the same thumbnail with the per-patch scores overlaid as percentiles in the slide,
+    a colour bar and the outline of the tiled tissue on both. `downsample` = level-0 pixels per thumbnail pixel;
+    `patch` = patch side in level-0 pixels (inferred from the grid when None)."""
+    heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), percentiles(scores))
     h, w = thumbnail.shape[:2]
-    fig = Figure(figsize=(7.5, 7.5 * h / w + 0.8), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(thumbnail)
-    image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
+    side = 5.5  # inches per panel along the slide's longer axis
+    panel = (side, side * h / w) if w >= h else (side * w / h, side)
+    fig = Figure(figsize=(2 * panel[0] + 1.0, panel[1] + 0.7), dpi=100, layout="constrained")
+    plain, ax = fig.subplots(1, 2)
     tiled = np.isfinite(heat).astype(np.float32)
-    if 0 < tiled.mean() < 1:
-        ax.contour(tiled, levels=[0.5], colors="black", linewidths=0.6)
-    ax.set_title(title)
-    ax.set_axis_off()
+    for a in (plain, ax):
+        a.imshow(thumbnail)
+        if 0 < tiled.mean() < 1:
+            a.contour(tiled, levels=[0.5], colors="black", linewidths=0.6)
+        a.set_axis_off()
+    image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
+    fig.suptitle(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
     return fig
 
@@ -136,12 +148,12 @@ def confusion_figure(labels: Sequence[int], predicted: Sequence[int], class_name
 def iteration_figure(iterations: Sequence[dict], metric: str = "auroc") -> Figure:
     """Validation and test `metric` by ICMIL iteration (the `iterations` list of `results.json`)."""
     its = [r["iteration"] for r in iterations]
+    name = metric.upper() if metric == "auroc" else metric
     fig = Figure(figsize=(4.5, 3.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for stage in ("val", "test"):
         ax.plot(its, [r[stage][metric] for r in iterations], marker="o", label=stage)
-    ax.set(xlabel="ICMIL iteration", ylabel=metric.upper() if metric == "auroc" else metric, xticks=its,
-           title=f"{metric} by iteration")  # fmt: skip
+    ax.set(xlabel="ICMIL iteration", ylabel=name, xticks=its, title=f"{name} by ICMIL iteration")
     ax.legend()
     return fig
 
