@@ -2,9 +2,9 @@
 
 After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its heatmap
 (`figures/<slide>_heatmap.png`), its top/bottom patches (`figures/<slide>_patches.png`) and its per-patch scores with
-coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays). Scores are the aggregator's attention, or, for
-aggregators without attention (TransMIL, MaxPool without it), the positive-class probability of each patch on its
-own (`instance_logits`). Everything goes under the run's log directory; with a W&B logger the images and a
+coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays). Scores are the aggregator's attention (every
+aggregator here returns one); a custom aggregator without attention gets the positive-class probability of each
+patch on its own (`instance_logits`). Everything goes under the run's log directory; with a W&B logger the images and a
 per-slide prediction table are logged too.
 """
 
@@ -79,12 +79,13 @@ class FigureWriter(pl.Callback):
         probs = outputs["probs"]
         k = int(probs.argmax())
         title = f"{slide_id}: {names[k]} (p = {float(probs[k]):.2f})"
+        side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
         with open_slide(path) as slide:
             w0, h0 = slide.dimensions
             thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
-            heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title,
+            heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title, patch=side,
                                      label=f"{kind} (percentile in slide)")  # fmt: skip
-            montage = self._montage(slide, coords, scores, title)
+            montage = self._montage(slide, coords, scores, int(side), title)
         out = self._dir(trainer)
         paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]
         self._log_images(trainer, f"predict/{slide_id}", paths)
@@ -103,8 +104,7 @@ class FigureWriter(pl.Callback):
             logits = pl_module.instance_logits(batch["features"].to(pl_module.device).float())
         return logits.float().softmax(-1)[:, -1].cpu().numpy(), "patch probability"
 
-    def _montage(self, slide, coords: np.ndarray, scores: np.ndarray, title: str):
-        side = int(grid_step(coords)) if len(coords) > 1 else 256
+    def _montage(self, slide, coords: np.ndarray, scores: np.ndarray, side: int, title: str):
         order = np.argsort(-scores, kind="stable")
         k = min(self.top_k, len(order))
 

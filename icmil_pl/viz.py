@@ -47,9 +47,11 @@ def score_map(shape: tuple[int, int], downsample: float, coords: np.ndarray, pat
     out = np.full(shape, np.nan, np.float32)
     x0 = np.floor(coords[:, 0] / downsample).astype(int)
     y0 = np.floor(coords[:, 1] / downsample).astype(int)
-    side = max(1, int(round(patch / downsample)))
+    # end at ceil((x + patch) / ds): a rounded side would leave one-pixel gaps between neighbours at some downsamples
+    x1 = np.maximum(x0 + 1, np.ceil((coords[:, 0] + patch) / downsample).astype(int))
+    y1 = np.maximum(y0 + 1, np.ceil((coords[:, 1] + patch) / downsample).astype(int))
     for i in np.argsort(scores):  # ascending: higher scores are painted last
-        out[max(y0[i], 0) : max(y0[i] + side, 0), max(x0[i], 0) : max(x0[i] + side, 0)] = scores[i]
+        out[max(y0[i], 0) : max(y1[i], 0), max(x0[i], 0) : max(x1[i], 0)] = scores[i]
     return out
 
 
@@ -163,6 +165,10 @@ def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
