@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import abstractmethod
 from pathlib import Path
 
-import pytorch_lightning as pl
 import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .splits import SPLITS, SlideLabel, make_splits, read_labels, require_labels, save_splits
@@ -46,26 +47,34 @@ class BagLoaders(pl.LightningDataModule):
         """The bags of `split` ("train", "val" or "test")."""
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader(self.dataset("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.dataset("test"))
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.dataset(split)
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=None,  # one bag per step: no collation, no padding
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else self._evaluation_sampler(dataset),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP each process evaluates every world_size-th slide, none twice: Lightning's default sampler would
+        pad with repeated slides, which metrics and predictions.csv would count twice."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                            shuffle=False)  # fmt: skip
 
 
 class BagDataModule(BagLoaders):
@@ -120,8 +129,10 @@ class BagDataModule(BagLoaders):
             self.splits = make_splits(
                 self.rows, folds=self.folds, fold=self.fold, val_fraction=self.val_fraction, seed=self.seed
             )
-            if self.trainer is not None and self.trainer.is_global_zero:
-                save_splits(self.splits, self.trainer.log_dir or self.trainer.default_root_dir)
+            if self.trainer is not None:
+                run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every process asks
+                if self.trainer.is_global_zero:
+                    save_splits(self.splits, run_dir)
 
     def split_rows(self, split: str) -> list[SlideLabel]:
         if split not in SPLITS:
@@ -135,4 +146,4 @@ class BagDataModule(BagLoaders):
 
     def predict_dataloader(self) -> DataLoader:
         """Every slide of the labels CSV, labelled or not, in CSV order."""
-        return DataLoader(self.bag_dataset(self.rows), batch_size=None, num_workers=self.num_workers)
+        return self._loader(self.bag_dataset(self.rows))

@@ -98,6 +98,7 @@ class SlideShardSampler(Sampler[int]):
             if owner == rank:
                 mine.append((start, end))
         self.indices = [i for start, end in sorted(mine) for i in range(start, end)]
+        self.num_slides = len(mine)
 
     def __iter__(self):
         return iter(self.indices)

@@ -95,8 +95,8 @@ class ICMILCLI(LightningCLI):
         start = time.perf_counter()
         val = trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         test = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every process asks
         if trainer.is_global_zero:
-            run_dir = trainer.log_dir or trainer.default_root_dir
             entry = {
                 "iteration": 0,
                 "checkpoint": best,

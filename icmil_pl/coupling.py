@@ -277,6 +277,20 @@ class _DistillationModule(pl.LightningModule):
         self.head_weight, self.feature_weight = head_weight, feature_weight
         self.confidence_beta, self.crop_scale, self.seed = confidence_beta, tuple(crop_scale), seed
         self.agreement = MulticlassAccuracy(num_classes=bag.aggregator.num_classes, average="micro")
+        self._freeze_what_the_loss_cannot_reach()
+
+    def _freeze_what_the_loss_cannot_reach(self) -> None:
+        """Head parameters off the per-instance path (attention, for one) would get no gradient: freeze them, so that
+        DDP, which expects a gradient for every trainable parameter, runs, and the optimiser skips them."""
+        probe = torch.zeros(2, self.student_head.in_dim)
+        outputs = [self.student_head.instance_logits(probe)]
+        if self.feature_weight and (hidden := self.student_head.hidden(probe)) is not None:
+            outputs.append(hidden)
+        params = [p for p in self.student_head.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum(out.sum() for out in outputs), params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            if grad is None:
+                param.requires_grad_(False)
 
     def train(self, mode: bool = True) -> _DistillationModule:
         super().train(mode)

@@ -40,23 +40,33 @@ class FigureWriter(pl.Callback):
         if top_k < 1 or thumbnail_px < 64:
             raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
         self.slides, self.top_k, self.thumbnail_px = slides, top_k, thumbnail_px
+        self._root = Path(".")  # the predict run's output folder, set in on_predict_start
 
     # -- test --------------------------------------------------------------------------------------------------------
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = pl_module.predictions
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the module's epoch end, which gathers every process's predictions."""
+        out, rows = self._dir(trainer), pl_module.predictions
         if not trainer.is_global_zero or not rows:
             return
         names = _class_names(pl_module)
         labels = [row["label"] for row in rows]
         probs = torch.stack([row["probs"] for row in rows]).numpy()
         confusion = confusion_figure(labels, probs.argmax(1), names, "test confusion matrix")
-        paths = [save_png(confusion, self._dir(trainer) / "test_confusion.png")]
+        paths = [save_png(confusion, out / "test_confusion.png")]
         if len(names) == 2 and len(set(labels)) == 2:
-            paths.append(save_png(roc_figure(labels, probs[:, 1], "test ROC"), self._dir(trainer) / "test_roc.png"))
+            paths.append(save_png(roc_figure(labels, probs[:, 1], "test ROC"), out / "test_roc.png"))
         self._log_images(trainer, "test/figures", paths)
         self._log_table(trainer, "test/predictions", rows, names)
 
     # -- predict -----------------------------------------------------------------------------------------------------
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the output folder once, on every process (`log_dir` is a collective), and create the scores store
+        before the processes write their slides into it."""
+        self._root = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            zarr.open_group(str(self._root / "scores.zarr"), mode="a")
+        trainer.strategy.barrier("scores.zarr")
+
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         coords = batch.get("coords")
@@ -67,8 +77,7 @@ class FigureWriter(pl.Callback):
         if scores is None:
             return
         slide_id = batch["slide_id"]
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        group = zarr.open_group(str(root / "scores.zarr"), mode="a").require_group(slide_id)
+        group = zarr.open_group(str(self._root / "scores.zarr"), mode="a").require_group(slide_id)
         group.create_array("coords", data=coords.astype(np.int64), overwrite=True)
         group.create_array("scores", data=scores.astype(np.float32), overwrite=True)
         group.attrs.update({"kind": kind, "slide_id": slide_id})
@@ -86,11 +95,11 @@ class FigureWriter(pl.Callback):
             heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title, patch=side,
                                      label=f"{kind} (percentile in slide)")  # fmt: skip
             montage = self._montage(slide, coords, scores, int(side), title)
-        out = self._dir(trainer)
+        out = self._root / "figures"
         paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]
         self._log_images(trainer, f"predict/{slide_id}", paths)
 
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and pl_module.predictions:
             self._log_table(trainer, "predict/predictions", pl_module.predictions, _class_names(pl_module))
 

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -50,6 +50,15 @@ PHASES = ("embed", "bag", "couple")
 PHASE_TEXT = {"embed": "extracting features", "bag": "training the bag classifier",
               "couple": "fine-tuning the embedder from the bag classifier"}  # fmt: skip
 _say = rank_zero_only(print)  # one line per event, not one per process
+
+
+def _written_by_rank_zero(write: Callable[[], Any]) -> None:
+    """Run-directory files are written by one process and the others wait for them: under DDP every process runs
+    the loop (Lightning starts them at the first Trainer), and each phase reads what the one before wrote."""
+    if rank_zero_only.rank == 0:
+        write()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,8 @@ class ICMILLoop:
         self.run_dir = icmil.run_dir
         if trainer.get("fast_dev_run"):  # a smoke test never marks phases of the real run done
             self.run_dir = icmil.run_dir / "fast_dev_run"
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if rank_zero_only.rank == 0:  # DDP: the other processes start later, when rank 0 has written here
+                shutil.rmtree(self.run_dir, ignore_errors=True)
         self.state_path = self.run_dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": {}}
         self._step = self.state.get("log_step", 0)
@@ -155,7 +165,7 @@ class ICMILLoop:
         split_cfg = self.icmil.splits
         splits = make_splits(rows, folds=split_cfg.folds, fold=split_cfg.fold, val_fraction=split_cfg.val_fraction,
                              seed=split_cfg.seed)
-        save_splits(splits, self.run_dir)
+        _written_by_rank_zero(lambda: save_splits(splits, self.run_dir))
         embedder = self.icmil.embedder
         for i in range(self.icmil.iterations + 1):
             cache = self._phase(i, "embed", lambda: self._embed(i, embedder))
@@ -224,10 +234,14 @@ class ICMILLoop:
         coupled = self.icmil.coupling.fit(embedder, bag, train, trainer_kwargs=kwargs, root=root,
                                           seed=self.seed + 1000 * i + 2, labels=labels)
         path = self.run_dir / f"iter{i + 1}" / "embedder.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(coupled.state_dict(), tmp)
-        os.replace(tmp, path)
+
+        def save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".pt.tmp")
+            torch.save(coupled.state_dict(), tmp)
+            os.replace(tmp, path)
+
+        _written_by_rank_zero(save)
         self._step += 1
         return str(path), None
 
@@ -290,9 +304,12 @@ class ICMILLoop:
             self._step = logger.last_step + 1
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.state_path)
+        def save() -> None:
+            tmp = self.state_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.state, indent=1))
+            os.replace(tmp, self.state_path)
+
+        _written_by_rank_zero(save)
 
     def _write_results(self) -> dict:
         done = self.state["done"]
@@ -301,8 +318,13 @@ class ICMILLoop:
             bag = done[f"iter{i}/bag"]
             seconds = {p: done[f"iter{i}/{p}"]["seconds"] for p in PHASES if f"iter{i}/{p}" in done}
             iterations.append({"iteration": i, "checkpoint": bag["output"], **bag["metrics"], "seconds": seconds})
-        write_results(self.run_dir, iterations, model="ICMIL", coupling=type(self.icmil.coupling).__name__)
-        figure = save_png(iteration_figure(iterations), self.run_dir / "figures" / "auroc_by_iteration.png")
+        figure = self.run_dir / "figures" / "auroc_by_iteration.png"
+
+        def save() -> None:
+            write_results(self.run_dir, iterations, model="ICMIL", coupling=type(self.icmil.coupling).__name__)
+            save_png(iteration_figure(iterations), figure)
+
+        _written_by_rank_zero(save)
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image(key="final/auroc_by_iteration", images=[str(figure)])
         if self.logger is not None:  # stable names for sweeps: the final iteration's metrics

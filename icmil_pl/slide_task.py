@@ -96,15 +96,27 @@ class SlideTask(pl.LightningModule):
         self._predictions = []
 
     def on_test_epoch_end(self) -> None:
+        self._gather_predictions()
         self._write_predictions()
 
     def on_predict_epoch_end(self) -> None:
+        self._gather_predictions()
         self._write_predictions()
 
     @property
     def predictions(self) -> list[dict]:
-        """This test or predict epoch's rows so far: slide_id, label (None if unknown), probs[, attention]."""
+        """This test or predict epoch's rows: slide_id, label (None if unknown), probs[, attention]. During the epoch,
+        this process's slides so far; from the epoch's end on, every process's, in dataset order."""
         return self._predictions
+
+    def _gather_predictions(self) -> None:
+        """Under DDP each process saw every world_size-th slide (`UnrepeatedDistributedSampler`): interleaving the
+        processes' rows restores the dataset order."""
+        if self.trainer.world_size <= 1:
+            return
+        parts: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(parts, self._predictions)
+        self._predictions = [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; draw the
@@ -126,15 +138,16 @@ class SlideTask(pl.LightningModule):
         out = self.bag_output(batch)
         probs = out.logits.float().softmax(-1)
         self.metrics[stage].update(probs.unsqueeze(0), batch["label"].view(1))
-        self.log(f"{stage}/loss", self.loss(out, batch["label"]), on_epoch=True, batch_size=1)
+        self.log(f"{stage}/loss", self.loss(out, batch["label"]), on_epoch=True, batch_size=1, sync_dist=True)
         self.log_dict(self.metrics[stage], on_epoch=True, batch_size=1, prog_bar=stage == "val")
         return probs.detach().cpu(), out
 
     def _write_predictions(self) -> None:
         """`predictions.csv` in the run directory: one row per slide, predicted class and probabilities."""
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every process asks
         if not self.trainer.is_global_zero or not self._predictions:
             return
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"
+        path = Path(run_dir) / "predictions.csv"
         names = self.class_names or [str(c) for c in range(self.num_classes)]
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as fh:

@@ -72,7 +72,9 @@ class FeatureWriter(pl.Callback):
         self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bar = tqdm(total=len(self._sizes), desc="extracting", unit="slide", disable=not trainer.is_global_zero)
+        sampler = getattr(trainer.predict_dataloaders, "sampler", None)  # under DDP: this process's share
+        total = getattr(sampler, "num_slides", len(self._sizes))
+        self._bar = tqdm(total=total, desc="extracting", unit="slide", disable=not trainer.is_global_zero)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         features = outputs.detach().float().cpu().numpy()
@@ -126,7 +128,8 @@ def extract_features(
 ) -> FeatureCache:
     """Embed every patch of `data` not already cached under this embedder's key; returns the cache."""
     writer = FeatureWriter(cache_root, dtype)
-    kwargs = {"logger": False, "enable_checkpointing": False, "use_distributed_sampler": False, **(trainer_kwargs or {})}
+    kwargs = {"logger": False, "enable_checkpointing": False, **(trainer_kwargs or {})}
+    kwargs["use_distributed_sampler"] = False  # the data module shards whole slides across processes itself
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), writer]
     pl.Trainer(**kwargs).predict(embedder, datamodule=data, return_predictions=False)
     return writer.cache
