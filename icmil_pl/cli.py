@@ -71,11 +71,20 @@ class ICMILCLI(LightningCLI):
     @rank_zero_only
     def _save_run_config(self, run_dir: Path) -> None:
         """`<run_dir>/config.yaml`, the resolved config (as `SaveConfigCallback` writes it for a single `fit`), so
-        `test -c <run_dir>/config.yaml` reproduces the run's setup."""
+        `test -c <run_dir>/config.yaml` reproduces the run's setup. A started run is only continued with the settings
+        it was started with: resuming with others would mix two experiments in one results.json."""
+        parser, config = self._parser("fit"), self.config["fit"]
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and (run_dir / "state.json").is_file():
+            changed = changed_settings(yaml.safe_load(saved.read_text()), yaml.safe_load(parser.dump(config)))
+            if changed:
+                raise ValueError(f"model.init_args.run_dir: {run_dir} holds a run started with other settings "
+                                 f"({', '.join(changed)}: not as in {saved}); give a new run_dir, or delete this one "
+                                 "to start over")  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.yaml.tmp"
-        self._parser("fit").save(self.config["fit"], tmp, skip_none=False, overwrite=True)
-        os.replace(tmp, run_dir / "config.yaml")
+        parser.save(config, tmp, skip_none=False, overwrite=True)
+        os.replace(tmp, saved)
 
     @rank_zero_only
     def _print_wandb_locations(self) -> None:
@@ -111,6 +120,27 @@ class ICMILCLI(LightningCLI):
                 logger.save()
             print(f"results: {path}")
             self._print_wandb_locations()
+
+
+# What may change when a run is continued: where things are and how fast they go, and the number of iterations.
+RESUMABLE_SETTINGS = {
+    "model.init_args.run_dir", "model.init_args.iterations", "model.init_args.coupling.init_args.num_workers",
+    "model.init_args.coupling.init_args.read_threads", "data.init_args.slides", "data.init_args.grid_cache",
+    "data.init_args.batch_size", "data.init_args.num_workers",
+}  # fmt: skip
+
+
+def changed_settings(before: dict, after: dict) -> list[str]:
+    """Dotted keys of the model, data and seed settings that differ, apart from `RESUMABLE_SETTINGS`."""
+
+    def flat(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    a, b = ({k[1:]: v for k, v in flat(config, "").items()} for config in (before, after))
+    keys = {k for k in a.keys() | b.keys() if k.split(".")[0] in ("model", "data", "seed_everything")}
+    return sorted(k for k in keys - RESUMABLE_SETTINGS if a.get(k) != b.get(k))
 
 
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:

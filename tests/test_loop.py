@@ -22,11 +22,11 @@ def cohort(tmp_path_factory):
     return root
 
 
-def _run(cohort: Path, root: Path, subcommand: str = "fit") -> dict:
+def _run(cohort: Path, root: Path, subcommand: str = "fit", extra: list[str] = ()) -> dict:
     main([subcommand, "-c", str(CONF / "icmil.yaml"), f"--model.init_args.run_dir={root / 'run'}",
           f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.slides={cohort / 'slides'}",
           f"--data.init_args.grid_cache={root / 'grids'}", f"--trainer.logger.init_args.save_dir={root / 'logs'}",
-          "--model.init_args.coupling.init_args.max_epochs=2"])
+          "--model.init_args.coupling.init_args.max_epochs=2", *extra])
     return json.loads((root / "run" / "results.json").read_text())
 
 
@@ -92,6 +92,14 @@ def test_two_iterations_and_resume_after_a_crash(cohort, tmp_path, monkeypatch):
     assert {e for _, e in epochs_trained} == {1}  # iteration 1 has no couple phase; iteration 0 resumed at epoch 1
     for a, b in zip(clean["iterations"], resumed["iterations"]):
         assert a["val"] == pytest.approx(b["val"]) and a["test"] == pytest.approx(b["test"])
+
+    # Continuing a run with settings that decide its results would mix two experiments: refused, nothing touched.
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"run_dir: .* holds a run started with other settings "
+                                         r"\(model.init_args.bag.init_args.lr: not as in .*config.yaml\)"):
+        _run(cohort, tmp_path / "clean", extra=["--model.init_args.bag.init_args.lr=0.5"])
+    assert (run / "config.yaml").read_text() == before
+    _run(cohort, tmp_path / "clean", extra=["--data.init_args.num_workers=1"])  # how fast is not what
 
 
 def test_evaluate_needs_a_finished_run(tmp_path):
