@@ -197,8 +197,10 @@ def main(args: argparse.Namespace) -> None:
             )
 
     lo, hi = sizes[0], sizes[-1]
-    print(f"\nratios (time: wall, in brackets process CPU)\n  chunked peak memory N={hi} / N={lo}: "
-          f"{ratio(results.get(('chunked', hi)), results.get(('chunked', lo)), 'peak_gb')}  (target <= 1.25x)")
+    print(
+        f"\nratios (time: wall, in brackets process CPU)\n  chunked peak memory N={hi} / N={lo}: "
+        f"{ratio(results.get(('chunked', hi)), results.get(('chunked', lo)), 'peak_gb')}  (target <= 1.25x)"
+    )
     for size in sizes:
         chunked, full, ckpt = (results.get((v, size)) for v in VARIANTS)
         print(

@@ -31,17 +31,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(VARIANTS.items()):
             root = Path(tmp) / str(i)
-            cmd = [sys.executable, "-m", "icmil_pl", "fit", "-c", args.config, f"--trainer.max_epochs={args.epochs}",
-                   f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-                   "--trainer.enable_progress_bar=false", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "icmil_pl",
+                "fit",
+                "-c",
+                args.config,
+                f"--trainer.max_epochs={args.epochs}",
+                f"--trainer.default_root_dir={root}",
+                f"--trainer.logger.init_args.save_dir={root}",
+                "--trainer.enable_progress_bar=false",
+                *extra,
+            ]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows[name] = json.loads(next(root.glob("lightning_logs/*/results.json")).read_text())["iterations"][0]
             print(f"done: {name}: test AUROC {rows[name]['test']['auroc']:.4f}", flush=True)
     print(f"\ndigit bags, ABMIL + LeNet end to end, {args.epochs} epochs, seed 0 (val 50 bags, test 1000 bags)")
     print(f"{'variant':40s} {'val AUROC':>9s} {'test AUROC':>10s} {'test acc':>8s} {'test F1':>7s} {'fit s':>6s}")
     for name, r in rows.items():
-        print(f"{name:40s} {r['val']['auroc']:9.4f} {r['test']['auroc']:10.4f} {r['test']['accuracy']:8.4f} "
-              f"{r['test']['f1']:7.4f} {r['seconds']['fit']:6.0f}")
+        print(
+            f"{name:40s} {r['val']['auroc']:9.4f} {r['test']['auroc']:10.4f} {r['test']['accuracy']:8.4f} "
+            f"{r['test']['f1']:7.4f} {r['seconds']['fit']:6.0f}"
+        )
     chunked, full = rows["chunked (chunk_size=4)"], rows["full bag (chunk_size=null)"]
     diff = max(abs(chunked[s][m] - full[s][m]) for s in ("val", "test") for m in chunked[s])
     print(f"\nlargest metric difference chunked vs full bag: {diff:.2e}")

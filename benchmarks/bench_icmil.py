@@ -29,15 +29,31 @@ COUPLINGS = {"BagGradient": [], "Distillation": ["-c", str(ROOT / "experiments" 
 
 def icmil(out: Path, name: str, extra: list[str]) -> dict:
     run = out / name
-    cli(["fit", "-c", str(DEMO), *extra, f"--model.init_args.run_dir={run}",
-         f"--trainer.logger.init_args.save_dir={out / 'logs'}"])  # fmt: skip
+    cli(
+        [
+            "fit",
+            "-c",
+            str(DEMO),
+            *extra,
+            f"--model.init_args.run_dir={run}",
+            f"--trainer.logger.init_args.save_dir={out / 'logs'}",
+        ]
+    )
     return json.loads((run / "results.json").read_text())
 
 
 def end_to_end(out: Path, epochs: int) -> dict:
     root = out / "end_to_end"
-    cli(["fit", "-c", str(ROOT / "experiments" / "demo_e2e.yaml"), f"--trainer.max_epochs={epochs}",
-         f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"])  # fmt: skip
+    cli(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "experiments" / "demo_e2e.yaml"),
+            f"--trainer.max_epochs={epochs}",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+        ]
+    )
     return json.loads(next(root.rglob("results.json")).read_text())
 
 
@@ -57,13 +73,18 @@ def main() -> None:
         for i, it in enumerate(its):
             s = it["seconds"]
             cost = baseline if i == 0 else its[i - 1]["seconds"]["couple"] + s["embed"] + s["bag"]
-            print(f"{name:<13s} {i:4d} {it['val']['auroc']:9.3f} {it['test']['auroc']:10.3f} {cost:8.1f} "
-                  f"{cost / baseline:10.2f}")  # fmt: skip
+            print(
+                f"{name:<13s} {i:4d} {it['val']['auroc']:9.3f} {it['test']['auroc']:10.3f} {cost:8.1f} "
+                f"{cost / baseline:10.2f}"
+            )
     fit = e2e["seconds"]["fit"]  # against the faster of the two-stage baselines (the first run pays warm-up)
-    ratio = fit / min(r["iterations"][0]["seconds"]["embed"] + r["iterations"][0]["seconds"]["bag"]
-                      for r in results.values())  # fmt: skip
-    print(f"{'end-to-end':<13s} {'-':>4s} {e2e['val']['auroc']:9.3f} {e2e['test']['auroc']:10.3f} {fit:8.1f} "
-          f"{ratio:10.2f}   ({args.e2e_epochs} epochs, chunked)")  # fmt: skip
+    ratio = fit / min(
+        r["iterations"][0]["seconds"]["embed"] + r["iterations"][0]["seconds"]["bag"] for r in results.values()
+    )
+    print(
+        f"{'end-to-end':<13s} {'-':>4s} {e2e['val']['auroc']:9.3f} {e2e['test']['auroc']:10.3f} {fit:8.1f} "
+        f"{ratio:10.2f}   ({args.e2e_epochs} epochs, chunked)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import openslide
 import tifffile
 
 from data_modules.slides import open_slide
-from data_modules.synthetic import write_slide
+from data_modules.synthetic import CohortSpec, write_slide
 from data_modules.tiling import patch_grid
 
 
@@ -38,7 +38,13 @@ def main() -> None:
     if not path.exists():
         args.data.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        write_slide(path, args.size, args.size, seed=args.seed, tumour=True, flavour="svs", compression="jpeg")
+        write_slide(
+            path,
+            CohortSpec(size=(args.size, args.size), compression="jpeg"),
+            seed=args.seed,
+            tumour=True,
+            flavour="svs",
+        )
         print(f"generated {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
     _warm_page_cache(path)
 

@@ -7,7 +7,7 @@ Slide reading and tiling need no torch; the torch-based datasets are imported on
 from importlib import import_module
 
 from .slides import Slide, SlideError, open_slide
-from .tiling import PatchGrid, SlidePatches, TissueParams, patch_grid, tissue_mask
+from .tiling import PatchGrid, SlidePatches, TilingConfig, TissueParams, patch_grid, tissue_mask
 
 _LAZY = {"PatchDataset": "patches", "SlidePatchDataModule": "patches"}
 
@@ -18,6 +18,7 @@ __all__ = [
     "SlideError",
     "SlidePatchDataModule",
     "SlidePatches",
+    "TilingConfig",
     "TissueParams",
     "open_slide",
     "patch_grid",

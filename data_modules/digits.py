@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
-from .bag_data import BagLoaders
+from .bag_base import BagLoaders
+from .checks import check
 from .splits import SPLITS
 
 __all__ = ["DigitBagDataset", "DigitBagsDataModule"]
@@ -79,14 +80,17 @@ class DigitBagsDataModule(BagLoaders):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        _check("positive_digit", 0 <= positive_digit <= 9, "an int in 0-9", positive_digit)
-        _check("mean_bag_size", mean_bag_size > 0, "> 0", mean_bag_size)
-        _check("std_bag_size", std_bag_size >= 0, ">= 0", std_bag_size)
-        for name, value in (("num_train_bags", num_train_bags), ("num_val_bags", num_val_bags),
-                            ("num_test_bags", num_test_bags)):  # fmt: skip
-            _check(name, value >= 1, "an int >= 1", value)
-        _check("image_size", image_size >= 8, "an int >= 8 (the digits are 8x8)", image_size)
-        _check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
+        check("positive_digit", 0 <= positive_digit <= 9, "an int in 0-9", positive_digit)
+        check("mean_bag_size", mean_bag_size > 0, "> 0", mean_bag_size)
+        check("std_bag_size", std_bag_size >= 0, ">= 0", std_bag_size)
+        for name, value in (
+            ("num_train_bags", num_train_bags),
+            ("num_val_bags", num_val_bags),
+            ("num_test_bags", num_test_bags),
+        ):
+            check(name, value >= 1, "an int >= 1", value)
+        check("image_size", image_size >= 8, "an int >= 8 (the digits are 8x8)", image_size)
+        check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
         self.save_hyperparameters()
         self.seed, self.num_workers = seed, num_workers
         self.pools: dict[str, np.ndarray] | None = None
@@ -115,18 +119,15 @@ class DigitBagsDataModule(BagLoaders):
         return self._datasets[split]
 
 
-def _check(name: str, ok: bool, expected: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-
-
 def _upsample(images: np.ndarray, size: int) -> torch.Tensor:
     """(M, 8, 8) values 0-16 -> (M, size, size) uint8 0-255, bilinear with antialias."""
     x = torch.from_numpy(images).float().unsqueeze(1)
-    out = torch.cat([
-        F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        for chunk in x.split(_UPSAMPLE_CHUNK)
-    ])  # fmt: skip
+    out = torch.cat(
+        [
+            F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            for chunk in x.split(_UPSAMPLE_CHUNK)
+        ]
+    )
     return (out.squeeze(1) * (255 / 16)).round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -1,8 +1,11 @@
-"""The feature cache: one zarr group per slide (`features` (N, D), `coords` (N, 2) int32) under a fingerprint folder.
+"""The on-disk feature format, all of it: our zarr cache (write, read, manifest, finding a cache) and the CLAM/TRIDENT
+`.h5` files users bring.
 
-Layout: `<root>/<key>/<slide_id>.zarr`, where `key` names the embedder and the patch geometry, so features of
-different embedders (or ICMIL iterations) never mix. A slide is written to a temporary folder and renamed into place
-when complete: a killed extraction never leaves a half slide that looks finished, and a rerun skips finished slides.
+Our cache: `<root>/<key>/<slide_id>.zarr`, one zarr group per slide (`features` (N, D), `coords` (N, 2) int32,
+provenance attributes) beside one `manifest.json`, where `key` names the embedder and the patch geometry, so features
+of different embedders (or ICMIL iterations) never mix. A slide is written to a temporary folder and renamed into
+place when complete: a killed extraction never leaves a half slide that looks finished, and a rerun skips finished
+slides. CLAM/TRIDENT: `<folder>/<slide_id>.h5` with `features` ((N, D) or (1, N, D)) and optionally `coords`.
 """
 
 from __future__ import annotations
@@ -10,47 +13,65 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import h5py
 import numpy as np
 import zarr
 
-__all__ = ["FeatureCache", "SlideFeatures", "SlideFeatureWriter"]
+__all__ = ["FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 
 FeatureDtype = Literal["float16", "float32"]
 _ROWS_PER_CHUNK = 4096
+_MANIFEST = "manifest.json"
 
 
+@dataclass(frozen=True)
 class SlideFeatures:
-    """One slide's cached features, read lazily (`features[...]` decodes only what is asked)."""
+    """One slide's bag: features (N, D) float16 or float32 as stored (the model converts on its device), level-0
+    coords (N, 2), and the provenance attributes it was written with."""
 
-    def __init__(self, slide_id: str, features: Any, coords: np.ndarray, attrs: dict) -> None:
-        self.slide_id, self.features, self.coords, self.attrs = slide_id, features, coords, attrs
+    slide_id: str
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.features.shape[0])
+        return len(self.features)
 
 
 class FeatureCache:
-    """A folder of per-slide feature groups sharing one provenance record (`manifest.json`)."""
+    """A folder of per-slide features: ours (zarr, with a `manifest.json`) or CLAM/TRIDENT `.h5` files.
 
-    def __init__(self, root: str | os.PathLike, key: str) -> None:
-        self.root = Path(root)
-        self.key = key
-        self.path = self.root / key
+    Holds only its path: cheap to pickle into loader workers, and each read opens one slide's files."""
 
-    def slide_path(self, slide_id: str) -> Path:
-        return self.path / f"{slide_id}.zarr"
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def find(cls, path: str | os.PathLike) -> FeatureCache:
+        """The cache at `path` if it holds slide features, else its only cache subfolder (`runs/features` -> the one
+        key under it)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"features folder {path} does not exist (run feature extraction first)")
+        if any(path.glob("*.zarr")) or any(path.glob("*.h5")) or (path / _MANIFEST).is_file():
+            return cls(path)
+        caches = sorted(p for p in path.iterdir() if (p / _MANIFEST).is_file())
+        if len(caches) == 1:
+            return cls(caches[0])
+        if not caches:
+            raise ValueError(f"features folder {path} holds no .zarr or .h5 slide features")
+        names = ", ".join(p.name for p in caches)
+        raise ValueError(f"features folder {path} holds {len(caches)} caches ({names}); name one: {path}/<key>")
 
     def has(self, slide_id: str) -> bool:
-        return (self.slide_path(slide_id) / "zarr.json").is_file()
-
-    def missing(self, slide_ids: list[str]) -> list[str]:
-        return [s for s in slide_ids if not self.has(s)]
+        return (self._zarr(slide_id) / "zarr.json").is_file()
 
     def manifest(self) -> dict:
-        path = self.path / "manifest.json"
+        path = self.path / _MANIFEST
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def write_manifest(self, provenance: dict) -> None:
@@ -59,18 +80,41 @@ class FeatureCache:
         if existing and existing != provenance:
             raise ValueError(f"feature cache {self.path} was written by {existing}, not by {provenance}")
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".manifest.json.{os.getpid()}"
+        tmp = self.path / f".{_MANIFEST}.{os.getpid()}"
         tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True))
-        os.replace(tmp, self.path / "manifest.json")
+        os.replace(tmp, self.path / _MANIFEST)
 
     def read(self, slide_id: str) -> SlideFeatures:
-        if not self.has(slide_id):
-            raise ValueError(f"feature cache {self.path}: no features for slide {slide_id!r} (extract them first)")
-        group = zarr.open_group(self.slide_path(slide_id), mode="r")
-        return SlideFeatures(slide_id, group["features"], group["coords"][:], dict(group.attrs))
+        """The bag of `slide_id`, from `<id>.zarr` (ours) or `<id>.h5` (CLAM/TRIDENT)."""
+        zarr_path, h5_path = self._zarr(slide_id), self.path / f"{slide_id}.h5"
+        if self.has(slide_id):
+            group = zarr.open_group(zarr_path, mode="r")
+            features, coords, attrs = group["features"][:], group["coords"][:], dict(group.attrs)
+        elif h5_path.is_file():
+            with h5py.File(h5_path, "r") as fh:
+                if "features" not in fh:
+                    raise ValueError(
+                        f"{h5_path}: no `features` dataset (expected CLAM/TRIDENT layout: features, coords)"
+                    )
+                features = fh["features"][:]
+                coords = fh["coords"][:] if "coords" in fh else None
+                attrs = dict(fh.attrs)
+        else:
+            raise ValueError(
+                f"slide {slide_id!r}: no features in {self.path} (expected {zarr_path.name} or {h5_path.name})"
+            )
+        features = np.asarray(features)
+        features = features.reshape(-1, features.shape[-1])  # some tools keep a leading batch axis: (1, N, D)
+        if features.dtype not in (np.float16, np.float32):  # half stays half: the model converts on its device
+            features = features.astype(np.float32)
+        coords = np.zeros((len(features), 2), np.int32) if coords is None else np.asarray(coords).reshape(-1, 2)
+        return SlideFeatures(slide_id, features, coords, attrs)
 
     def writer(self, slide_id: str, n: int, dim: int, dtype: FeatureDtype, attrs: dict) -> SlideFeatureWriter:
-        return SlideFeatureWriter(self.slide_path(slide_id), n, dim, dtype, attrs)
+        return SlideFeatureWriter(self._zarr(slide_id), n, dim, dtype, attrs)
+
+    def _zarr(self, slide_id: str) -> Path:
+        return self.path / f"{slide_id}.zarr"
 
 
 class SlideFeatureWriter:
@@ -83,8 +127,9 @@ class SlideFeatureWriter:
         group = zarr.open_group(self.tmp, mode="w", attributes=attrs)
         chunk = min(max(n, 1), _ROWS_PER_CHUNK)
         # uncompressed: float features barely compress (~8 %) and zstd would triple the read time of a bag
-        self.features = group.create_array("features", shape=(n, dim), chunks=(chunk, dim), dtype=dtype,
-                                           compressors=None)
+        self.features = group.create_array(
+            "features", shape=(n, dim), chunks=(chunk, dim), dtype=dtype, compressors=None
+        )
         self.coords = group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32")
         self.written = 0
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []

@@ -1,41 +1,39 @@
-"""Patches of many slides as a map-style dataset: one sample = one patch, slides opened lazily in each worker."""
+"""Patches of many slides as a map-style dataset (one sample = one patch, slides opened lazily in each worker), and
+the two data modules that serve them: every patch for extraction, seeded samples for ICMIL's distillation."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .checks import check
+from .cohort import SlideCohort
+from .samplers import SlideShardSampler
 from .slides import Resample, Slide, open_slide
-from .cohort import SlideCohort, TilingConfig
-from .tiling import SlidePatches
+from .tiling import SlidePatches, TilingConfig
 
-__all__ = ["PatchDataset", "SlidePatchDataModule", "SlidePatches", "SlideShardSampler"]
+__all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule"]
 
 
 class PatchDataset(Dataset):
     """Patches of `slides` as uint8 (C, H, W) tensors with their slide id and level-0 coordinates.
 
     Holds only paths and coordinates, so it pickles cheaply into DataLoader workers; each process opens a slide the
-    first time it needs it (handles are never shared across processes). Normalisation is the embedder's job; an
-    optional `transform` maps the uint8 tensor to whatever the model expects.
+    first time it needs it (handles are never shared across processes). Normalisation is the embedder's job.
     """
 
     def __init__(
-        self,
-        slides: Sequence[SlidePatches],
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        resample: Resample = "bilinear",
-        max_open_slides: int = 8,
+        self, slides: Sequence[SlidePatches], resample: Resample = "bilinear", max_open_slides: int = 8
     ) -> None:
         self.slides = list(slides)
-        self.transform = transform
         self.resample = resample
         self.max_open_slides = max_open_slides
         counts = np.array([len(s.grid) for s in self.slides], dtype=np.int64)
@@ -55,17 +53,19 @@ class PatchDataset(Dataset):
         size = entry.grid.patch_size
         pixels = self._slide(slide_idx).read_at_mpp((x, y), (size, size), entry.grid.mpp, self.resample)
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        if self.transform is not None:
-            image = self.transform(image)
         return {"image": image, "slide_id": entry.slide_id, "coords": torch.tensor([x, y], dtype=torch.int32)}
 
     def slide_ranges(self) -> list[tuple[str, int, int]]:
         """(slide id, first, end) index ranges, for samplers and writers that work slide by slide."""
-        return [(s.slide_id, int(a), int(b)) for s, a, b in zip(self.slides, self._offsets[:-1], self._offsets[1:])]
+        return [
+            (s.slide_id, int(a), int(b))
+            for s, a, b in zip(self.slides, self._offsets[:-1], self._offsets[1:], strict=True)
+        ]
 
     def _slide(self, slide_idx: int) -> Slide:
         if os.getpid() != self._pid:  # forked into a worker: handles inherited from the parent are not ours
-            self._open, self._pid = OrderedDict(), os.getpid()
+            self._open = OrderedDict()
+            self._pid = os.getpid()
         slide = self._open.get(slide_idx)
         if slide is not None:
             self._open.move_to_end(slide_idx)
@@ -86,27 +86,6 @@ class PatchDataset(Dataset):
             slide.close()
 
 
-class SlideShardSampler(Sampler[int]):
-    """Whole slides per process (balanced by patch count), in order: each rank writes complete slides under DDP."""
-
-    def __init__(self, dataset: PatchDataset, rank: int = 0, world_size: int = 1) -> None:
-        loads = [0] * world_size
-        mine: list[tuple[int, int]] = []
-        for _, start, end in sorted(dataset.slide_ranges(), key=lambda r: r[1] - r[2]):  # largest first
-            owner = loads.index(min(loads))
-            loads[owner] += end - start
-            if owner == rank:
-                mine.append((start, end))
-        self.indices = [i for start, end in sorted(mine) for i in range(start, end)]
-        self.num_slides = len(mine)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class SlidePatchDataModule(pl.LightningDataModule):
     """Every tissue patch of a cohort's slides, in slide order, for `predict` (feature extraction).
 
@@ -124,9 +103,12 @@ class SlidePatchDataModule(pl.LightningDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__()
-        self.labels, self.slides = labels, slides
-        self.tiling, self.grid_cache = tiling, grid_cache
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.labels = labels
+        self.slides = slides
+        self.tiling = tiling
+        self.grid_cache = grid_cache
+        self.batch_size = batch_size
+        self.num_workers = num_workers
         self.slide_patches: list[SlidePatches] | None = None
         self._excluded: set[str] = set()
 
@@ -134,6 +116,10 @@ class SlidePatchDataModule(pl.LightningDataModule):
     def cohort(self) -> SlideCohort:
         """Read on first use, so that `prepare_data` may write the cohort first."""
         return SlideCohort(self.labels, self.slides)
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return self.cohort.class_index()
 
     def setup(self, stage: str | None = None) -> None:
         if self.slide_patches is None:
@@ -157,6 +143,56 @@ class SlidePatchDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=SlideShardSampler(dataset, rank, world),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class PatchSampleDataModule(pl.LightningDataModule):
+    """Patches of the given slides: a fixed seeded held-out part validates; each epoch trains on a fresh seeded
+    draw of `patches_per_epoch` of the rest (the Trainer reloads the train loader every epoch).
+
+    With `patches_per_epoch`, validation costs what it would with full epochs: the held-out part is cut to
+    `val_fraction` of an epoch's work."""
+
+    def __init__(
+        self,
+        slides: Sequence[SlidePatches],
+        *,
+        patches_per_epoch: int | None,
+        val_fraction: float,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.dataset = PatchDataset(slides)
+        n = len(self.dataset)
+        n_val = max(1, round(val_fraction * n))
+        check("train", n - n_val >= 1, f"slides with at least 2 patches in all (val_fraction={val_fraction})", n)
+        order = np.random.default_rng(seed).permutation(n)
+        self.pool = order[n_val:]
+        if patches_per_epoch is not None:
+            n_val = min(n_val, math.ceil(patches_per_epoch * val_fraction / (1 - val_fraction)))
+        self.val_indices = np.sort(order[:n_val])
+        self.patches_per_epoch = patches_per_epoch
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        rng = np.random.default_rng([self.seed, epoch])
+        k = len(self.pool) if self.patches_per_epoch is None else min(self.patches_per_epoch, len(self.pool))
+        return self._loader(rng.choice(self.pool, size=k, replace=False))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_indices)
+
+    def _loader(self, indices: np.ndarray) -> DataLoader:
+        return DataLoader(
+            Subset(self.dataset, indices.tolist()),
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

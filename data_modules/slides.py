@@ -140,9 +140,6 @@ class Slide:
         w0, h0 = self.dimensions
         return tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions)
 
-    def level_mpp(self, level: int) -> float:
-        return self.require_mpp() * self.level_downsamples[level]
-
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (OpenSlide's rule)."""
         best = 0
@@ -259,7 +256,9 @@ class Slide:
             fh.seek(offset)
             data = fh.read(count)
         try:
-            decoded, _, shape = lv.page.decode(data, index, jpegtables=lv.page.jpegtables, jpegheader=lv.page.jpegheader)
+            decoded, _, shape = lv.page.decode(
+                data, index, jpegtables=lv.page.jpegtables, jpegheader=lv.page.jpegheader
+            )
         except Exception as exc:
             raise SlideError(f"{self.path}: tile {index} of level {level} cannot be decoded ({exc})") from exc
         tile = _to_rgb(decoded.reshape(decoded.shape[-3:])[: shape[-3], : shape[-2]])
@@ -321,11 +320,11 @@ def _pyramid_levels(tif: tifffile.TiffFile, path: Path) -> list[_Level]:
         offsets, counts = np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64)
         end = int((offsets + counts).max())
         if end > tif.filehandle.size:
-            raise SlideError(f"{path}: truncated file: level {i} tile data ends at byte {end}, file has {tif.filehandle.size}")
+            raise SlideError(
+                f"{path}: truncated file: level {i} tile data ends at byte {end}, file has {tif.filehandle.size}"
+            )
         page.decode  # noqa: B018 - tifffile builds (and caches) the tile decoder once here, not on reader threads
-        levels.append(
-            _Level(page, page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, offsets, counts)
-        )
+        levels.append(_Level(page, page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, offsets, counts))
     return levels
 
 

@@ -1,89 +1,53 @@
-"""Slide labels and train/val/test splits: stratified by label, grouped by patient, k-fold, seeded, saved.
+"""Every split rule: train/val/test by stratified, patient-grouped k-fold (or the CSV's `split` column), and the
+seeded hold-out of a coupling phase. Seeded, so a run can be repeated; saved as `splits.json`.
 
 No patient ever appears in two splits: slides of one patient share tissue, so splitting them leaks the test set.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-__all__ = ["SPLITS", "SlideLabel", "make_splits", "read_labels", "require_labels", "save_splits"]
+from .checks import check
+
+if TYPE_CHECKING:
+    from .cohort import SlideLabel
+
+__all__ = ["SPLITS", "SPLITS_FILE", "SplitConfig", "hold_out", "make_splits", "save_splits"]
 
 SPLITS = ("train", "val", "test")
+SPLITS_FILE = "splits.json"
 
 
 @dataclass(frozen=True)
-class SlideLabel:
-    slide_id: str
-    label: str | None  # None: unknown (new slides to predict)
-    patient_id: str
-    split: str | None = None
+class SplitConfig:
+    """A stratified, patient-grouped split: fold `fold` of `folds` is the test set, `val_fraction` of the rest (by
+    patient) validates, `seed` shuffles. Used only where the labels CSV does not fix the splits itself."""
+
+    folds: int = 5
+    fold: int = 0
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check("splits.folds", self.folds >= 1, "an int >= 1", self.folds)
+        check("splits.fold", 0 <= self.fold < self.folds, f"an int in [0, {self.folds})", self.fold)
+        check("splits.val_fraction", 0 <= self.val_fraction < 1, "a float in [0, 1)", self.val_fraction)
 
 
-def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
-    """Rows of a `slide_id[,label][,patient_id][,split]` CSV; a missing patient id means one patient per slide.
-
-    Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says
-    where they are needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: labels CSV not found")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if "slide_id" not in (reader.fieldnames or ()):
-            raise ValueError(f"{path}: missing column 'slide_id'; expected slide_id[,label][,patient_id][,split]")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            slide_id, label = (row["slide_id"] or "").strip(), (row.get("label") or "").strip() or None
-            if not slide_id:
-                raise ValueError(f"{path}:{line}: empty slide_id")
-            split = (row.get("split") or "").strip() or None
-            if split is not None and split not in SPLITS:
-                raise ValueError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
-            patient = (row.get("patient_id") or "").strip() or slide_id
-            rows.append(SlideLabel(slide_id, label, patient, split))
-    if not rows:
-        raise ValueError(f"{path}: no slides listed")
-    seen: set[str] = set()
-    for row in rows:
-        if row.slide_id in seen:
-            raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
-        seen.add(row.slide_id)
-    return rows
-
-
-def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose: str) -> None:
-    """A clear error when a slide has no label but `purpose` (training, testing) needs one."""
-    unlabelled = [row.slide_id for row in rows if row.label is None]
-    if unlabelled:
-        more = f" and {len(unlabelled) - 1} more" if len(unlabelled) > 1 else ""
-        raise ValueError(f"{path}: slide {unlabelled[0]!r}{more} has no label, which {purpose} needs "
-                         "(only predict runs on unlabelled slides)")  # fmt: skip
-
-
-def make_splits(
-    labels: Sequence[SlideLabel],
-    *,
-    folds: int = 5,
-    fold: int = 0,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> dict[str, list[str]]:
+def make_splits(labels: Sequence[SlideLabel], config: SplitConfig = SplitConfig()) -> dict[str, list[str]]:
     """Slide ids per split: the CSV's `split` column when every row has one, else stratified grouped k-fold.
 
-    Fold `fold` of `folds` is the test set; `val_fraction` of the remaining slides (by patient) is validation.
     A CSV that fixes only the test split (e.g. Camelyon16's official test set) gets its validation carved the same way.
     """
-    if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
     given = [row.split for row in labels]
     if all(s is not None for s in given):
         return {name: [row.slide_id for row in labels if row.split == name] for name in SPLITS}
@@ -94,17 +58,35 @@ def make_splits(
         test = [row for row in rows if row.split == "test"]
         rest = [row for row in rows if row.split != "test"]
     else:
-        rest, test = _grouped_split(rows, folds, fold, seed)
-    n_val = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
-    train, val = _grouped_split(rest, n_val, 0, seed + 1) if n_val > 1 else (rest, [])
+        rest, test = _grouped_split(rows, config.folds, config.fold, config.seed)
+    n_val = max(1, round(1 / config.val_fraction)) if config.val_fraction > 0 else 0
+    train, val = _grouped_split(rest, n_val, 0, config.seed + 1) if n_val > 1 else (rest, [])
     return {"train": _ids(train), "val": _ids(val), "test": _ids(test)}
 
 
-def save_splits(splits: dict[str, list[str]], run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir) / "splits.json"
+def save_splits(splits: dict[str, list[str]], folder: str | os.PathLike) -> Path:
+    path = Path(folder) / SPLITS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(splits, indent=1))
     return path
+
+
+def hold_out(
+    slide_ids: Sequence[str], labels: Mapping[str, int], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """(train, val) ids in their given order: a stratified, seeded `fraction` held out (at least one per class), or
+    no validation when there are fewer than 4 slides or a class has fewer than 2. By label only: the slides are
+    one split's already, and the splits did the patient grouping."""
+    y = np.array([labels[s] for s in slide_ids])
+    classes, counts = np.unique(y, return_counts=True)
+    if len(slide_ids) < 4 or counts.min() < 2:
+        return list(slide_ids), []
+    rng = np.random.default_rng(seed)
+    n_val = min(max(len(classes), round(fraction * len(slide_ids))), len(slide_ids) - len(classes))
+    quota = np.maximum(1, np.round(n_val * counts / counts.sum())).astype(int)  # proportional, >= 1 per class
+    quota = np.minimum(quota, counts - 1)  # and >= 1 left for training
+    val = {int(i) for c, q in zip(classes, quota, strict=True) for i in rng.permutation(np.flatnonzero(y == c))[:q]}
+    return [s for i, s in enumerate(slide_ids) if i not in val], [s for i, s in enumerate(slide_ids) if i in val]
 
 
 def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int) -> tuple[list, list]:
@@ -118,8 +100,10 @@ def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int)
     try:
         rest_idx, held_idx = list(splitter.split(np.zeros(len(rows)), labels, groups))[index]
     except ValueError as exc:
-        raise ValueError(f"cannot split {len(rows)} slides into {n_splits} stratified folds ({exc}); "
-                         "use fewer folds or a larger val_fraction") from None
+        raise ValueError(
+            f"cannot split {len(rows)} slides into {n_splits} stratified folds ({exc}); "
+            "use fewer folds or a larger val_fraction"
+        ) from None
     return [rows[i] for i in rest_idx], [rows[i] for i in held_idx]
 
 

@@ -20,7 +20,7 @@ from skimage.filters.rank import median
 
 from .slides import Slide, SlideError, open_slide
 
-__all__ = ["PatchGrid", "SlidePatches", "TissueParams", "patch_grid", "tissue_mask"]
+__all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
 
 _CACHE_VERSION = 2
 
@@ -36,6 +36,17 @@ class TissueParams:
     close_um: float = 64.0  # morphological closing radius: joins fragmented tissue
     min_object_um2: float = 50_000.0  # drop specks (dust, debris) smaller than this area
     fill_holes: bool = True
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How slides become patches: resolution, size, tissue rule. Shared by extraction and end-to-end bags."""
+
+    mpp: float = 0.5
+    patch_size: int = 256
+    tissue_threshold: float = 0.5
+    tissue: TissueParams = TissueParams()
+    mpp_override: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,9 @@ def _compute_grid(slide: Slide, mpp: float, patch_size: int, threshold: float, t
     w0, h0 = slide.dimensions
     nx, ny = int(w0 // level0_size), int(h0 // level0_size)
     if nx == 0 or ny == 0:
-        raise SlideError(f"{slide.path}: slide ({w0} x {h0} px) is smaller than one {patch_size} px patch at {mpp} um/px")
+        raise SlideError(
+            f"{slide.path}: slide ({w0} x {h0} px) is smaller than one {patch_size} px patch at {mpp} um/px"
+        )
     fraction = _cell_fractions(mask, level0_size * slide.mpp / tissue.mask_mpp, nx, ny)
     gy, gx = np.nonzero(fraction >= max(threshold, 1e-9))
     coords = np.stack([np.floor(gx * level0_size), np.floor(gy * level0_size)], axis=1).astype(np.int32)
@@ -173,8 +186,17 @@ def _cell_fractions(mask: np.ndarray, cell: float, nx: int, ny: int) -> np.ndarr
 def _cache_key(path: Path, mpp: float, patch_size: int, threshold: float, tissue: TissueParams, override) -> str:
     stat = path.stat()
     blob = json.dumps(
-        [_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, mpp, patch_size, threshold,
-         asdict(tissue), override],
+        [
+            _CACHE_VERSION,
+            str(path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            mpp,
+            patch_size,
+            threshold,
+            asdict(tissue),
+            override,
+        ],
         sort_keys=True,
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from .aggregators import Aggregator, MILOutput
+from .callbacks.figure_writer import FigureWriter
 from .slide_task import Scheduler, SlideTask
 
 __all__ = ["BagClassifier"]
@@ -29,9 +30,10 @@ class BagClassifier(SlideTask):
         standardize: bool = True,
         aux_loss_weight: float = 1.0,
         class_names: list[str] | None = None,
+        figures: FigureWriter | bool = True,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names)
-        self.save_hyperparameters(ignore=["aggregator"])
+        super().__init__(aggregator, aux_loss_weight, class_names, figures)
+        self.save_hyperparameters(ignore=["aggregator", "figures"])
         # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
         self.cfg = SimpleNamespace(lr=lr, weight_decay=weight_decay, scheduler=scheduler, standardize=standardize)
         self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))
@@ -64,5 +66,5 @@ class BagClassifier(SlideTask):
         return loss
 
     def configure_optimizers(self):
-        hp = self.cfg
-        return self.adam(self.parameters(), hp.lr, hp.weight_decay, hp.scheduler)
+        cfg = self.cfg
+        return self.adam(self.parameters(), cfg.lr, cfg.weight_decay, cfg.scheduler)

@@ -10,8 +10,8 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import timm
-from timm.layers import BatchNormAct2d
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 __all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm"]
@@ -26,9 +26,9 @@ class PatchEmbedder(pl.LightningModule):
     `truncate_after` cuts a CNN after a named stage and average-pools it (ResNet50 after `layer3` = the 1024-d CLAM /
     ICMIL standard). Normalisation happens here, on the device, so loaders ship compact uint8 tensors. With
     `batchnorm="frozen"` BatchNorm layers always normalise with their running statistics, even in training mode
-    (their affine weights still learn; running statistics never change): small patch batches would corrupt the statistics, and a chunked two-pass
-    backward must see the same normalisation as a full-bag one. It is a property of the layers, not of `.train()`
-    calls, so no trainer or mode save/restore can undo it.
+    (their affine weights still learn; running statistics never change): small patch batches would corrupt the
+    statistics, and a chunked two-pass backward must see the same normalisation as a full-bag one. It is a property
+    of the layers, not of `.train()` calls, so no trainer or mode save/restore can undo it.
     """
 
     def __init__(
@@ -45,8 +45,14 @@ class PatchEmbedder(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         # the architecture as plain data (fingerprints, provenance): LightningCLI rewrites nested modules' hparams
-        self.config = {"backbone": backbone, "truncate_after": truncate_after, "mean": list(mean), "std": list(std),
-                       "batchnorm": batchnorm, "drop_path_rate": drop_path_rate}
+        self.config = {
+            "backbone": backbone,
+            "truncate_after": truncate_after,
+            "mean": list(mean),
+            "std": list(std),
+            "batchnorm": batchnorm,
+            "drop_path_rate": drop_path_rate,
+        }
         self.backbone = _build_backbone(backbone, truncate_after, pretrained, drop_path_rate)
         if weights is not None:
             _load_weights(self.backbone, Path(weights))

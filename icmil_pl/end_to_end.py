@@ -15,6 +15,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .aggregators import Aggregator, MILOutput
+from .callbacks.figure_writer import FigureWriter
 from .chunked import Bag, bag_backward, embed_chunked
 from .slide_task import Scheduler, SlideTask
 
@@ -45,14 +46,21 @@ class EndToEndMIL(SlideTask):
         eval_chunk_size: int | None = None,
         aux_loss_weight: float = 1.0,
         class_names: list[str] | None = None,
+        figures: FigureWriter | bool = True,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names)
-        self.save_hyperparameters(ignore=["embedder", "aggregator"])
+        super().__init__(aggregator, aux_loss_weight, class_names, figures)
+        self.save_hyperparameters(ignore=["embedder", "aggregator", "figures"])
         # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
         self.cfg = SimpleNamespace(
-            chunk_size=chunk_size, max_instances=max_instances, bags_per_step=bags_per_step, lr=lr,
-            embedder_lr=embedder_lr, weight_decay=weight_decay, scheduler=scheduler,
-            gradient_clip_val=gradient_clip_val, eval_chunk_size=eval_chunk_size,
+            chunk_size=chunk_size,
+            max_instances=max_instances,
+            bags_per_step=bags_per_step,
+            lr=lr,
+            embedder_lr=embedder_lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            gradient_clip_val=gradient_clip_val,
+            eval_chunk_size=eval_chunk_size,
         )
         self.automatic_optimization = False
         if chunk_size is not None and chunk_size < 1:
@@ -76,28 +84,30 @@ class EndToEndMIL(SlideTask):
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Everything but the patches: a bag may be far larger than the accelerator's memory."""
-        return {k: v if k == "patches" else super(EndToEndMIL, self).transfer_batch_to_device(v, device, dataloader_idx)
-                for k, v in batch.items()}
+        return {
+            k: v if k == "patches" else super(EndToEndMIL, self).transfer_batch_to_device(v, device, dataloader_idx)
+            for k, v in batch.items()
+        }
 
     # -- training ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.cfg
+        cfg = self.cfg
         patches, label = self._sample(batch["patches"]), batch["label"]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.scale if scaler is not None else None
 
         def bag_loss(h: torch.Tensor) -> torch.Tensor:
-            return self.loss(self.aggregator(h), label) / hp.bags_per_step
+            return self.loss(self.aggregator(h), label) / cfg.bags_per_step
 
-        if hp.chunk_size is None:
+        if cfg.chunk_size is None:
             loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
             (loss if scale is None else scale(loss)).backward()
             loss = loss.detach()
         else:
-            loss = bag_backward(self.embedder, bag_loss, patches, hp.chunk_size, scale_loss=scale)
-        self.log("train/loss", loss * hp.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
+            loss = bag_backward(self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale)
+        self.log("train/loss", loss * cfg.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
 
-        if (batch_idx + 1) % hp.bags_per_step == 0 or self.trainer.is_last_batch:
+        if (batch_idx + 1) % cfg.bags_per_step == 0 or self.trainer.is_last_batch:
             optimizer = self.optimizers()
             self._average_gradients_across_processes()
             optimizer.step()
@@ -113,12 +123,12 @@ class EndToEndMIL(SlideTask):
             scheduler.step()
 
     def configure_optimizers(self):
-        hp = self.cfg
+        cfg = self.cfg
         groups = [
-            {"params": [p for p in self.aggregator.parameters() if p.requires_grad], "lr": hp.lr},
-            {"params": [p for p in self.embedder.parameters() if p.requires_grad], "lr": hp.embedder_lr or hp.lr},
+            {"params": [p for p in self.aggregator.parameters() if p.requires_grad], "lr": cfg.lr},
+            {"params": [p for p in self.embedder.parameters() if p.requires_grad], "lr": cfg.embedder_lr or cfg.lr},
         ]
-        return self.adam([g for g in groups if g["params"]], hp.lr, hp.weight_decay, hp.scheduler)
+        return self.adam([g for g in groups if g["params"]], cfg.lr, cfg.weight_decay, cfg.scheduler)
 
     def _sample(self, patches: Bag) -> Bag:
         """Within-bag sampling: `max_instances` random patches, in bag order (seeded by the global generator)."""
@@ -138,5 +148,5 @@ class EndToEndMIL(SlideTask):
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         flat = self.trainer.strategy.reduce(_flatten_dense_tensors(grads), reduce_op="mean")
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(synced)

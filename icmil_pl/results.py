@@ -1,14 +1,42 @@
-"""`results.json`: the one place a run's validation/test metrics and phase times are written (DESIGN.md section 3)."""
+"""`results.json` and the names final metrics are logged by: the one source for the CLI, the ICMIL loop and sweeps.
+
+`results.json` (DESIGN.md section 3): `{"iterations": [{"iteration", "checkpoint", "val", "test", "seconds"}, ...],
+"model": ...}`; a single model is iteration 0. Every fit logs its last iteration's metrics as `final/<stage>/<metric>`
+to every logger; a sweep optimises one of those names and reads it back from results.json.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+
+from pytorch_lightning.loggers import Logger
 
 from .metrics import METRIC_NAMES
 
-__all__ = ["read_results", "stage_metrics", "write_results"]
+__all__ = [
+    "FINAL_METRICS",
+    "RESULTS_FILE",
+    "STAGES",
+    "final_metrics",
+    "final_name",
+    "log_final",
+    "read_results",
+    "stage_metrics",
+    "write_results",
+]
+
+RESULTS_FILE = "results.json"
+STAGES = ("val", "test")
+
+
+def final_name(stage: str, metric: str) -> str:
+    return f"final/{stage}/{metric}"
+
+
+FINAL_METRICS: dict[str, tuple[str, str]] = {final_name(s, m): (s, m) for s in STAGES for m in METRIC_NAMES}
 
 
 def stage_metrics(logged: list[dict] | dict, stage: str) -> dict[str, float]:
@@ -17,9 +45,21 @@ def stage_metrics(logged: list[dict] | dict, stage: str) -> dict[str, float]:
     return {name: float(values[f"{stage}/{name}"]) for name in METRIC_NAMES if f"{stage}/{name}" in values}
 
 
+def final_metrics(iteration: dict) -> dict[str, float]:
+    """`final/<stage>/<metric>` of one `results.json` iteration entry."""
+    return {final_name(s, m): v for s in STAGES for m, v in iteration[s].items()}
+
+
+def log_final(loggers: Iterable[Logger], iteration: dict, step: int) -> None:
+    """Log an iteration entry's metrics under their final names to every logger (the sweep metric)."""
+    for logger in loggers:
+        logger.log_metrics(final_metrics(iteration), step=step)
+        logger.save()
+
+
 def write_results(run_dir: str | os.PathLike, iterations: list[dict], **extra) -> Path:
     """`{"iterations": [{"iteration", "val", "test", "seconds"}, ...], ...}`; a single model is iteration 0."""
-    path = Path(run_dir) / "results.json"
+    path = Path(run_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"iterations": iterations, **extra}, indent=1))
@@ -28,4 +68,4 @@ def write_results(run_dir: str | os.PathLike, iterations: list[dict], **extra) -
 
 
 def read_results(run_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(run_dir) / "results.json").read_text())
+    return json.loads((Path(run_dir) / RESULTS_FILE).read_text())

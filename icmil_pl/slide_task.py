@@ -1,13 +1,12 @@
-"""What every slide-level model shares: MIL loss, metrics per stage, checkpoint selection, per-slide predictions.
+"""What every slide-level model shares: MIL loss, metrics per stage, checkpoint selection, the callbacks that write
+predictions and figures.
 
 Subclasses say how a batch (one bag) becomes an aggregator output (`bag_output`) and how they train.
 """
 
 from __future__ import annotations
 
-import csv
 from abc import abstractmethod
-from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -15,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from data_modules.bag_base import BagDataModule
+from data_modules.splits import save_splits
+
 from .aggregators import Aggregator, MILOutput
-from .figures import FigureWriter
+from .callbacks.figure_writer import FigureWriter, resolve_figures
+from .callbacks.outputs import output_dir
+from .callbacks.prediction_writer import PredictionWriter
 from .metrics import slide_metrics
 
 __all__ = ["SlideTask"]
@@ -27,25 +31,38 @@ Scheduler = Literal["none", "cosine"]
 class SlideTask(pl.LightningModule):
     """Base LightningModule for slide classification from one bag per batch.
 
-    Validation AUROC selects the checkpoint; `test` and `predict` write `predictions.csv` (one row per slide) into the
-    run directory. Metrics are logged per stage under `val/...` and `test/...` with `batch_size=1`.
+    Validation AUROC selects the checkpoint; `test` and `predict` write `predictions.csv` (one row per slide) and,
+    with `figures` (a `FigureWriter`, `True` for the default one, `False` for none), ROC, confusion, heatmap and patch
+    figures into the run directory, beside the data module's `splits.json`. Metrics are logged per stage
+    under `val/...` and `test/...` with `batch_size=1`.
     """
 
-    def __init__(self, aggregator: Aggregator, aux_loss_weight: float = 1.0, class_names: list[str] | None = None):
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        aux_loss_weight: float = 1.0,
+        class_names: list[str] | None = None,
+        figures: FigureWriter | bool = True,
+    ) -> None:
         super().__init__()
         self.aggregator = aggregator
         self.num_classes = aggregator.num_classes
         self.aux_loss_weight = aux_loss_weight
         self.class_names = class_names
+        self.figures = figures
         self.checkpoint_dir: str | None = None  # None: Lightning's default, <run dir>/checkpoints
         self.metrics = torch.nn.ModuleDict(
             {stage: slide_metrics(self.num_classes).clone(prefix=f"{stage}/") for stage in ("val", "test")}
         )
-        self._predictions: list[dict] = []
 
     @abstractmethod
     def bag_output(self, batch: dict) -> MILOutput:
         """The aggregator output for one bag, without gradients bookkeeping (evaluation)."""
+
+    @property
+    def class_labels(self) -> list[str]:
+        """What outputs call the classes: `class_names`, else the class indices."""
+        return self.class_names or [str(c) for c in range(self.num_classes)]
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None
@@ -54,6 +71,10 @@ class SlideTask(pl.LightningModule):
             raise ValueError(f"model aggregator num_classes={self.num_classes}, but the labels have {classes} classes")
         if self.class_names is None and getattr(data, "classes", None):
             self.class_names = [str(c) for c in data.classes]
+        if isinstance(data, BagDataModule) and data.splits is not None:  # the slides of each split, beside the run
+            folder = output_dir(self.trainer)  # a collective: every process asks
+            if self.trainer.is_global_zero:
+                save_splits(data.splits, folder)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["class_names"] = self.class_names
@@ -74,57 +95,30 @@ class SlideTask(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate("val", batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
         probs, _ = self._evaluate("test", batch)
-        self._predictions.append({"slide_id": batch["slide_id"], "label": int(batch["label"]), "probs": probs})
+        return {"slide_id": batch["slide_id"], "label": int(batch["label"]), "probs": probs}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.bag_output(batch)
-        row = {
+        return {
             "slide_id": batch["slide_id"],
             "label": int(batch["label"]) if "label" in batch else None,
             "probs": out.logits.float().softmax(-1).cpu(),
             "attention": None if out.attention is None else out.attention.float().cpu(),
         }
-        self._predictions.append(row)
-        return row
-
-    def on_test_epoch_start(self) -> None:
-        self._predictions = []
-
-    def on_predict_epoch_start(self) -> None:
-        self._predictions = []
-
-    def on_test_epoch_end(self) -> None:
-        self._gather_predictions()
-        self._write_predictions()
-
-    def on_predict_epoch_end(self) -> None:
-        self._gather_predictions()
-        self._write_predictions()
-
-    @property
-    def predictions(self) -> list[dict]:
-        """This test or predict epoch's rows: slide_id, label (None if unknown), probs[, attention]. During the epoch,
-        this process's slides so far; from the epoch's end on, every process's, in dataset order."""
-        return self._predictions
-
-    def _gather_predictions(self) -> None:
-        """Under DDP each process saw every world_size-th slide (`UnrepeatedDistributedSampler`): interleaving the
-        processes' rows restores the dataset order."""
-        if self.trainer.world_size <= 1:
-            return
-        parts: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather_object(parts, self._predictions)
-        self._predictions = [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; draw the
-        test and predict figures (`FigureWriter`) unless the Trainer has a configured one."""
-        callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max",
-                                                        save_last=True, filename="best-{epoch}")]  # fmt: skip
-        if not any(isinstance(c, FigureWriter) for c in self.trainer.callbacks):
-            callbacks.append(FigureWriter())
+        """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; write
+        predictions.csv and the figures, unless the Trainer has its own writer of the kind."""
+        callbacks: list[pl.Callback] = [
+            ModelCheckpoint(
+                dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max", save_last=True, filename="best-{epoch}"
+            )
+        ]
+        for writer in (PredictionWriter(), resolve_figures(self.figures)):
+            if writer is not None and not any(isinstance(c, type(writer)) for c in self.trainer.callbacks):
+                callbacks.append(writer)
         return callbacks
 
     def adam(self, param_groups, lr: float, weight_decay: float, scheduler: Scheduler):
@@ -141,20 +135,3 @@ class SlideTask(pl.LightningModule):
         self.log(f"{stage}/loss", self.loss(out, batch["label"]), on_epoch=True, batch_size=1, sync_dist=True)
         self.log_dict(self.metrics[stage], on_epoch=True, batch_size=1, prog_bar=stage == "val")
         return probs.detach().cpu(), out
-
-    def _write_predictions(self) -> None:
-        """`predictions.csv` in the run directory: one row per slide, predicted class and probabilities."""
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every process asks
-        if not self.trainer.is_global_zero or not self._predictions:
-            return
-        path = Path(run_dir) / "predictions.csv"
-        names = self.class_names or [str(c) for c in range(self.num_classes)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]])
-            for row in self._predictions:
-                probs = row["probs"].tolist()
-                predicted = max(range(len(probs)), key=probs.__getitem__)
-                label = "" if row["label"] is None else names[row["label"]]
-                writer.writerow([row["slide_id"], label, names[predicted], *[f"{p:.6f}" for p in probs]])

@@ -3,8 +3,8 @@
 `wandb sweep` needs a server and hospital clusters are often air-gapped, so this runs the same sweep file locally.
 W&B's own open-source engine (`sweeps`) proposes each trial from the trials so far (random, grid, bayes); the
 `command` is expanded as `wandb agent` expands it and run as a fresh in-process `fit`, with every output of trial k
-under `<out>/trial-<k>/`. The metric is read back from the trial's results.json (`METRICS`): `final/<stage>/<name>`
-is the last iteration's `<stage>` `<name>`, the value ICMIL also logs under that name.
+under `<out>/trial-<k>/`. The metric is read back from the trial's results.json: `final/<stage>/<name>` is the last
+iteration's `<stage>` `<name>` (`icmil_pl.results.FINAL_METRICS`), the value every fit also logs under that name.
 
     <out>/state.json   the sweep, the seed and every trial (parameters, status, metric, error), rewritten after each
     <out>/trials.csv   trial, status, metric, every parameter and error, best first
@@ -35,21 +35,18 @@ import yaml
 from .cli import main as cli_main
 from .loop import ICMIL
 from .metrics import METRIC_NAMES
-from .results import read_results
+from .results import FINAL_METRICS, read_results
 
 with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1 way, which pydantic 2 warns about
     warnings.simplefilter("ignore")
     import sweeps
 
-__all__ = ["METRICS", "Trial", "expand_command", "load_sweep", "main", "resolve_config", "run_sweep", "run_trial",
-           "trial_argv"]
+__all__ = ["Trial", "expand_command", "load_sweep", "main", "resolve_config", "run_sweep", "run_trial", "trial_argv"]
 
 Method = Literal["random", "grid", "bayes"]
 Goal = Literal["maximize", "minimize"]
 Status = Literal["running", "finished", "failed"]
 
-# sweep metric name -> (stage, metric) of the last iteration in results.json
-METRICS: dict[str, tuple[str, str]] = {f"final/{s}/{m}": (s, m) for s in ("val", "test") for m in METRIC_NAMES}
 _KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # what follows `--` in a jsonargparse override
 _ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # the agent's SWEEP_COMMAND_ENV_VAR_REGEX
 _MODULE = ["-m", "icmil_pl", "fit"]
@@ -81,9 +78,12 @@ def load_sweep(path: str | os.PathLike) -> dict:
     metric = sweep.get("metric")
     if not isinstance(metric, dict):
         raise bad("metric", f"expected {{name: final/val/auroc, goal: maximize}}, got {metric!r}")
-    if metric.get("name") not in METRICS:
-        raise bad("metric.name", f"expected final/<val|test>/<{'|'.join(METRIC_NAMES)}> (read from results.json), "
-                                 f"got {metric.get('name')!r}")  # fmt: skip
+    if metric.get("name") not in FINAL_METRICS:
+        raise bad(
+            "metric.name",
+            f"expected final/<val|test>/<{'|'.join(METRIC_NAMES)}> (read from results.json), "
+            f"got {metric.get('name')!r}",
+        )
     if metric.get("goal") not in get_args(Goal):
         raise bad("metric.goal", f"expected one of {', '.join(get_args(Goal))}, got {metric.get('goal')!r}")
     parameters = sweep.get("parameters")
@@ -91,14 +91,19 @@ def load_sweep(path: str | os.PathLike) -> dict:
         raise bad("parameters", "expected a mapping of CLI keys (a.b.c for --a.b.c) to W&B parameter specs")
     for key, spec in parameters.items():
         if not _KEY.fullmatch(str(key)) or not isinstance(spec, dict) or "parameters" in spec:
-            raise bad(f"parameters.{key}", "expected a flat dotted CLI key (a.b.c for --a.b.c) mapped to a W&B "
-                                           "parameter spec (value, values, min/max, distribution)")  # fmt: skip
+            raise bad(
+                f"parameters.{key}",
+                "expected a flat dotted CLI key (a.b.c for --a.b.c) mapped to a W&B "
+                "parameter spec (value, values, min/max, distribution)",
+            )
     if violations := sweeps.schema_violations_from_proposed_config(sweep):
         raise ValueError(f"{path}: {'; '.join(violations)}")
     command = sweep.get("command")
     if not isinstance(command, list) or "${args}" not in command or _module_at(command) is None:
-        raise bad("command", f"expected a list like [${{env}}, python, -m, icmil_pl, fit, -c, <config>, ${{args}}], "
-                             f"got {command!r}")  # fmt: skip
+        raise bad(
+            "command",
+            f"expected a list like [${{env}}, python, -m, icmil_pl, fit, -c, <config>, ${{args}}], got {command!r}",
+        )
     return sweep
 
 
@@ -113,8 +118,9 @@ def expand_command(command: list, params: dict[str, Any], program: str | None = 
         "args": [f"--{flag}" for flag in flags],
         "args_no_hyphens": flags,
         "args_no_equals": [arg for key, value in params.items() for arg in (f"--{key}", str(value))],
-        "args_no_boolean_flags": [f"--{key}" if value is True else f"--{key}={value}"
-                                  for key, value in params.items() if value is not False],
+        "args_no_boolean_flags": [
+            f"--{key}" if value is True else f"--{key}={value}" for key, value in params.items() if value is not False
+        ],
         "args_json": [json.dumps(params)],
         "args_append_hydra": [f"+{flag}" for flag in flags],
         "args_override_hydra": [f"++{flag}" for flag in flags],
@@ -160,8 +166,10 @@ def run_trial(argv: list[str], root: Path) -> dict:
     icmil = config["model"]["class_path"] == f"{ICMIL.__module__}.{ICMIL.__name__}"
     if icmil:
         outputs.append(f"--model.init_args.run_dir={root}")
-    trainer = cli_main([*argv, *outputs]).trainer
-    return read_results(root if icmil else trainer.log_dir or trainer.default_root_dir)  # as ICMILCLI.after_fit
+    results = cli_main([*argv, *outputs]).results_dir
+    if results is None:
+        raise ValueError("the trial's fit wrote no results.json (a fast_dev_run writes none)")
+    return read_results(results)
 
 
 def run_sweep(path: str | os.PathLike, count: int, out: str | os.PathLike | None = None, seed: int = 0) -> list[Trial]:
@@ -185,11 +193,13 @@ def run_sweep(path: str | os.PathLike, count: int, out: str | os.PathLike | None
             trial = Trial(trial=len(trials) + 1, status="running", params=params, metric=None, error="")
             trials.append(trial)
             _save(folder, state, sweep)
-        print(f"trial {trial['trial']}/{count}: "
-              + " ".join(f"{name}={_format(trial['params'].get(key))}" for key, name in names.items()))  # fmt: skip
+        print(
+            f"trial {trial['trial']}/{count}: "
+            + " ".join(f"{name}={_format(trial['params'].get(key))}" for key, name in names.items())
+        )
         try:
             results = run_trial(trial_argv(sweep, trial["params"]), folder / f"trial-{trial['trial']}")
-            stage, metric = METRICS[sweep["metric"]["name"]]
+            stage, metric = FINAL_METRICS[sweep["metric"]["name"]]
             trial.update(status="finished", metric=float(results["iterations"][-1][stage][metric]))
         except (Exception, SystemExit) as error:  # a failed trial is a result: record it, the sweep goes on
             trial.update(status="failed", error=f"{type(error).__name__}: {' '.join(str(error).split())}")
@@ -215,19 +225,24 @@ def _propose(sweep: dict, trials: list[Trial], seed: int) -> dict[str, Any] | No
     (seed_everything): seeded by (seed, trial) here, trials differ and a resumed sweep proposes what an uninterrupted
     one would."""
     runs = [
-        sweeps.SweepRun(name=f"trial-{t['trial']}", state=t["status"],
-                        config={key: {"value": value} for key, value in t["params"].items()},
-                        summary_metrics={} if t["metric"] is None else {sweep["metric"]["name"]: t["metric"]})
+        sweeps.SweepRun(
+            name=f"trial-{t['trial']}",
+            state=t["status"],
+            config={key: {"value": value} for key, value in t["params"].items()},
+            summary_metrics={} if t["metric"] is None else {sweep["metric"]["name"]: t["metric"]},
+        )
         for t in trials
-    ]  # fmt: skip
+    ]
     state = np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0]
     random.seed(int(state))
     np.random.seed(state)
     proposal = sweeps.next_run(sweep, runs)
     if proposal is None:
         return None
-    return {key: value["value"].item() if isinstance(value["value"], np.generic) else value["value"]
-            for key, value in proposal.config.items()}  # fmt: skip
+    return {
+        key: value["value"].item() if isinstance(value["value"], np.generic) else value["value"]
+        for key, value in proposal.config.items()
+    }
 
 
 def _ranked(trials: list[Trial], goal: Goal) -> list[Trial]:
@@ -249,8 +264,15 @@ def _save(out: Path, state: dict, sweep: dict) -> None:
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["trial", "status", "metric", *keys, "error"])
     for t in _ranked(state["trials"], sweep["metric"]["goal"]):
-        writer.writerow([t["trial"], t["status"], "" if t["metric"] is None else t["metric"],
-                         *(t["params"].get(k, "") for k in keys), t["error"]])  # fmt: skip
+        writer.writerow(
+            [
+                t["trial"],
+                t["status"],
+                "" if t["metric"] is None else t["metric"],
+                *(t["params"].get(k, "") for k in keys),
+                t["error"],
+            ]
+        )
     for name, text in (("state.json", json.dumps(state, indent=1)), ("trials.csv", table.getvalue())):
         tmp = out / f"{name}.tmp"
         tmp.write_text(text)
@@ -265,9 +287,17 @@ def _short_names(keys: list[str]) -> dict[str, str]:
     def suffix(p: list[str], n: int) -> str:
         return ".".join(p[-n:])
 
-    return {key: next((suffix(p, n) for n in range(1, len(p) + 1)
-                       if sum(suffix(q, n) == suffix(p, n) for q in parts.values()) == 1), key)
-            for key, p in parts.items()}  # fmt: skip
+    return {
+        key: next(
+            (
+                suffix(p, n)
+                for n in range(1, len(p) + 1)
+                if sum(suffix(q, n) == suffix(p, n) for q in parts.values()) == 1
+            ),
+            key,
+        )
+        for key, p in parts.items()
+    }
 
 
 def _format(value: Any) -> str:
@@ -278,8 +308,16 @@ def _print_table(trials: list[Trial], sweep: dict) -> None:
     keys = list(sweep["parameters"])
     names = _short_names(keys)
     rows = [["trial", "status", sweep["metric"]["name"], *(names[k] for k in keys), "error"]]
-    rows += [[str(t["trial"]), t["status"], _format(t["metric"]), *(_format(t["params"].get(k)) for k in keys),
-              t["error"][:80]] for t in trials]  # fmt: skip
+    rows += [
+        [
+            str(t["trial"]),
+            t["status"],
+            _format(t["metric"]),
+            *(_format(t["params"].get(k)) for k in keys),
+            t["error"][:80],
+        ]
+        for t in trials
+    ]
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -287,8 +325,9 @@ def _print_table(trials: list[Trial], sweep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m icmil_pl sweep ...` (see the module docstring); a bad sweep file exits with one line."""
-    parser = argparse.ArgumentParser(prog="python -m icmil_pl sweep",
-                                     description="Run a W&B sweep file without a W&B server.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m icmil_pl sweep", description="Run a W&B sweep file without a W&B server."
+    )
     parser.add_argument("sweep", help="W&B sweep file, e.g. experiments/sweeps/demo.yaml")
     parser.add_argument("--count", type=int, required=True, help="trials in all, those of earlier runs included")
     parser.add_argument("--out", help="output folder (default: runs/sweeps/<sweep file name>)")

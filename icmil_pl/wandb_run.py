@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -24,8 +25,16 @@ __all__ = ["CONFIG_KEY", "default_offline", "has_credentials", "locations", "sta
 CONFIG_KEY = "cli"  # not a CLI argument (`config` is: a sweep over `--config` files would lock that key)
 
 
+def _private(logger: WandbLogger) -> tuple[Any, bool, dict]:
+    """The private state of Lightning's `WandbLogger` this module relies on, read nowhere else: the run if started
+    (`_experiment`; `experiment` would start one), whether `offline=True` was passed (`_offline`), and the kwargs it
+    will pass to `wandb.init` (`_wandb_init`, mutable). tests/test_wandb.py fails if an upgrade renames them."""
+    return logger._experiment, logger._offline, logger._wandb_init
+
+
 def has_credentials() -> bool:
-    """Whether wandb would find credentials for its host without prompting; local files and variables only."""
+    """Whether wandb would find credentials for its host without prompting; local files and variables only. The one
+    place that reads wandb's own credential lookup (its internals; tests/test_wandb.py checks they still exist)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     import wandb
@@ -56,17 +65,19 @@ def default_offline(loggers: Iterable[Logger]) -> bool:
     Call before the runs start (`logger.experiment` creates one). `offline=True` on a logger is passed on as well, so
     it holds even where wandb was used earlier in this process (Lightning sets WANDB_MODE, which wandb then ignores).
     """
-    pending = [logger for logger in _wandb_loggers(loggers) if logger._experiment is None]
-    for logger in pending:
-        if logger._offline and logger._wandb_init.get("mode") is None:
-            logger._wandb_init["mode"] = "offline"
+    pending = []  # the wandb.init kwargs of every logger whose run has not started
+    for logger in _wandb_loggers(loggers):
+        run, offline, init = _private(logger)
+        if run is None:
+            pending.append(init)
+            if offline and init.get("mode") is None:
+                init["mode"] = "offline"
     # LightningCLI passes every wandb.init argument of the logger's **kwargs, unset ones as None
-    unset = [logger for logger in pending if logger._wandb_init.get("mode") is None
-             and logger._wandb_init.get("settings") is None]  # fmt: skip
+    unset = [init for init in pending if init.get("mode") is None and init.get("settings") is None]
     if not unset or os.environ.get("WANDB_MODE") or has_credentials():
         return False
-    for logger in unset:
-        logger._wandb_init["mode"] = "offline"  # WandbLogger passes these to wandb.init
+    for init in unset:
+        init["mode"] = "offline"
     return True
 
 
@@ -79,18 +90,23 @@ def start(loggers: Iterable[Logger], config: dict, announce_offline: bool = Fals
         run.config.update({CONFIG_KEY: config}, allow_val_change=True)
         if announce_offline and getattr(run, "offline", False):
             where = run.settings.sync_dir
-            print(f"W&B: offline run in {where} (no API key found: `wandb login` for online runs, or set WANDB_MODE); "
-                  f"upload it with: wandb sync {where}")  # fmt: skip
+            print(
+                f"W&B: offline run in {where} (no API key found: `wandb login` for online runs, or set WANDB_MODE); "
+                f"upload it with: wandb sync {where}"
+            )
 
 
 def locations(loggers: Iterable[Logger]) -> list[str]:
     """One line per started W&B run of `loggers`: its URL and folder, or for an offline run how to upload it."""
     lines = []
     for logger in _wandb_loggers(loggers):
-        run = logger._experiment  # a run not started is not created just to print it
+        run = _private(logger)[0]  # a run not started is not created just to print it
         if run is None or getattr(run, "disabled", False) or not hasattr(run, "settings"):
             continue
         where = run.settings.sync_dir
-        lines.append(f"W&B run (offline): {where}  (upload: wandb sync {where})" if run.offline
-                     else f"W&B run: {run.url}  (local files: {where})")  # fmt: skip
+        lines.append(
+            f"W&B run (offline): {where}  (upload: wandb sync {where})"
+            if run.offline
+            else f"W&B run: {run.url}  (local files: {where})"
+        )
     return lines

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+from data_modules.synthetic import make_cohort  # noqa: E402
+from helpers import ICMIL_COHORT  # noqa: E402 - after the environment is set
+
+
+@pytest.fixture(scope="session")
+def icmil_cohort(tmp_path_factory) -> Path:
+    """`helpers.ICMIL_COHORT` on disk (labels.csv, slides/), written once per test session."""
+    return make_cohort(tmp_path_factory.mktemp("icmil_cohort"), ICMIL_COHORT)

@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from data_modules.bags import PatchBagDataModule, SlideBag
-from data_modules.cohort import TilingConfig
+from data_modules.slide_bags import PatchBagDataModule, SlideBag, SlideBagDataModule
 from data_modules.slides import open_slide
-from data_modules.synthetic import make_cohort
+from data_modules.splits import SplitConfig
+from data_modules.synthetic import CohortSpec, make_cohort
+from data_modules.tiling import TilingConfig
 from icmil_pl.cli import main
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, 6, seed=1, size=(768, 768), mpp=0.5)
-    return root
+    return make_cohort(tmp_path_factory.mktemp("cohort"), CohortSpec(n_slides=6, seed=1, size=(768, 768)))
 
 
 @pytest.fixture(scope="module")
 def data(cohort, tmp_path_factory):
-    data = PatchBagDataModule(str(cohort / "labels.csv"), str(cohort / "slides"),
-                              TilingConfig(mpp=1.0, patch_size=32, tissue_threshold=0.5),
-                              grid_cache=str(tmp_path_factory.mktemp("grids")), folds=3, val_fraction=0.5)
+    data = SlideBagDataModule(
+        str(cohort / "labels.csv"),
+        str(cohort / "slides"),
+        TilingConfig(mpp=1.0, patch_size=32, tissue_threshold=0.5),
+        grid_cache=str(tmp_path_factory.mktemp("grids")),
+        splits=SplitConfig(folds=3, val_fraction=0.5),
+    )
     data.setup("fit")
     return data
 
@@ -41,7 +46,7 @@ def test_slide_bags_read_chunks_lazily(data, cohort):
     expected = open_slide(bag.patches.path).read_at_mpp((int(x), int(y)), (32, 32), mpp=1.0)
     np.testing.assert_array_equal(chunk[1].permute(1, 2, 0).numpy(), expected)
     single = SlideBag(bag.patches, threads=1)
-    assert torch.equal(single[0:len(single)], bag[0:len(bag)])  # threaded reads are the same pixels, in order
+    assert torch.equal(single[0 : len(single)], bag[0 : len(bag)])  # threaded reads are the same pixels, in order
     picked = bag.select(np.array([4, 1]))
     assert torch.equal(picked[0:2], torch.stack([bag[4:5][0], bag[1:2][0]]))
     assert pickle.loads(pickle.dumps(bag))._slide is None  # a handle never travels between processes
@@ -49,15 +54,53 @@ def test_slide_bags_read_chunks_lazily(data, cohort):
         bag[3]
 
 
-def test_end_to_end_fit_on_slides(cohort, tmp_path):
-    main(["fit", "--seed_everything=0",
-          "--model=EndToEndMIL", "--model.embedder=LeNetEmbedder", "--model.embedder.image_size=32",
-          "--model.aggregator=ABMIL", "--model.aggregator.in_dim=500", "--model.aggregator.hidden_dim=32",
-          "--model.chunk_size=16",
-          "--data=PatchBagDataModule", f"--data.labels={cohort / 'labels.csv'}", f"--data.slides={cohort / 'slides'}",
-          "--data.tiling.mpp=1.0", "--data.tiling.patch_size=32", f"--data.grid_cache={tmp_path / 'grids'}",
-          "--data.folds=3", "--data.val_fraction=0.5",
-          "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    results = next(tmp_path.glob("lightning_logs/version_0/results.json"))
-    assert '"auroc"' in results.read_text()
+def test_the_former_name_still_builds_the_same_data_module(cohort, tmp_path):
+    old = PatchBagDataModule(str(cohort / "labels.csv"), str(cohort / "slides"), grid_cache=str(tmp_path))
+    assert isinstance(old, SlideBagDataModule)
+
+
+@pytest.mark.parametrize("data_class", ["SlideBagDataModule", "PatchBagDataModule"])
+def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class):
+    main(
+        [
+            "fit",
+            "--seed_everything=0",
+            "--model=EndToEndMIL",
+            "--model.embedder=LeNetEmbedder",
+            "--model.embedder.image_size=32",
+            "--model.aggregator=ABMIL",
+            "--model.aggregator.in_dim=500",
+            "--model.aggregator.hidden_dim=32",
+            "--model.chunk_size=16",
+            f"--data={data_class}",
+            f"--data.labels={cohort / 'labels.csv'}",
+            f"--data.slides={cohort / 'slides'}",
+            "--data.tiling.mpp=1.0",
+            "--data.tiling.patch_size=32",
+            f"--data.grid_cache={tmp_path / 'grids'}",
+            "--data.splits.folds=3",
+            "--data.splits.val_fraction=0.5",
+            "--trainer.max_epochs=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    run = tmp_path / "lightning_logs" / "version_0"
+    results = json.loads((run / "results.json").read_text())
+    (entry,) = results["iterations"]
+    assert results["model"] == "EndToEndMIL" and entry["iteration"] == 0
+    for stage in ("val", "test"):
+        assert set(entry[stage]) == {"auroc", "accuracy", "f1", "balanced_accuracy"}
+        assert all(0.0 <= v <= 1.0 for v in entry[stage].values())
+    assert entry["seconds"]["fit"] > 0 and entry["checkpoint"].startswith(str(run / "checkpoints"))
+    splits = json.loads((run / "splits.json").read_text())
+    with (run / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["slide_id"] for r in rows) == sorted(splits["test"]) and rows  # one row per test slide
+    for row in rows:
+        p0, p1 = float(row["prob_0"]), float(row["prob_1"])
+        assert p0 + p1 == pytest.approx(1.0, abs=1e-5) and row["predicted"] == ("1" if p1 > p0 else "0")
+    accuracy = np.mean([r["predicted"] == r["label"] for r in rows])
+    assert entry["test"]["accuracy"] == pytest.approx(accuracy)  # results.json and predictions.csv agree

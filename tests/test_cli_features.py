@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from data_modules.synthetic import make_cohort
+from data_modules.synthetic import CohortSpec, make_cohort
 from icmil_pl.cli import main
 
 CONF = Path(__file__).parent / "conf"
@@ -18,18 +18,23 @@ CONF = Path(__file__).parent / "conf"
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, 18, seed=0, size=(1024, 1024), mpp=0.5, tumour_contrast=1.5, tumour_area=(0.1, 0.2))
-    return root
+    spec = CohortSpec(n_slides=18, seed=0, size=(1024, 1024), tumour_contrast=1.5, tumour_area=(0.1, 0.2))
+    return make_cohort(tmp_path_factory.mktemp("cohort"), spec)
 
 
 def _extract(cohort: Path, run: Path) -> None:
-    main(["predict", "-c", str(CONF / "extract.yaml"),
-          f"--trainer.callbacks.init_args.cache_root={run / 'features'}",
-          f"--trainer.default_root_dir={run}",
-          f"--data.init_args.labels={cohort / 'labels.csv'}",
-          f"--data.init_args.slides={cohort / 'slides'}",
-          f"--data.init_args.grid_cache={run / 'grids'}"])
+    main(
+        [
+            "predict",
+            "-c",
+            str(CONF / "extract.yaml"),
+            f"--trainer.callbacks.init_args.cache_root={run / 'features'}",
+            f"--trainer.default_root_dir={run}",
+            f"--data.init_args.labels={cohort / 'labels.csv'}",
+            f"--data.init_args.slides={cohort / 'slides'}",
+            f"--data.init_args.grid_cache={run / 'grids'}",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +61,37 @@ def test_extraction_writes_one_group_per_slide(cohort, features):
     assert not list(caches[0].glob(".*tmp*"))  # nothing half-written left behind
 
 
+def _slides(cache: Path) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """slide id -> (mtime of its group, features, coords), for every slide in the cache."""
+    out = {}
+    for group in sorted(cache.glob("*.zarr")):
+        arrays = zarr.open_group(group, mode="r")
+        out[group.stem] = ((group / "zarr.json").stat().st_mtime_ns, arrays["features"][:], arrays["coords"][:])
+    return out
+
+
 def test_second_extraction_skips_finished_slides(cohort, features):
     cache = next(p for p in (features / "features").iterdir() if p.is_dir())
-    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.zarr/zarr.json")}
+    before = _slides(cache)
+    assert len(before) == 18
     _extract(cohort, features)
-    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.zarr/zarr.json")} == before
+    after = _slides(cache)
+    assert after.keys() == before.keys()
+    for slide, (mtime, feats, coords) in before.items():  # not rewritten: same file, same arrays
+        assert after[slide][0] == mtime, slide
+        np.testing.assert_array_equal(after[slide][1], feats)
+        np.testing.assert_array_equal(after[slide][2], coords)
 
 
 def test_fit_test_predict(cohort, features, tmp_path):
-    args = ["-c", str(CONF / "abmil.yaml"),
-            f"--data.init_args.labels={cohort / 'labels.csv'}",
-            f"--data.init_args.features={features / 'features'}",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    args = [
+        "-c",
+        str(CONF / "abmil.yaml"),
+        f"--data.init_args.labels={cohort / 'labels.csv'}",
+        f"--data.init_args.features={features / 'features'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     main(["fit", *args])
     run = next(tmp_path.glob("lightning_logs/version_0"))
     results = json.loads((run / "results.json").read_text())
@@ -91,14 +114,24 @@ def test_fit_test_predict(cohort, features, tmp_path):
     # with the slides folder given, a heatmap and a patch montage per slide
     new = tmp_path / "new.csv"
     new.write_text("slide_id\n" + "".join(f"{s}\n" for s in splits["test"]))
-    main(["predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", f"--data.init_args.labels={new}",
-          f"--data.init_args.slides={cohort / 'slides'}"])
+    main(
+        [
+            "predict",
+            "-c",
+            str(run / "config.yaml"),
+            f"--ckpt_path={best}",
+            f"--data.init_args.labels={new}",
+            f"--data.init_args.slides={cohort / 'slides'}",
+        ]
+    )
     out = run.parent / "version_2"
     predicted = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["slide_id"] for r in predicted] == splits["test"] and all(r["label"] == "" for r in predicted)
     assert {r["slide_id"]: r["prob_1"] for r in predicted} == {r["slide_id"]: r["prob_1"] for r in rows}
     for slide in splits["test"]:
-        assert (out / "figures" / f"{slide}_heatmap.png").is_file() and (out / "figures" / f"{slide}_patches.png").is_file()
+        assert (out / "figures" / f"{slide}_heatmap.png").is_file() and (
+            out / "figures" / f"{slide}_patches.png"
+        ).is_file()
         scores = zarr.open_group(str(out / "scores.zarr"), mode="r")[slide]
         assert scores["scores"].shape[0] == scores["coords"].shape[0] > 0
     with pytest.raises(ValueError, match=r"new\.csv: slide '.+' and \d+ more has no label, which splitting"):
@@ -107,21 +140,36 @@ def test_fit_test_predict(cohort, features, tmp_path):
 
 def test_print_config_resolves_overrides(cohort, features, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "-c", str(CONF / "abmil.yaml"), "--model.init_args.lr=0.01", "--print_config",
-              f"--data.init_args.labels={cohort / 'labels.csv'}",
-              f"--data.init_args.features={features / 'features'}"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONF / "abmil.yaml"),
+                "--model.init_args.lr=0.01",
+                "--print_config",
+                f"--data.init_args.labels={cohort / 'labels.csv'}",
+                f"--data.init_args.features={features / 'features'}",
+            ]
+        )
     printed = capsys.readouterr().out
     assert "lr: 0.01" in printed and "class_path: icmil_pl.aggregators.ABMIL" in printed
 
 
-
 def test_wandb_logger_runs_offline(cohort, features, tmp_path):
     """W&B needs no account or network: WANDB_MODE=offline (set for every test) keeps the run on disk."""
-    main(["fit", "-c", str(CONF / "abmil.yaml"), "--trainer.max_epochs=2",
-          f"--data.init_args.labels={cohort / 'labels.csv'}",
-          f"--data.init_args.features={features / 'features'}",
-          f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.logger=WandbLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
-          "--trainer.logger.init_args.project=icmil-tests"])
+    main(
+        [
+            "fit",
+            "-c",
+            str(CONF / "abmil.yaml"),
+            "--trainer.max_epochs=2",
+            f"--data.init_args.labels={cohort / 'labels.csv'}",
+            f"--data.init_args.features={features / 'features'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=WandbLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.project=icmil-tests",
+        ]
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 
-from data_modules.synthetic import make_cohort
+from data_modules.augment import random_flip_resized_crop
+from data_modules.synthetic import CohortSpec, make_cohort
 from data_modules.tiling import SlidePatches, TissueParams, patch_grid
 from icmil_pl.aggregators import ABMIL, DSMIL
 from icmil_pl.bag_classifier import BagClassifier
@@ -22,10 +22,8 @@ from icmil_pl.coupling import (
     BagGradient,
     Distillation,
     StandardizedHead,
-    _hold_out,
     confidence_weights,
     distillation_loss,
-    random_flip_resized_crop,
     reduced_features,
 )
 from icmil_pl.embedder import PatchEmbedder
@@ -109,20 +107,9 @@ def test_reduced_features_are_the_heads_hidden_layer():
     bag.feature_std.fill_(2.0)
     standardized = StandardizedHead(bag, frozen=True)
     torch.testing.assert_close(standardized.instance_logits(h), bag.instance_logits(h))
-    torch.testing.assert_close(standardized.hidden(h), head.embed((h - 1) / 2))
+    torch.testing.assert_close(standardized.reduced_features(h), head.embed((h - 1) / 2))
     standardized.train()
     assert not standardized.training and not any(p.requires_grad for p in standardized.parameters())
-
-
-def test_hold_out_is_stratified_and_seeded():
-    slides = [SimpleNamespace(slide_id=f"s{i}") for i in range(10)]
-    labels = {f"s{i}": i % 2 for i in range(10)}
-    train, val = _hold_out(slides, labels, 0.1, seed=3)
-    assert len(val) == 2 and sorted(labels[s.slide_id] for s in val) == [0, 1]
-    train_ids, val_ids = {s.slide_id for s in train}, {s.slide_id for s in val}
-    assert train_ids | val_ids == set(labels) and not train_ids & val_ids
-    assert _hold_out(slides, labels, 0.1, seed=3) == (train, val)
-    assert _hold_out(slides[:3], labels, 0.1, seed=3) == (slides[:3], [])  # < 4 slides: train loss selects
 
 
 # ---------------------------------------------------------------------------------------------------------- fitting
@@ -130,7 +117,7 @@ def test_hold_out_is_stratified_and_seeded():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[list[SlidePatches], dict[str, int]]:
-    root = make_cohort(tmp_path_factory.mktemp("cohort"), 4, seed=0, size=(512, 512))
+    root = make_cohort(tmp_path_factory.mktemp("cohort"), CohortSpec(n_slides=4, seed=0, size=(512, 512)))
     tissue = TissueParams(mask_mpp=2.0, min_object_um2=0)  # a 256 um slide: finer mask, no speck removal
     with (root / "labels.csv").open() as fh:
         labels = {row["slide_id"]: int(row["label"]) for row in csv.DictReader(fh)}
@@ -167,8 +154,15 @@ class _Probe(pl.Callback):
 
 
 def _trainer_kwargs(tmp_path, *callbacks, **kwargs) -> dict:
-    return dict(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
-                enable_model_summary=False, callbacks=list(callbacks), **kwargs)  # fmt: skip
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="log"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -181,10 +175,12 @@ def test_distillation_fit(cohort, tmp_path):
     embedder, bag = _models()
     before, bag_before = copy.deepcopy(embedder), copy.deepcopy(bag)
     probe = _Probe("teacher,teacher_head")
-    strategy = Distillation(lr=1e-3, batch_size=16, patches_per_epoch=64, confidence_beta=6.0, num_workers=0,
-                            max_epochs=2)  # fmt: skip
-    student = strategy.fit(embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path, probe), root=tmp_path,
-                           seed=0)  # fmt: skip
+    strategy = Distillation(
+        lr=1e-3, batch_size=16, patches_per_epoch=64, confidence_beta=6.0, num_workers=0, max_epochs=2
+    )
+    student = strategy.fit(
+        embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path, probe), root=tmp_path, seed=0
+    )
 
     assert isinstance(student, PatchEmbedder) and student is not embedder
     assert student.weights_hash() != before.weights_hash()
@@ -209,8 +205,9 @@ def test_distillation_without_reduced_features_warns(cohort, tmp_path):
     embedder, bag = _models(DSMIL(64, query_dim=16))
     strategy = Distillation(batch_size=16, patches_per_epoch=16, num_workers=0, max_epochs=1)
     with pytest.warns(UserWarning, match="feature term"):
-        student = strategy.fit(embedder, bag, slides[:1], trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path,
-                               seed=0)  # fmt: skip
+        student = strategy.fit(
+            embedder, bag, slides[:1], trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path, seed=0
+        )
     assert student.weights_hash() != embedder.weights_hash()
 
 
@@ -222,10 +219,12 @@ def test_bag_gradient_fit(cohort, tmp_path, train_head, n_slides):
     embedder, bag = _models()
     before, bag_before = copy.deepcopy(embedder), copy.deepcopy(bag)
     probe = _Probe("aggregator")
-    strategy = BagGradient(lr=1e-3, chunk_size=8, max_instances=12, train_head=train_head, bags_per_step=2,
-                           read_threads=1, max_epochs=1)  # fmt: skip
-    tuned = strategy.fit(embedder, bag, slides, labels=labels, root=tmp_path, seed=0,
-                         trainer_kwargs=_trainer_kwargs(tmp_path, probe))  # fmt: skip
+    strategy = BagGradient(
+        lr=1e-3, chunk_size=8, max_instances=12, train_head=train_head, bags_per_step=2, read_threads=1, max_epochs=1
+    )
+    tuned = strategy.fit(
+        embedder, bag, slides, labels=labels, root=tmp_path, seed=0, trainer_kwargs=_trainer_kwargs(tmp_path, probe)
+    )
 
     assert isinstance(tuned, PatchEmbedder) and tuned is not embedder
     assert tuned.weights_hash() != before.weights_hash()
@@ -272,10 +271,12 @@ def test_bad_configuration(cohort, tmp_path):
     with pytest.raises(ValueError, match="^labels: expected a class index for every training slide"):
         BagGradient().fit(embedder, bag, slides, trainer_kwargs={}, root=tmp_path, seed=0)
     with pytest.raises(ValueError, match=r"^labels: expected class indices in \[0, 2\)"):
-        BagGradient().fit(embedder, bag, slides, labels={**labels, slides[0].slide_id: 2}, trainer_kwargs={},
-                          root=tmp_path, seed=0)  # fmt: skip
+        BagGradient().fit(
+            embedder, bag, slides, labels={**labels, slides[0].slide_id: 2}, trainer_kwargs={}, root=tmp_path, seed=0
+        )
     with pytest.raises(ValueError, match="^trainer_kwargs.accumulate_grad_batches"):
-        BagGradient().fit(embedder, bag, slides, labels=labels, trainer_kwargs={"accumulate_grad_batches": 2},
-                          root=tmp_path, seed=0)  # fmt: skip
+        BagGradient().fit(
+            embedder, bag, slides, labels=labels, trainer_kwargs={"accumulate_grad_batches": 2}, root=tmp_path, seed=0
+        )
     with pytest.raises(ValueError, match="^train: expected at least one training slide"):
         Distillation().fit(embedder, bag, [], trainer_kwargs={}, root=tmp_path, seed=0)

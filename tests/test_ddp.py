@@ -14,27 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from data_modules.synthetic import make_cohort
+from helpers import icmil_args
 
-CONF = Path(__file__).parent / "conf"
 ROOT = Path(__file__).parent.parent
-
-
-def _command(subcommand: str, cohort: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "icmil_pl", subcommand, "-c", str(CONF / "icmil.yaml"),
-            f"--model.init_args.run_dir={out / 'run'}", f"--data.init_args.labels={cohort / 'labels.csv'}",
-            f"--data.init_args.slides={cohort / 'slides'}", f"--data.init_args.grid_cache={out / 'grids'}",
-            f"--trainer.logger.init_args.save_dir={out / 'logs'}", "--trainer.devices=2", "--trainer.strategy=ddp"]  # fmt: skip
+DDP = ("--trainer.devices=2", "--trainer.strategy=ddp")
 
 
 @pytest.mark.slow
-def test_icmil_fit_test_predict_with_two_processes(tmp_path):
-    cohort = tmp_path / "cohort"
-    make_cohort(cohort, 12, seed=2, size=(1024, 1024), mpp=0.5, tumour_contrast=1.0, tumour_area=(0.1, 0.2))
+def test_icmil_fit_test_predict_with_two_processes(icmil_cohort, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     for subcommand in ("fit", "test", "predict"):
-        done = subprocess.run(_command(subcommand, cohort, tmp_path), cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=900)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "icmil_pl", *icmil_args(icmil_cohort, tmp_path, subcommand, *DDP)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, f"{subcommand}:\n{done.stderr[-4000:]}"
 
     run = tmp_path / "run"

@@ -108,10 +108,12 @@ def test_same_seed_same_bags_other_seed_other_bags(default_dm: DigitBagsDataModu
     assert all(np.array_equal(default_dm.pools[s], same.pools[s]) for s in SPLITS)
     other = _module(seed=1, image_size=8)
     assert not np.array_equal(default_dm.pools["train"], other.pools["train"])
-    assert not all(np.array_equal(a, b) for a, b in zip(_bags(default_dm), _bags(other)))
+    assert not all(np.array_equal(a, b) for a, b in zip(_bags(default_dm), _bags(other), strict=True))
     # each split has its own stream: more training bags leave the test bags unchanged
     more = _module(num_train_bags=300, image_size=8)
-    assert all(np.array_equal(a, b) for a, b in zip(default_dm.dataset("test").bags, more.dataset("test").bags))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(default_dm.dataset("test").bags, more.dataset("test").bags, strict=True)
+    )
 
 
 def _batches(loader) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -126,8 +128,10 @@ def test_loaders_are_seeded_and_independent_of_workers() -> None:
     assert sorted(ids) == [f"train-{i:05d}" for i in range(30)] and ids != sorted(ids)  # shuffled, all bags once
     assert ids == [slide_id for slide_id, _, _ in _batches(_module(**kwargs).train_dataloader())]
     assert [b["slide_id"] for b in serial.predict_dataloader()] == [f"test-{i:05d}" for i in range(10)]
-    for a_loader, b_loader in ((serial.train_dataloader(), parallel.train_dataloader()),
-                               (serial.val_dataloader(), parallel.val_dataloader())):  # fmt: skip
+    for a_loader, b_loader in (
+        (serial.train_dataloader(), parallel.train_dataloader()),
+        (serial.val_dataloader(), parallel.val_dataloader()),
+    ):
         for (id_a, x_a, y_a), (id_b, x_b, y_b) in zip(_batches(a_loader), _batches(b_loader), strict=True):
             assert id_a == id_b and torch.equal(x_a, x_b) and torch.equal(y_a, y_b)
 
@@ -142,8 +146,9 @@ def test_patches_are_upsampled_digits(size: int) -> None:
         assert patches.is_contiguous()
         assert torch.equal(patches[:, 0], patches[:, 1]) and torch.equal(patches[:, 0], patches[:, 2])
         for image, source in zip(patches[:, 0].numpy(), dataset.bags[index], strict=True):
-            reference = resize(DIGITS.images[source], (size, size), order=1, mode="edge", anti_aliasing=False,
-                               preserve_range=True) * (255 / 16)  # fmt: skip
+            reference = resize(
+                DIGITS.images[source], (size, size), order=1, mode="edge", anti_aliasing=False, preserve_range=True
+            ) * (255 / 16)
             assert np.abs(image - reference).max() <= 1
             assert np.corrcoef(image.ravel(), reference.ravel())[0, 1] > 0.99
     values = torch.cat([dataset[i]["patches"] for i in range(len(dataset))])
@@ -160,10 +165,17 @@ def test_native_size_keeps_the_digits() -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("positive_digit", 10), ("positive_digit", -1), ("mean_bag_size", 0), ("std_bag_size", -0.5),
-        ("num_train_bags", 0), ("num_val_bags", 0), ("num_test_bags", -3), ("image_size", 7), ("num_workers", -1),
+        ("positive_digit", 10),
+        ("positive_digit", -1),
+        ("mean_bag_size", 0),
+        ("std_bag_size", -0.5),
+        ("num_train_bags", 0),
+        ("num_val_bags", 0),
+        ("num_test_bags", -3),
+        ("image_size", 7),
+        ("num_workers", -1),
     ],
-)  # fmt: skip
+)
 def test_bad_parameters_name_the_parameter(name: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"^{name}: expected"):
         DigitBagsDataModule(**{name: value})

@@ -43,5 +43,6 @@ def test_frozen_batchnorm_survives_train_and_mode_restores():
     before = bn.running_mean.clone()
     embedder(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     assert not bn.training and torch.equal(bn.running_mean, before) and bn.weight.requires_grad
-    assert not isinstance(PatchEmbedder("resnet18", truncate_after="layer1", batchnorm="train").backbone.bn1,
-                          FrozenBatchNorm2d)
+    assert not isinstance(
+        PatchEmbedder("resnet18", truncate_after="layer1", batchnorm="train").backbone.bn1, FrozenBatchNorm2d
+    )

@@ -47,14 +47,22 @@ def _model(**kwargs) -> EndToEndMIL:
 
 def _one_step(model: EndToEndMIL, data: pl.LightningDataModule, root, **trainer) -> EndToEndMIL:
     pl.seed_everything(0)
-    kwargs = dict(max_steps=1, accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    kwargs = dict(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     pl.Trainer(**{**kwargs, **trainer}).fit(model, datamodule=data)
     return model
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 10])
@@ -74,13 +82,19 @@ class _RecordingClip(EndToEndMIL):
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         self.stepped_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None])).item()
+            torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None])
+        ).item()
 
 
 def test_gradient_clipping_bounds_the_step(tmp_path):
     torch.manual_seed(0)
-    model = _RecordingClip(PatchEmbedder("resnet18", truncate_after="layer1"), ABMIL(64, hidden_dim=32),
-                           chunk_size=4, bags_per_step=2, gradient_clip_val=1e-3)
+    model = _RecordingClip(
+        PatchEmbedder("resnet18", truncate_after="layer1"),
+        ABMIL(64, hidden_dim=32),
+        chunk_size=4,
+        bags_per_step=2,
+        gradient_clip_val=1e-3,
+    )
     _one_step(model, _Data(), tmp_path)
     assert model.stepped_norm == pytest.approx(1e-3, rel=1e-3)
 
@@ -116,4 +130,3 @@ def test_ddp_update_equals_single_process_update(tmp_path):
     diffs = [(single.state_dict()[k].float() - v.float()).abs().max().item() for k, v in ddp.items()]
     assert max(diffs) < 1e-5
     assert _max_diff(single, _model()) > 1e-4
-

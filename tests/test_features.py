@@ -1,4 +1,5 @@
-"""The feature cache, `.h5` features users bring, splits, and the feature-bag data module's errors."""
+"""The feature cache, `.h5` features users bring, and the feature-bag data module: bags, statistics, splits,
+errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
-from data_modules.features import FeatureBagDataModule, read_bag
-from data_modules.splits import make_splits, read_labels
+from data_modules.splits import SplitConfig
 
 
 def _labels(path, rows, header=("slide_id", "label", "patient_id")):
@@ -45,9 +46,9 @@ def cohort(tmp_path):
     return _labels(tmp_path / "labels.csv", rows), tmp_path / "feats"
 
 
-# -- zarr cache ---------------------------------------------------------------------------------------------------------
+# -- zarr cache --------------------------------------------------------------------------------------------------------
 def test_cache_writes_atomically_and_reads_back(tmp_path):
-    cache = FeatureCache(tmp_path, "abc")
+    cache = FeatureCache(tmp_path / "abc")
     writer = cache.writer("s1", 5, 3, "float16", {"backbone": "x"})
     writer.append(np.ones((2, 3), np.float32), np.zeros((2, 2), np.int32))
     assert not cache.has("s1") and not writer.complete
@@ -55,13 +56,14 @@ def test_cache_writes_atomically_and_reads_back(tmp_path):
     writer.commit()
     bag = cache.read("s1")
     assert cache.has("s1") and len(bag) == 5 and bag.features.dtype == np.float16
-    np.testing.assert_array_equal(bag.features[:], [[1] * 3] * 2 + [[2] * 3] * 3)
+    np.testing.assert_array_equal(bag.features, [[1] * 3] * 2 + [[2] * 3] * 3)
+    np.testing.assert_array_equal(bag.coords, [[0, 0]] * 2 + [[1, 1]] * 3)
     assert bag.attrs["backbone"] == "x"
     assert [p.name for p in cache.path.iterdir()] == ["s1.zarr"]
 
 
 def test_incomplete_or_nan_slides_leave_nothing(tmp_path):
-    cache = FeatureCache(tmp_path, "abc")
+    cache = FeatureCache(tmp_path / "abc")
     writer = cache.writer("s1", 5, 3, "float32", {})
     writer.append(np.ones((2, 3), np.float32), np.zeros((2, 2), np.int32))
     with pytest.raises(RuntimeError, match="wrote 2 of 5"):
@@ -73,33 +75,36 @@ def test_incomplete_or_nan_slides_leave_nothing(tmp_path):
 
 
 def test_cache_of_another_embedder_is_refused(tmp_path):
-    cache = FeatureCache(tmp_path, "abc")
+    cache = FeatureCache(tmp_path / "abc")
     cache.write_manifest({"backbone": "resnet50", "weights_hash": "1"})
     cache.write_manifest({"backbone": "resnet50", "weights_hash": "1"})  # the same embedder again is fine
     with pytest.raises(ValueError, match="was written by .*resnet50.*not by .*resnet18"):
         cache.write_manifest({"backbone": "resnet18", "weights_hash": "2"})
 
 
-# -- h5 features (CLAM / TRIDENT) -------------------------------------------------------------------------------------
+# -- h5 features (CLAM / TRIDENT) --------------------------------------------------------------------------------------
 def test_reads_clam_and_trident_h5(tmp_path):
     _h5(tmp_path, "clam", np.ones((4, 6), np.float16), np.arange(8).reshape(4, 2))
     _h5(tmp_path, "batched", np.ones((1, 4, 6), np.float32))  # some tools keep a leading batch axis
-    features, coords = read_bag(tmp_path, "clam")
-    assert features.shape == (4, 6) and features.dtype == np.float16 and coords.tolist()[1] == [2, 3]  # kept half
-    assert read_bag(tmp_path, "batched")[0].shape == (4, 6)
+    cache = FeatureCache.find(tmp_path)
+    clam = cache.read("clam")
+    assert clam.features.shape == (4, 6) and clam.features.dtype == np.float16  # half stays half
+    assert clam.coords.tolist()[1] == [2, 3]
+    batched = cache.read("batched")
+    assert batched.features.shape == (4, 6) and batched.coords.shape == (4, 2)  # no coords: zeros
     with pytest.raises(ValueError, match="slide 'missing': no features in"):
-        read_bag(tmp_path, "missing")
+        cache.read("missing")
 
 
 def test_data_module_serves_bags_and_standardization_stats(cohort, tmp_path):
     labels, feats = cohort
-    data = FeatureBagDataModule(str(labels), str(feats), folds=3, val_fraction=0.25)
+    data = FeatureBagDataModule(str(labels), str(feats), splits=SplitConfig(folds=3, val_fraction=0.25))
     data.setup("fit")
     assert data.feature_dim == 8 and data.classes == ["0", "1"]
     bag = data.dataset("train")[0]
     assert bag["features"].dtype == torch.float32 and bag["features"].shape[1] == 8 and bag["label"].ndim == 0
     mean, std = data.feature_stats("train")
-    train = np.concatenate([read_bag(feats, s)[0] for s in data.splits["train"]])
+    train = np.concatenate([data.cache.read(s).features for s in data.splits["train"]])
     np.testing.assert_allclose(mean, train.mean(0), atol=1e-5)
     np.testing.assert_allclose(std, train.std(0), atol=1e-5)
     batches = list(data.train_dataloader())
@@ -146,44 +151,34 @@ def test_features_folder_resolution(tmp_path, cohort):
         FeatureBagDataModule(str(labels), str(tmp_path / "nope"))
     root = tmp_path / "features"
     for key in ("aaa", "bbb"):
-        FeatureCache(root, key).write_manifest({"key": key})
+        FeatureCache(root / key).write_manifest({"key": key})
     with pytest.raises(ValueError, match=r"holds 2 caches \(aaa, bbb\); name one"):
         FeatureBagDataModule(str(labels), str(root))
 
 
-# -- splits --------------------------------------------------------------------------------------------------------------
-def _cohort_rows(tmp_path, n=40):
-    rows = [(f"s{i}", "tumour" if i % 3 == 0 else "normal", f"p{i // 2}") for i in range(n)]  # 2 slides per patient
-    return read_labels(_labels(tmp_path / "l.csv", rows))
+def test_fixed_split_ids_are_used_as_given_and_saved_by_the_model(cohort, tmp_path):
+    """An ICMIL run hands its splits to every bag phase; a model trained on a data module saves them."""
+    import pytorch_lightning as pl
 
+    from icmil_pl.aggregators import MeanPool
+    from icmil_pl.bag_classifier import BagClassifier
 
-def test_splits_are_grouped_stratified_and_cover_each_fold_once(tmp_path):
-    rows = _cohort_rows(tmp_path)
-    patient = {r.slide_id: r.patient_id for r in rows}
-    label = {r.slide_id: r.label for r in rows}
-    tests = []
-    for fold in range(5):
-        splits = make_splits(rows, folds=5, fold=fold, val_fraction=0.2, seed=3)
-        groups = [{patient[s] for s in splits[name]} for name in ("train", "val", "test")]
-        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
-        assert sorted(sum(splits.values(), [])) == sorted(r.slide_id for r in rows)
-        assert {label[s] for s in splits["test"]} == {"tumour", "normal"}
-        tests += splits["test"]
-    assert sorted(tests) == sorted(r.slide_id for r in rows)  # every slide is tested exactly once over the folds
-    assert make_splits(rows, seed=3) == make_splits(rows, seed=3) != make_splits(rows, seed=4)
-
-
-def test_split_column_is_respected(tmp_path):
-    rows = [("a", "0", "pa", "train"), ("b", "1", "pb", "train"), ("c", "0", "pc", "val"), ("d", "1", "pd", "test")]
-    labels = read_labels(_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
-    assert make_splits(labels) == {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
-    bad = [("a", "0", "pa", "holdout")]
-    with pytest.raises(ValueError, match=r"l2\.csv:2: split 'holdout' is not one of"):
-        read_labels(_labels(tmp_path / "l2.csv", bad, ("slide_id", "label", "patient_id", "split")))
-
-
-def test_splits_json_is_saved(cohort, tmp_path):
-    from data_modules.splits import save_splits
-
-    path = save_splits({"train": ["a"], "val": [], "test": ["b"]}, tmp_path / "run")
-    assert json.loads(path.read_text())["test"] == ["b"]
+    labels, feats = cohort
+    fixed = {"train": ["s0", "s1", "s2", "s3", "s4", "s5"], "val": ["s6", "s7"], "test": ["s8", "s9", "s10", "s11"]}
+    data = FeatureBagDataModule(str(labels), str(feats), split_ids=fixed)
+    assert [row.slide_id for row in data.split_rows("val")] == ["s6", "s7"]
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(BagClassifier(MeanPool(8, hidden_dim=4)), datamodule=data)
+    assert json.loads((tmp_path / "splits.json").read_text()) == fixed
+    computed = FeatureBagDataModule(str(labels), str(feats), splits=SplitConfig(folds=3, val_fraction=0.25, seed=1))
+    computed.setup("fit")
+    assert computed.splits != fixed and sorted(sum(computed.splits.values(), [])) == sorted(f"s{i}" for i in range(12))
+    with pytest.raises(ValueError, match=r"split_ids: expected \{train, val, test\} .* unknown slides \['ghost'\]"):
+        FeatureBagDataModule(str(labels), str(feats), split_ids={**fixed, "test": ["ghost"]})

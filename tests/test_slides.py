@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from data_modules import SlideError, open_slide
-from data_modules.synthetic import write_slide
+from data_modules.synthetic import CohortSpec, write_slide
 
 W, H = 2048, 1536  # divisible by 4 and 16: integer downsamples, as OpenSlide needs for exact agreement
 
@@ -26,8 +26,13 @@ def slides(tmp_path_factory):
             if flavour != "tiff" and compression != "jpeg":
                 continue
             path = root / f"{flavour}_{compression}{ext}"
-            write_slide(path, W, H, seed=3, tumour=True, mpp=0.25, flavour=flavour, compression=compression,
-                        tile_size=256)
+            write_slide(
+                path,
+                CohortSpec(size=(W, H), mpp=0.25, compression=compression, tile_size=256),
+                seed=3,
+                tumour=True,
+                flavour=flavour,
+            )
             out[flavour, compression] = path
     return out
 
@@ -36,7 +41,7 @@ def _regions(rng, n, w, h, ds):
     """Random regions, some hanging over the image border, at multiples of the level downsample."""
     xs = rng.integers(-64, w - 64, n) // ds * ds
     ys = rng.integers(-64, h - 64, n) // ds * ds
-    return [(int(x), int(y)) for x, y in zip(xs, ys)]
+    return [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
 
 
 @pytest.mark.parametrize("key", [("svs", "jpeg"), ("tiff", "jpeg"), ("tiff", "lzw"), ("tiff", "deflate")])
@@ -97,8 +102,13 @@ def test_ome_levels_as_series(tmp_path):
     path = tmp_path / "series.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tw:
         for ds in (1, 2, 4):
-            tw.write(base[::ds, ::ds], tile=(128, 128), photometric="rgb", compression="deflate",
-                     metadata={"PhysicalSizeX": 0.5 * ds, "PhysicalSizeY": 0.5 * ds, "PhysicalSizeXUnit": "µm"})
+            tw.write(
+                base[::ds, ::ds],
+                tile=(128, 128),
+                photometric="rgb",
+                compression="deflate",
+                metadata={"PhysicalSizeX": 0.5 * ds, "PhysicalSizeY": 0.5 * ds, "PhysicalSizeXUnit": "µm"},
+            )
     slide = open_slide(path)
     assert slide.level_dimensions == ((768, 512), (384, 256), (192, 128))
     assert slide.mpp == pytest.approx(0.5)
@@ -208,7 +218,7 @@ def test_level_out_of_range(slides):
         slide.read_region((0, 0), 9, (10, 10))
 
 
-# -- Hamamatsu NDPI: one JPEG per level with restart markers, tiles addressed through the McuStarts tag ---------------
+# -- Hamamatsu NDPI: one JPEG per level with restart markers, tiles addressed through the McuStarts tag ----------------
 def _ndpi_jpeg(image: np.ndarray, restart_px: int = 64) -> tuple[bytes, np.ndarray]:
     """A baseline JPEG of `image` with a restart marker every `restart_px` columns, and each segment's start.
 
@@ -219,8 +229,9 @@ def _ndpi_jpeg(image: np.ndarray, restart_px: int = 64) -> tuple[bytes, np.ndarr
     header, parts = None, []
     for y in range(0, h, 8):
         for x in range(0, w, restart_px):
-            jpeg = imagecodecs.jpeg8_encode(np.ascontiguousarray(image[y : y + 8, x : x + restart_px]), level=90,
-                                            subsampling="444", optimize=False)
+            jpeg = imagecodecs.jpeg8_encode(
+                np.ascontiguousarray(image[y : y + 8, x : x + restart_px]), level=90, subsampling="444", optimize=False
+            )
             i = 2
             while (marker := struct.unpack(">HH", jpeg[i : i + 4]))[0] != 0xFFDA:
                 i += 2 + marker[1]
@@ -246,12 +257,28 @@ def _write_ndpi(path, image: np.ndarray, mpp: float, downsamples=(1, 4)) -> None
             level = np.ascontiguousarray(image[::ds, ::ds])
             jpeg, starts = _ndpi_jpeg(level)
             res = 1e4 / (mpp * ds)
-            ndpi_tags = [(271, "s", 0, "Hamamatsu", True), (65420, "I", 1, 1, True), (65421, "f", 1, 20.0 / ds, True),
-                         (65422, "i", 1, 0, True), (65423, "i", 1, 0, True), (65424, "i", 1, 0, True),
-                         (65426, "I", len(starts), starts, True)]
-            tw.write(iter([jpeg]), shape=level.shape, dtype=np.uint8, photometric="ycbcr", compression="jpeg",
-                     subsampling=(1, 1), rowsperstrip=level.shape[0], resolution=(res, res),
-                     resolutionunit="CENTIMETER", metadata=None, extratags=ndpi_tags)
+            ndpi_tags = [
+                (271, "s", 0, "Hamamatsu", True),
+                (65420, "I", 1, 1, True),
+                (65421, "f", 1, 20.0 / ds, True),
+                (65422, "i", 1, 0, True),
+                (65423, "i", 1, 0, True),
+                (65424, "i", 1, 0, True),
+                (65426, "I", len(starts), starts, True),
+            ]
+            tw.write(
+                iter([jpeg]),
+                shape=level.shape,
+                dtype=np.uint8,
+                photometric="ycbcr",
+                compression="jpeg",
+                subsampling=(1, 1),
+                rowsperstrip=level.shape[0],
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+                extratags=ndpi_tags,
+            )
 
 
 def test_ndpi_agrees_with_openslide(tmp_path):
@@ -271,5 +298,6 @@ def test_ndpi_agrees_with_openslide(tmp_path):
         inside = theirs[..., 3] == 255
         np.testing.assert_array_equal(slide.read_region((x, y), 0, size)[inside], theirs[..., :3][inside])
     level = ref.level_dimensions.index((256, 128))
-    np.testing.assert_array_equal(slide.read_region((64, 32), 1, (100, 60)),
-                                  np.asarray(ref.read_region((64, 32), level, (100, 60)))[..., :3])
+    np.testing.assert_array_equal(
+        slide.read_region((64, 32), 1, (100, 60)), np.asarray(ref.read_region((64, 32), level, (100, 60)))[..., :3]
+    )

@@ -4,23 +4,33 @@ ranks trials, records failures and continues after a kill without running finish
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import wandb
 import yaml
 
-from data_modules.synthetic import make_cohort
+from helpers import ICMIL_COHORT
 from icmil_pl import sweep as sweep_module
 from icmil_pl.cli import main as cli_main
+from icmil_pl.metrics import METRIC_NAMES
 from icmil_pl.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
 
 ROOT = Path(__file__).parents[1]
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
-SMALL_DIGITS = ["--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
-                "--data.init_args.num_train_bags=8", "--data.init_args.num_val_bags=8",
-                "--data.init_args.num_test_bags=8", "--data.init_args.mean_bag_size=4"]  # fmt: skip
+SMALL_DIGITS = [
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.num_train_bags=8",
+    "--data.init_args.num_val_bags=8",
+    "--data.init_args.num_test_bags=8",
+    "--data.init_args.mean_bag_size=4",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -60,53 +70,76 @@ def test_every_proposal_is_a_valid_cli_override(path, monkeypatch):
     assert resolve_config(trial_argv(sweep, proposals[0]))["model"]["init_args"]["run_dir"].endswith("/abc123")
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, 12, seed=2, size=(1024, 1024), mpp=0.5, tumour_contrast=1.0, tumour_area=(0.1, 0.2))
-    return root
+def _spec() -> list[tuple[str, object]]:
+    return list(dataclasses.asdict(ICMIL_COHORT).items())
 
 
 def _tiny(config: dict, cohort: Path, out: Path) -> list[str]:
     """Overrides that run a trial of an ICMIL sweep on the tiny cohort with a small embedder, outputs under `out`."""
     data = {
-        "SyntheticCohortDataModule": [f"--data.init_args.root={cohort}", "--data.init_args.n_slides=12",
-                                      "--data.init_args.seed=2", "--data.init_args.size=[1024,1024]",
-                                      "--data.init_args.tumour_contrast=1.0", "--data.init_args.tumour_area=[0.1,0.2]"],
-        "SlidePatchDataModule": [f"--data.init_args.labels={cohort / 'labels.csv'}",
-                                 f"--data.init_args.slides={cohort / 'slides'}"],
-    }  # fmt: skip
+        "SyntheticCohortDataModule": [
+            f"--data.init_args.root={cohort}",  # written by the fixture with this spec: reused as it is
+            *(f"--data.init_args.cohort.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in _spec()),
+        ],
+        "SlidePatchDataModule": [
+            f"--data.init_args.labels={cohort / 'labels.csv'}",
+            f"--data.init_args.slides={cohort / 'slides'}",
+        ],
+    }
     coupling = {
         "BagGradient": ["--model.init_args.coupling.init_args.read_threads=1"],
-        "Distillation": ["--model.init_args.coupling.init_args.num_workers=0",
-                         "--model.init_args.coupling.init_args.batch_size=16",
-                         "--model.init_args.coupling.init_args.patches_per_epoch=64"],
-    }  # fmt: skip
+        "Distillation": [
+            "--model.init_args.coupling.init_args.num_workers=0",
+            "--model.init_args.coupling.init_args.batch_size=16",
+            "--model.init_args.coupling.init_args.patches_per_epoch=64",
+        ],
+    }
     return [
         *data[config["data"]["class_path"].rsplit(".", 1)[1]],
         *coupling[config["model"]["init_args"]["coupling"]["class_path"].rsplit(".", 1)[1]],
-        "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", f"--model.init_args.run_dir={out / 'run'}",
-        "--model.init_args.splits.folds=3", "--model.init_args.splits.val_fraction=0.34",
+        "--trainer.fast_dev_run=true",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--model.init_args.run_dir={out / 'run'}",
+        "--model.init_args.splits.folds=3",
+        "--model.init_args.splits.val_fraction=0.34",
         "--model.init_args.embedder.init_args.backbone=resnet18",
         "--model.init_args.embedder.init_args.pretrained=false",
         "--model.init_args.embedder.init_args.truncate_after=layer1",
-        "--model.init_args.bag.init_args.aggregator.init_args.in_dim=64", "--data.init_args.tiling.mpp=1.0",
-        "--data.init_args.tiling.patch_size=32", "--data.init_args.tiling.tissue_threshold=0.5",
-        f"--data.init_args.grid_cache={out / 'grids'}", "--data.init_args.batch_size=32",
+        "--model.init_args.bag.init_args.aggregator.init_args.in_dim=64",
+        "--data.init_args.tiling.mpp=1.0",
+        "--data.init_args.tiling.patch_size=32",
+        "--data.init_args.tiling.tissue_threshold=0.5",
+        f"--data.init_args.grid_cache={out / 'grids'}",
+        "--data.init_args.batch_size=32",
         "--data.init_args.num_workers=0",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
-def test_a_trial_runs_with_fast_dev_run(path, cohort, tmp_path):
+def test_a_trial_runs_with_fast_dev_run(path, icmil_cohort, tmp_path):
+    """A trial of each sweep runs every ICMIL phase (fast_dev_run) with the proposed parameters in its config."""
     sweep = load_sweep(path)
-    argv = trial_argv(sweep, {**_proposals(sweep, n=1)[0], "model.init_args.iterations": 1})
+    params = {**_proposals(sweep, n=1)[0], "model.init_args.iterations": 1}
+    argv = trial_argv(sweep, params)
     try:
-        cli_main([*argv, *_tiny(resolve_config(argv), cohort, tmp_path)])
+        cli = cli_main([*argv, *_tiny(resolve_config(argv), icmil_cohort, tmp_path)])
     finally:
         wandb.finish()
-    assert list((tmp_path / "run").rglob("results.json"))
+    run = tmp_path / "run" / "fast_dev_run"
+    assert cli.results_dir == run
+    results = json.loads((run / "results.json").read_text())
+    assert [r["iteration"] for r in results["iterations"]] == [0, 1]
+    for entry in results["iterations"]:
+        for stage in ("val", "test"):
+            assert set(entry[stage]) == set(METRIC_NAMES) and all(0.0 <= v <= 1.0 for v in entry[stage].values())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key, value in params.items():
+        if key.endswith("class_path"):
+            assert _at(config, key).endswith(f".{value}")
+        else:
+            assert _at(config, key) == pytest.approx(value)
 
 
 def test_commands_expand_as_the_agent_expands_them():
@@ -117,16 +150,35 @@ def test_commands_expand_as_the_agent_expands_them():
     for macro, expected in agent.items():
         if macro != "args_dict":
             assert expand_command([f"${{{macro}}}"], params) == expected, macro
-    assert expand_command(["${env}", "${interpreter}", "${program}", "${unknown}", "x${envvar:NO_SUCH_VAR}"], {},
-                          "train.py") == ["/usr/bin/env", "python", "train.py", "xNO_SUCH_VAR"]  # fmt: skip
+    assert expand_command(
+        ["${env}", "${interpreter}", "${program}", "${unknown}", "x${envvar:NO_SUCH_VAR}"], {}, "train.py"
+    ) == ["/usr/bin/env", "python", "train.py", "xNO_SUCH_VAR"]
 
 
 def _digits_sweep(tmp_path: Path, method: str, parameters: dict) -> Path:
     path = tmp_path / f"{method}.yaml"
-    command = ["${env}", "${interpreter}", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml", *SMALL_DIGITS,
-               "${args}"]  # fmt: skip
-    path.write_text(yaml.safe_dump({"program": "icmil_pl/__main__.py", "method": method, "parameters": parameters,
-                                    "metric": {"name": "final/val/auroc", "goal": "maximize"}, "command": command}))
+    command = [
+        "${env}",
+        "${interpreter}",
+        "-m",
+        "icmil_pl",
+        "fit",
+        "-c",
+        "experiments/digits_e2e.yaml",
+        *SMALL_DIGITS,
+        "${args}",
+    ]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "icmil_pl/__main__.py",
+                "method": method,
+                "parameters": parameters,
+                "metric": {"name": "final/val/auroc", "goal": "maximize"},
+                "command": command,
+            }
+        )
+    )
     return path
 
 
@@ -152,8 +204,11 @@ LR = "model.init_args.lr"
 
 @pytest.mark.parametrize("method", ["random", "grid"])
 def test_offline_sweep_ranks_its_trials(method, tmp_path, monkeypatch):
-    lr = {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2} if method == "random" else {
-        "values": [1e-2, 1e-3, 1e-4]}  # fmt: skip
+    lr = (
+        {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}
+        if method == "random"
+        else {"values": [1e-2, 1e-3, 1e-4]}
+    )
     path, out = _digits_sweep(tmp_path, method, {LR: lr}), tmp_path / "out"
     calls = _count_trials(monkeypatch)
     ranked = run_sweep(path, 3, out)
@@ -209,22 +264,29 @@ def test_a_bad_key_fails_its_trial_with_the_clis_message(tmp_path, monkeypatch):
     assert "no_such_key" in ranked[0]["error"] and "\n" not in ranked[0]["error"]
 
 
-GOOD = {"program": "icmil_pl/__main__.py", "method": "random", "parameters": {LR: {"values": [1e-3]}},
-        "metric": {"name": "final/val/auroc", "goal": "maximize"},
-        "command": ["${env}", "python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml", "${args}"]}
+GOOD = {
+    "program": "icmil_pl/__main__.py",
+    "method": "random",
+    "parameters": {LR: {"values": [1e-3]}},
+    "metric": {"name": "final/val/auroc", "goal": "maximize"},
+    "command": ["${env}", "python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml", "${args}"],
+}
 
 
-@pytest.mark.parametrize("field, change", [
-    ("method", {"method": "sobol"}),
-    ("metric", {"metric": None}),
-    ("metric.name", {"metric": {"name": "val_auroc", "goal": "maximize"}}),
-    ("metric.goal", {"metric": {"name": "final/val/auroc", "goal": "up"}}),
-    ("parameters", {"parameters": {}}),
-    ("parameters.--model.init_args.lr", {"parameters": {f"--{LR}": {"values": [1e-3]}}}),
-    ("parameters.model", {"parameters": {"model": {"parameters": {"lr": {"values": [1e-3]}}}}}),
-    ("command", {"command": ["python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml"]}),
-    ("command", {"command": ["python", "train.py", "${args}"]}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, change",
+    [
+        ("method", {"method": "sobol"}),
+        ("metric", {"metric": None}),
+        ("metric.name", {"metric": {"name": "val_auroc", "goal": "maximize"}}),
+        ("metric.goal", {"metric": {"name": "final/val/auroc", "goal": "up"}}),
+        ("parameters", {"parameters": {}}),
+        ("parameters.--model.init_args.lr", {"parameters": {f"--{LR}": {"values": [1e-3]}}}),
+        ("parameters.model", {"parameters": {"model": {"parameters": {"lr": {"values": [1e-3]}}}}}),
+        ("command", {"command": ["python", "-m", "icmil_pl", "fit", "-c", "experiments/digits_e2e.yaml"]}),
+        ("command", {"command": ["python", "train.py", "${args}"]}),
+    ],
+)
 def test_a_bad_sweep_file_fails_up_front(field, change, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**GOOD, **change}))

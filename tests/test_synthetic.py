@@ -1,6 +1,7 @@
 """The synthetic cohort generator writes real WSI files (OpenSlide and tifffile agree) with known ground truth."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from data_modules import synthetic
-from data_modules.synthetic import make_cohort, render_region, tissue_mask, tumour_mask, write_slide
+from data_modules.synthetic import CohortSpec, make_cohort, render_region, tissue_mask, tumour_mask, write_slide
+from data_modules.synthetic.__main__ import main as command_line
+from data_modules.synthetic.scene import Scene, cached_scene
 
 
 def _levels(path: Path) -> list[np.ndarray]:
@@ -30,10 +33,10 @@ def _openslide_rgb(slide: openslide.OpenSlide, level: int) -> np.ndarray:
 
 
 def test_same_seed_same_pixels_other_seed_differs(tmp_path):
-    a = write_slide(tmp_path / "a.svs", 600, 500, seed=1, tumour=True, tile_size=128)
-    synthetic._scene.cache_clear()  # rebuild the procedural slide from the seed
-    b = write_slide(tmp_path / "b.svs", 600, 500, seed=1, tumour=True, tile_size=128)
-    c = write_slide(tmp_path / "c.svs", 600, 500, seed=2, tumour=True, tile_size=128)
+    a = write_slide(tmp_path / "a.svs", CohortSpec(size=(600, 500), tile_size=128), seed=1, tumour=True)
+    cached_scene.cache_clear()  # rebuild the procedural slide from the seed
+    b = write_slide(tmp_path / "b.svs", CohortSpec(size=(600, 500), tile_size=128), seed=1, tumour=True)
+    c = write_slide(tmp_path / "c.svs", CohortSpec(size=(600, 500), tile_size=128), seed=2, tumour=True)
     assert a.tumour_boxes == b.tumour_boxes and a.tissue_fraction == b.tissue_fraction
     for x, y, z in zip(_levels(a.path), _levels(b.path), _levels(c.path), strict=True):
         assert np.array_equal(x, y)
@@ -52,9 +55,12 @@ def test_same_seed_same_pixels_other_seed_differs(tmp_path):
 )
 def test_openslide_reads_what_tifffile_reads(tmp_path, flavour, compression, mpp, vendor):
     info = write_slide(
-        tmp_path / f"s{synthetic.EXTENSIONS[flavour]}", 1500, 1200,
-        seed=3, tumour=True, mpp=mpp, flavour=flavour, compression=compression, tile_size=256,
-    )  # fmt: skip
+        tmp_path / f"s{synthetic.EXTENSIONS[flavour]}",
+        CohortSpec(size=(1500, 1200), mpp=mpp, compression=compression, tile_size=256),
+        seed=3,
+        tumour=True,
+        flavour=flavour,
+    )
     assert info.level_dimensions == ((1500, 1200), (375, 300))
     levels = _levels(info.path)
     with openslide.OpenSlide(info.path) as slide:
@@ -77,8 +83,14 @@ def test_openslide_reads_what_tifffile_reads(tmp_path, flavour, compression, mpp
 
 @pytest.mark.parametrize("compression", ["lzw", "jpeg2000"])
 def test_ome_levels_and_physical_size(tmp_path, compression):
-    info = write_slide(tmp_path / "s.ome.tif", 1500, 1200, seed=3, tumour=False, mpp=0.25, flavour="ome",
-                       compression=compression, tile_size=128, levels=3)  # fmt: skip
+    info = write_slide(
+        tmp_path / "s.ome.tif",
+        CohortSpec(size=(1500, 1200), mpp=0.25, compression=compression, tile_size=128),
+        seed=3,
+        tumour=False,
+        flavour="ome",
+        levels=3,
+    )
     with tifffile.TiffFile(info.path) as tif:
         assert tif.is_ome and len(tif.pages) == 1  # the lower levels are SubIFDs
         series = tif.series[0]
@@ -94,25 +106,40 @@ def test_ome_levels_and_physical_size(tmp_path, compression):
 
 def test_lossless_files_hold_the_content_function_at_every_level_for_any_tile_size(tmp_path):
     infos = [
-        write_slide(tmp_path / f"t{tile}.tif", 1000, 700, seed=5, tumour=True, flavour="tiff", compression="lzw",
-                    tile_size=tile, levels=3)  # fmt: skip
+        write_slide(
+            tmp_path / f"t{tile}.tif",
+            CohortSpec(size=(1000, 700), compression="lzw", tile_size=tile),
+            seed=5,
+            tumour=True,
+            flavour="tiff",
+            levels=3,
+        )
         for tile in (128, 256)
     ]
     assert infos[0].level_dimensions == infos[1].level_dimensions == ((1000, 700), (250, 175), (63, 44))
-    for a, b, (w, h), level in zip(_levels(infos[0].path), _levels(infos[1].path), infos[0].level_dimensions, range(3)):
+    for a, b, (w, h), level in zip(
+        _levels(infos[0].path), _levels(infos[1].path), infos[0].level_dimensions, range(3), strict=True
+    ):
         assert np.array_equal(a, b)
         assert np.array_equal(a, render_region(infos[0], (0, 0), (w, h), level=level))
 
 
 def test_content_is_independent_of_how_the_region_is_cut(tmp_path):
-    info = write_slide(tmp_path / "s.tif", 1500, 1200, seed=3, tumour=True, flavour="tiff", tile_size=128)
+    info = write_slide(
+        tmp_path / "s.tif", CohortSpec(size=(1500, 1200), tile_size=128), seed=3, tumour=True, flavour="tiff"
+    )
     bx, by, bw, bh = info.tumour_boxes[0]
     x0, y0, w, h = bx - 211, by - 97, 700, 500  # covers a tumour, normal tissue and (usually) the tissue edge
     whole = render_region(info, (x0, y0), (w, h))
     for step in (128, 100, 37):
         rows = [
-            np.concatenate([render_region(info, (x0 + x, y0 + y), (min(step, w - x), min(step, h - y)))
-                            for x in range(0, w, step)], axis=1)  # fmt: skip
+            np.concatenate(
+                [
+                    render_region(info, (x0 + x, y0 + y), (min(step, w - x), min(step, h - y)))
+                    for x in range(0, w, step)
+                ],
+                axis=1,
+            )
             for y in range(0, h, step)
         ]
         assert np.array_equal(np.concatenate(rows), whole)
@@ -123,7 +150,7 @@ def test_content_is_independent_of_how_the_region_is_cut(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_tissue_fraction_otsu_mask_and_tumours_inside_tissue(tmp_path, seed):
-    info = write_slide(tmp_path / "s.svs", 1500, 1200, seed=seed, tumour=True, tile_size=256)
+    info = write_slide(tmp_path / "s.svs", CohortSpec(size=(1500, 1200), tile_size=256), seed=seed, tumour=True)
     assert 0.3 <= info.tissue_fraction <= 0.6
     tissue = tissue_mask(info, 1)
     assert abs(tissue.mean() - info.tissue_fraction) < 0.01
@@ -147,8 +174,14 @@ def test_tissue_fraction_otsu_mask_and_tumours_inside_tissue(tmp_path, seed):
 
 def test_tumour_area_sets_the_witness_rate(tmp_path):
     for seed in range(3):
-        info = write_slide(tmp_path / "s.tif", 1024, 1024, seed=seed, tumour=True, tumour_area=(0.15, 0.25),
-                           flavour="tiff", levels=1)  # fmt: skip
+        info = write_slide(
+            tmp_path / "s.tif",
+            CohortSpec(size=(1024, 1024), tumour_area=(0.15, 0.25)),
+            seed=seed,
+            tumour=True,
+            flavour="tiff",
+            levels=1,
+        )
         tumour, tissue = tumour_mask(info, 1), tissue_mask(info, 1)
         labels, _ = ndimage.label(tumour)
         areas = np.bincount(labels.ravel())[1:] / tissue.sum()
@@ -156,7 +189,7 @@ def test_tumour_area_sets_the_witness_rate(tmp_path):
 
 
 def test_normal_slides_have_no_tumour(tmp_path):
-    info = write_slide(tmp_path / "s.svs", 600, 500, seed=4, tumour=False, tile_size=128)
+    info = write_slide(tmp_path / "s.svs", CohortSpec(size=(600, 500), tile_size=128), seed=4, tumour=False)
     assert info.tumour_regions == () and info.label == 0
     assert not tumour_mask(info, 2).any()
     assert tumour_mask(info, 2).shape == tissue_mask(info, 2).shape == (250, 300)
@@ -164,9 +197,14 @@ def test_normal_slides_have_no_tumour(tmp_path):
 
 def _patches(image: np.ndarray, select: np.ndarray, size: int = 64) -> np.ndarray:
     h, w = select.shape
-    return np.stack([image[y : y + size, x : x + size]
-                     for y in range(0, h - size, size) for x in range(0, w - size, size)
-                     if select[y : y + size, x : x + size].all()]).astype(float)  # fmt: skip
+    return np.stack(
+        [
+            image[y : y + size, x : x + size]
+            for y in range(0, h - size, size)
+            for x in range(0, w - size, size)
+            if select[y : y + size, x : x + size].all()
+        ]
+    ).astype(float)
 
 
 def _best_threshold_accuracy(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -184,8 +222,14 @@ def _nuclei(patches: np.ndarray) -> tuple[float, float]:
 
 @pytest.mark.parametrize("contrast", [1.0, 0.0])
 def test_tumour_differs_in_nuclei_not_in_mean_colour(tmp_path, contrast):
-    info = write_slide(tmp_path / "s.tif", 2048, 2048, seed=11, tumour=True, tumour_contrast=contrast,
-                       flavour="tiff", compression="lzw", levels=1)  # fmt: skip
+    info = write_slide(
+        tmp_path / "s.tif",
+        CohortSpec(size=(2048, 2048), tumour_contrast=contrast, compression="lzw"),
+        seed=11,
+        tumour=True,
+        flavour="tiff",
+        levels=1,
+    )
     image = render_region(info, (0, 0), (2048, 2048))
     tumour, tissue = tumour_mask(info, 1), tissue_mask(info, 1)
     normal = tissue & (ndimage.distance_transform_edt(~tumour) > 32)
@@ -210,8 +254,8 @@ def _tree(root: Path) -> dict[str, int]:
 
 def test_cohort_labels_patients_rerun_and_files(tmp_path):
     root = tmp_path / "cohort"
-    kwargs = {"seed": 0, "size": (600, 500), "tile_size": 128, "flavours": ("svs", "tiff", "ome")}
-    assert make_cohort(root, 6, **kwargs) == root
+    spec = CohortSpec(n_slides=6, seed=0, size=(600, 500), tile_size=128, flavours=("svs", "tiff", "ome"))
+    assert make_cohort(root, spec) == root
     with open(root / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["slide_id", "label", "patient_id"]
@@ -219,8 +263,14 @@ def test_cohort_labels_patients_rerun_and_files(tmp_path):
     patients = [r["patient_id"] for r in rows]
     assert len(set(patients)) == 4 and max(patients.count(p) for p in patients) == 2
     names = sorted(p.name for p in (root / "slides").iterdir())
-    assert names == ["slide_000.svs", "slide_001.tif", "slide_002.ome.tif", "slide_003.svs", "slide_004.tif",
-                     "slide_005.ome.tif"]  # fmt: skip
+    assert names == [
+        "slide_000.svs",
+        "slide_001.tif",
+        "slide_002.ome.tif",
+        "slide_003.svs",
+        "slide_004.tif",
+        "slide_005.ome.tif",
+    ]
     infos = synthetic.load_cohort(root)
     for row, info in zip(rows, infos, strict=True):
         assert info.path == root / "slides" / f"{row['slide_id']}{synthetic.EXTENSIONS[info.flavour]}"
@@ -234,24 +284,38 @@ def test_cohort_labels_patients_rerun_and_files(tmp_path):
     assert json.loads((root / "cohort.json").read_text())["classes"] == ["normal", "tumour"]
 
     before = _tree(root)
-    make_cohort(root, 6, **kwargs)
+    make_cohort(root, spec)
     assert _tree(root) == before  # nothing rewritten
     with pytest.raises(ValueError, match="root: .* other parameters"):
-        make_cohort(root, 6, **{**kwargs, "seed": 1})
+        make_cohort(root, dataclasses.replace(spec, seed=1))
 
 
 def test_command_line_writes_a_cohort(tmp_path):
-    synthetic.main([str(tmp_path), "--n-slides", "2", "--size", "600", "500", "--tile-size", "128",
-                    "--flavours", "tiff", "--seed", "3"])  # fmt: skip
+    command_line(
+        [
+            str(tmp_path),
+            "--n-slides",
+            "2",
+            "--size",
+            "600",
+            "500",
+            "--tile-size",
+            "128",
+            "--flavours",
+            "tiff",
+            "--seed",
+            "3",
+        ]
+    )
     assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "slide_id,label,patient_id"
     assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == ["slide_000.tif", "slide_001.tif"]
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
-    write_slide(tmp_path / "ok.svs", 600, 500, seed=1, tumour=False, tile_size=128)
+    write_slide(tmp_path / "ok.svs", CohortSpec(size=(600, 500), tile_size=128), seed=1, tumour=False)
     assert sorted(os.listdir(tmp_path)) == ["ok.svs"]  # no temp file, no spool directory
 
-    render = synthetic._Scene.render
+    render = Scene.render
     calls = []
 
     def failing(self, *args):
@@ -260,45 +324,61 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return render(self, *args)
 
-    monkeypatch.setattr(synthetic._Scene, "render", failing)
+    monkeypatch.setattr(Scene, "render", failing)
     with pytest.raises(RuntimeError, match="killed"):
-        write_slide(tmp_path / "broken.svs", 600, 500, seed=1, tumour=False, tile_size=128)
+        write_slide(tmp_path / "broken.svs", CohortSpec(size=(600, 500), tile_size=128), seed=1, tumour=False)
     assert sorted(os.listdir(tmp_path)) == ["ok.svs"]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
+        ({"size": (10, 500)}, "size"),
+        ({"size": (600,)}, "size"),
+        ({"n_slides": 0}, "n_slides"),
         ({"tile_size": 100}, "tile_size"),
-        ({"flavour": "ndpi"}, "flavour"),
+        ({"flavours": ("ndpi",)}, "flavours"),
         ({"compression": "webp"}, "compression"),
         ({"quality": 0}, "quality"),
-        ({"levels": 0}, "levels"),
         ({"mpp": 0}, "mpp"),
+        ({"positive_fraction": 1.5}, "positive_fraction"),
+        ({"patients_per_slide": 0}, "patients_per_slide"),
         ({"tumour_contrast": -1}, "tumour_contrast"),
         ({"tumour_area": (0.2, 0.1)}, "tumour_area"),
     ],
 )
-def test_bad_arguments_name_the_field(tmp_path, kwargs, field):
+def test_a_bad_spec_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: expected"):
-        write_slide(tmp_path / "s.svs", 600, 500, seed=0, tumour=False, **kwargs)
-    with pytest.raises(ValueError, match="^width: expected"):
-        write_slide(tmp_path / "s.svs", 10, 500, seed=0, tumour=False)
+        CohortSpec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"flavour": "ndpi"}, "flavour"), ({"levels": 0}, "levels"), ({"seed": -1}, "seed")]
+)
+def test_bad_slide_arguments_name_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        write_slide(tmp_path / "s.svs", CohortSpec(size=(600, 500)), **{"seed": 0, "tumour": False, **kwargs})
     assert not (tmp_path / "s.svs").exists()
 
 
+def test_equal_specs_compare_equal_however_they_were_written():
+    """A spec from YAML (lists, ints) equals the one written in code: a cohort on disk is reused, not refused."""
+    yaml_like = CohortSpec(size=[600, 500], flavours=["svs"], mpp=1, tumour_contrast=1, tumour_area=[0.1, 0.2])
+    assert yaml_like == CohortSpec(
+        size=(600, 500), flavours=("svs",), mpp=1.0, tumour_contrast=1.0, tumour_area=(0.1, 0.2)
+    )
+
+
 def test_bad_region_and_cohort_arguments(tmp_path):
-    info = write_slide(tmp_path / "s.tif", 600, 500, seed=0, tumour=False, flavour="tiff", tile_size=128)
+    info = write_slide(
+        tmp_path / "s.tif", CohortSpec(size=(600, 500), tile_size=128), seed=0, tumour=False, flavour="tiff"
+    )
     with pytest.raises(ValueError, match="^level: expected"):
         render_region(info, (0, 0), (10, 10), level=2)
     with pytest.raises(ValueError, match="^location/size:"):
         render_region(info, (2, 0), (10, 10), level=1)
     with pytest.raises(ValueError, match="^downsample: expected"):
         tissue_mask(info, 0.5)
-    with pytest.raises(ValueError, match="^positive_fraction: expected"):
-        make_cohort(tmp_path / "c", 4, seed=0, positive_fraction=1.5)
-    with pytest.raises(ValueError, match="^flavours: expected"):
-        make_cohort(tmp_path / "c", 4, seed=0, flavours=("ndpi",))
 
 
 @pytest.mark.slow
@@ -306,9 +386,9 @@ def test_large_slide_is_written_with_bounded_memory(tmp_path):
     """20000 x 20000 (1.2 GB of RGB at level 0): peak RSS grows by < 150 MB over the imported baseline."""
     script = textwrap.dedent(f"""
         import resource
-        from data_modules.synthetic import write_slide
+        from data_modules.synthetic import CohortSpec, write_slide
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        write_slide({str(tmp_path / "big.svs")!r}, 20000, 20000, seed=9, tumour=True)
+        write_slide({str(tmp_path / "big.svs")!r}, CohortSpec(size=(20000, 20000)), seed=9, tumour=True)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
     """)
     growth_mb = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
@@ -322,12 +402,16 @@ def test_large_slide_is_written_with_bounded_memory(tmp_path):
 
 
 def test_synthetic_cohort_data_module_writes_once_then_reads(tmp_path):
-    from data_modules.cohort import TilingConfig
-    from data_modules.synthetic_cohort import SyntheticCohortDataModule
+    from data_modules.synthetic import SyntheticCohortDataModule
+    from data_modules.tiling import TilingConfig
 
     def module(n_slides: int) -> SyntheticCohortDataModule:
-        return SyntheticCohortDataModule(str(tmp_path / "c"), n_slides=n_slides, size=(1024, 1024),
-                                         tiling=TilingConfig(mpp=1.0, patch_size=32), grid_cache=str(tmp_path / "g"))
+        return SyntheticCohortDataModule(
+            str(tmp_path / "c"),
+            CohortSpec(n_slides=n_slides, size=(1024, 1024)),
+            tiling=TilingConfig(mpp=1.0, patch_size=32),
+            grid_cache=str(tmp_path / "g"),
+        )
 
     data = module(4)
     assert not (tmp_path / "c").exists()  # nothing is written before prepare_data

@@ -12,13 +12,13 @@ from torch.utils.data import DataLoader
 
 import data_modules.tiling as tiling
 from data_modules import PatchDataset, SlideError, SlidePatches, TissueParams, open_slide, patch_grid, tissue_mask
-from data_modules.synthetic import write_slide
+from data_modules.synthetic import CohortSpec, write_slide
 
 
 @pytest.fixture(scope="module")
 def slide_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiling") / "s.svs"
-    write_slide(path, 3072, 2048, seed=7, tumour=True, mpp=0.5, flavour="svs")
+    write_slide(path, CohortSpec(size=(3072, 2048), mpp=0.5), seed=7, tumour=True, flavour="svs")
     return path
 
 
@@ -42,8 +42,10 @@ def test_grid_geometry_and_tissue_fraction(slide_path):
     # every kept patch is mostly tissue in the mask it came from
     cell = 128 * 0.5 / grid.mask_mpp
     for x, y in grid.coords[:50]:
-        sub = grid.mask[int(y * 0.5 / grid.mask_mpp) : int((y + 128) * 0.5 / grid.mask_mpp),
-                        int(x * 0.5 / grid.mask_mpp) : int((x + 128) * 0.5 / grid.mask_mpp)]
+        sub = grid.mask[
+            int(y * 0.5 / grid.mask_mpp) : int((y + 128) * 0.5 / grid.mask_mpp),
+            int(x * 0.5 / grid.mask_mpp) : int((x + 128) * 0.5 / grid.mask_mpp),
+        ]
         assert sub.size == cell * cell and sub.mean() >= 0.75
     looser = patch_grid(slide_path, mpp=1.0, patch_size=64, tissue_threshold=0.1)
     assert len(looser) > len(grid)
@@ -69,7 +71,9 @@ def test_blank_slide_has_no_tissue(tmp_path):
     path = tmp_path / "blank.tif"
     rng = np.random.default_rng(0)
     glass = (236 + rng.integers(0, 8, (1024, 1024, 3))).astype(np.uint8)
-    tifffile.imwrite(path, glass, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path, glass, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
     assert open_slide(path).mpp == pytest.approx(0.5)
     with pytest.raises(SlideError, match=r"blank\.tif: no tissue found"):
         patch_grid(path, mpp=0.5, patch_size=256)
@@ -106,7 +110,7 @@ def test_patch_dataset_serves_patches_in_worker_processes(slide_path):
     subset = torch.utils.data.Subset(dataset, range(0, len(dataset), max(1, len(dataset) // 24)))
     serial = [b["image"] for b in DataLoader(subset, batch_size=4, num_workers=0)]
     parallel = [b["image"] for b in DataLoader(subset, batch_size=4, num_workers=2)]
-    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == len(parallel)
+    assert len(serial) == len(parallel) and all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
 
 
 def test_patch_dataset_bounds_open_slides(slide_path):

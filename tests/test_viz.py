@@ -1,4 +1,4 @@
-"""Pictures of a run: the rendering functions of `icmil_pl.viz`, and `FigureWriter` on a trained model whose heatmap
+"""Pictures of a run: the rendering functions of `icmil_pl.plots`, and `FigureWriter` on a trained model whose heatmap
 must find the tumour of a generated slide (the tumour region of a synthetic slide is known exactly)."""
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 from torch.utils.data import DataLoader
 
-from data_modules.cohort import TilingConfig
-from data_modules.features import FeatureBagDataModule, read_bag
+from data_modules.feature_bags import FeatureBagDataModule
+from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
 from data_modules.slides import open_slide
-from data_modules.synthetic import load_cohort, make_cohort, tumour_mask
+from data_modules.synthetic import CohortSpec, load_cohort, make_cohort, tumour_mask
+from data_modules.tiling import TilingConfig
 from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
+from icmil_pl.callbacks import FigureWriter, extract_features
 from icmil_pl.embedder import PatchEmbedder
-from icmil_pl.figures import FigureWriter
-from icmil_pl.viz import (
+from icmil_pl.plots import (
     confusion_figure,
     grid_step,
     heatmap_figure,
@@ -38,7 +39,6 @@ from icmil_pl.viz import (
     save_png,
     score_map,
 )
-from icmil_pl.writers import extract_features
 
 
 def _png(path: Path) -> tuple[int, int]:
@@ -60,7 +60,7 @@ def _grid(nx: int, ny: int, step: int, origin=(0, 0)) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-# -- grid_step ----------------------------------------------------------------------------------------------------------
+# -- grid_step ---------------------------------------------------------------------------------------------------------
 def test_grid_step_is_the_smallest_gap_between_patch_positions():
     grid = _grid(5, 4, 256, origin=(1000, 3000))
     assert grid_step(grid) == 256.0
@@ -76,7 +76,7 @@ def test_grid_step_needs_two_patch_positions():
         grid_step(np.array([[512, 768], [512, 768]]))
 
 
-# -- score_map ----------------------------------------------------------------------------------------------------------
+# -- score_map ---------------------------------------------------------------------------------------------------------
 def test_score_map_paints_each_patch_footprint_and_nan_elsewhere():
     coords = np.array([[0, 0], [64, 0], [128, 64]])
     out = score_map((40, 50), 4.0, coords, 64, np.array([0.2, 0.5, 0.9]))
@@ -110,7 +110,7 @@ def test_score_map_leaves_no_gap_between_adjacent_patches():
     assert not np.isnan(inside).any()
 
 
-# -- heatmap and montage ------------------------------------------------------------------------------------------------
+# -- heatmap and montage -----------------------------------------------------------------------------------------------
 def test_percentiles_rank_the_scores_of_a_slide():
     ranks = percentiles([3.0, 5.0, 4.0, 7.0, 4.0, 6.0])
     np.testing.assert_allclose(ranks, [0.0, 0.6, 0.3, 1.0, 0.3, 0.8])  # ties share their mean rank
@@ -159,7 +159,7 @@ def test_montage_shows_top_and_bottom_patches_with_their_scores():
     assert [t.get_text() for t in top[0].texts + bottom[0].texts] == ["highest", "lowest"]
 
 
-# -- ROC, confusion, iterations -----------------------------------------------------------------------------------------
+# -- ROC, confusion, iterations ----------------------------------------------------------------------------------------
 def test_roc_figure_plots_the_curve_with_its_auroc():
     labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     ax = roc_figure(labels, scores, "val ROC").axes[0]
@@ -193,8 +193,10 @@ def test_confusion_figure_counts_true_against_predicted():
 
 
 def test_iteration_figure_plots_val_and_test_by_iteration():
-    iterations = [{"iteration": i, "val": {"auroc": v, "f1": v / 2}, "test": {"auroc": t, "f1": t / 2}}
-                  for i, v, t in [(0, 0.7, 0.65), (1, 0.8, 0.75), (2, 0.85, 0.9)]]  # fmt: skip
+    iterations = [
+        {"iteration": i, "val": {"auroc": v, "f1": v / 2}, "test": {"auroc": t, "f1": t / 2}}
+        for i, v, t in [(0, 0.7, 0.65), (1, 0.8, 0.75), (2, 0.85, 0.9)]
+    ]
     ax = iteration_figure(iterations).axes[0]
     assert [line.get_label() for line in ax.lines] == ["val", "test"]
     for line, stage in zip(ax.lines, ("val", "test"), strict=True):
@@ -207,7 +209,7 @@ def test_iteration_figure_plots_val_and_test_by_iteration():
     assert f1.get_ylabel() == "f1" and f1.get_title() == "f1 by ICMIL iteration"
 
 
-# -- save_png -----------------------------------------------------------------------------------------------------------
+# -- save_png ----------------------------------------------------------------------------------------------------------
 def test_save_png_writes_a_png_of_figsize_times_dpi_and_no_temp_file(tmp_path):
     fig = Figure(figsize=(3.2, 2.4), dpi=50)
     fig.subplots().plot([0, 1], [1, 0])
@@ -234,7 +236,7 @@ def test_save_png_leaves_nothing_when_rendering_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# -- FigureWriter on a trained model ------------------------------------------------------------------------------------
+# -- FigureWriter on a trained model -----------------------------------------------------------------------------------
 PATCH = 64  # level-0 px per patch: 64 px at 0.5 um/px on 0.5 um/px slides
 SEED = 2  # cohort, embedder and training seed; IoU measured for seeds 0-5 below
 # Patch-level IoU between the patches with the highest attention (as many as there are tumour patches) and the tumour
@@ -274,8 +276,10 @@ def trained(tmp_path_factory):
 def _train(root: Path) -> types.SimpleNamespace:
     """A 12-slide cohort with high tumour contrast, random-init ResNet-18 (layer2) features, and ABMIL trained on 8
     slides; the splits are fixed so that the test split holds one tumour and one normal slide never trained on."""
-    cohort = make_cohort(root / "cohort", 12, seed=SEED, size=(1024, 1024), flavours=("tiff",), tumour_contrast=3.0,
-                         tumour_area=(0.1, 0.2))  # fmt: skip
+    spec = CohortSpec(
+        n_slides=12, seed=SEED, size=(1024, 1024), flavours=("tiff",), tumour_contrast=3.0, tumour_area=(0.1, 0.2)
+    )
+    cohort = make_cohort(root / "cohort", spec)
     rows = list(csv.DictReader((cohort / "labels.csv").open()))
     tumour = [r["slide_id"] for r in rows if r["label"] == "1"]
     normal = [r["slide_id"] for r in rows if r["label"] == "0"]
@@ -289,37 +293,73 @@ def _train(root: Path) -> types.SimpleNamespace:
     predict.write_text(f"slide_id\n{tumour[0]}\n{normal[0]}\n")
 
     torch.manual_seed(0)
-    patches = SlidePatchDataModule(str(labels), str(cohort / "slides"), TilingConfig(mpp=0.5, patch_size=PATCH),
-                                   str(root / "grids"), batch_size=64, num_workers=0)  # fmt: skip
-    cache = extract_features(PatchEmbedder("resnet18", "layer2"), patches, str(root / "features"), dtype="float32",
-                             trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
+    patches = SlidePatchDataModule(
+        str(labels),
+        str(cohort / "slides"),
+        TilingConfig(mpp=0.5, patch_size=PATCH),
+        str(root / "grids"),
+        batch_size=64,
+        num_workers=0,
+    )
+    cache = extract_features(
+        PatchEmbedder("resnet18", "layer2"),
+        patches,
+        str(root / "features"),
+        dtype="float32",
+        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
+    )
     pl.seed_everything(SEED, verbose=False)
     bags = FeatureBagDataModule(str(labels), str(cache.path), slides=str(cohort / "slides"))
     model = BagClassifier(ABMIL(128, 2, hidden_dim=64, attention_dim=32), lr=1e-3)
-    pl.Trainer(accelerator="cpu", devices=1, max_epochs=30, check_val_every_n_epoch=10, gradient_clip_val=5.0,
-               logger=False, enable_progress_bar=False, enable_model_summary=False,
-               default_root_dir=str(root / "fit")).fit(model, bags)  # fmt: skip
+    pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=30,
+        check_val_every_n_epoch=10,
+        gradient_clip_val=5.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root / "fit"),
+    ).fit(model, bags)
     infos = {info.path.name.split(".")[0]: info for info in load_cohort(cohort)}
-    return types.SimpleNamespace(root=root, cohort=cohort, predict=predict, features=cache.path, bags=bags, model=model,
-                                 infos=infos, test_tumour=tumour[0], test_normal=normal[0])  # fmt: skip
+    return types.SimpleNamespace(
+        root=root,
+        cohort=cohort,
+        predict=predict,
+        features=cache.path,
+        bags=bags,
+        model=model,
+        infos=infos,
+        test_tumour=tumour[0],
+        test_normal=normal[0],
+    )
 
 
 def _trainer(root: Path, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=str(root), **kwargs)  # fmt: skip
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        **kwargs,
+    )
 
 
 def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
     """Acceptance: predict the two held-out slides (one tumour, one normal, unlabelled) with the FigureWriter every
-    SlideTask adds by itself; each slide gets a heatmap and a patch montage that decode as PNGs of the size their figures
-    imply, and its per-patch attention with coordinates in scores.zarr; on the tumour slide the most attended patches
-    are the tumour (patch IoU >= IOU_BOUND, while k random patches would give ~ k / (2n - k))."""
+    SlideTask adds by itself; each slide gets a heatmap and a patch montage that decode as PNGs of the size their
+    figures imply, and its per-patch attention with coordinates in scores.zarr; on the tumour slide the most attended
+    patches are the tumour (patch IoU >= IOU_BOUND, while k random patches would give ~ k / (2n - k))."""
     slides = FeatureBagDataModule(str(trained.predict), str(trained.features), slides=str(trained.cohort / "slides"))
     _trainer(tmp_path).predict(trained.model, datamodule=slides)  # the slides folder comes from the data module
     figures = tmp_path / "figures"
     store = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")
     for slide_id in (trained.test_tumour, trained.test_normal):
-        features, coords = read_bag(trained.features, slide_id)
+        bag = FeatureCache(trained.features).read(slide_id)
+        features, coords = bag.features, bag.coords
         group = store[slide_id]
         np.testing.assert_array_equal(group["coords"][:], coords)
         scores = group["scores"][:]
@@ -372,19 +412,38 @@ def test_models_without_attention_get_patch_probabilities(trained, tmp_path, mon
     _trainer(tmp_path).predict(model, datamodule=bags)
     group = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")[trained.test_tumour]
     assert group.attrs["kind"] == "patch probability"
-    features = torch.from_numpy(read_bag(trained.features, trained.test_tumour)[0])
+    features = torch.from_numpy(FeatureCache(trained.features).read(trained.test_tumour).features)
     with torch.no_grad():
         expected = model.instance_logits(features).softmax(-1)[:, 1].numpy()
     np.testing.assert_allclose(group["scores"][:], expected, rtol=1e-5)
 
 
 def test_a_one_patch_slide_still_gets_its_figures(trained, tmp_path):
-    features, coords = read_bag(trained.features, trained.test_tumour)
-    bag = {"features": torch.from_numpy(features[:1]), "coords": torch.from_numpy(coords[:1].astype(np.int64)),
-           "label": torch.tensor(1), "slide_id": trained.test_tumour}  # fmt: skip
+    bag = FeatureCache(trained.features).read(trained.test_tumour)
+    features, coords = bag.features, bag.coords
+    bag = {
+        "features": torch.from_numpy(features[:1]),
+        "coords": torch.from_numpy(coords[:1].astype(np.int64)),
+        "label": torch.tensor(1),
+        "slide_id": trained.test_tumour,
+    }
     writer = FigureWriter(slides=str(trained.cohort / "slides"))
     _trainer(tmp_path, callbacks=[writer]).predict(trained.model, DataLoader([bag], batch_size=None))
     assert _png(tmp_path / "figures" / f"{trained.test_tumour}_heatmap.png")[0] == 1200
+
+
+def test_figures_are_a_component_of_the_model(trained, tmp_path):
+    """`figures`: a FigureWriter is used as given, False draws nothing; predictions.csv is written either way."""
+    state = trained.model.state_dict()
+    bags = FeatureBagDataModule(str(trained.predict), str(trained.features), slides=str(trained.cohort / "slides"))
+    custom = BagClassifier(ABMIL(128, 2, hidden_dim=64, attention_dim=32), figures=FigureWriter(top_k=2))
+    custom.load_state_dict(state)
+    _trainer(tmp_path / "custom").predict(custom, datamodule=bags)
+    assert _png(tmp_path / "custom" / "figures" / f"{trained.test_tumour}_patches.png")[0] == 160 * 2  # 1.6 in a patch
+    off = BagClassifier(ABMIL(128, 2, hidden_dim=64, attention_dim=32), figures=False)
+    off.load_state_dict(state)
+    _trainer(tmp_path / "off").predict(off, datamodule=bags)
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["predictions.csv"]
 
 
 def test_figure_writer_checks_its_settings():

@@ -27,8 +27,18 @@ CONF = Path(__file__).parent / "conf"
 LR = 3.0e-3  # the sweep's proposal, as `wandb agent` passes it: flat key in the run config and a CLI override
 SWEEP_KEY = "model.init_args.lr"
 KEY = "0123456789abcdef0123456789abcdef01234567"  # the format of a W&B API key (40 characters)
-_ISOLATE = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_SWEEP_PARAM_PATH",
-            "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY", "NETRC")  # fmt: skip
+_ISOLATE = (
+    "WANDB_API_KEY",
+    "WANDB_IDENTITY_TOKEN_FILE",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "WANDB_SWEEP_PARAM_PATH",
+    "WANDB_SWEEP_ID",
+    "WANDB_RUN_ID",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "NETRC",
+)
 
 
 @contextlib.contextmanager
@@ -72,11 +82,21 @@ def features(tmp_path_factory) -> Path:
 
 
 def _fit_args(features: Path, out: Path) -> list[str]:
-    return ["fit", "-c", str(CONF / "abmil.yaml"), "--trainer.max_epochs=2", "--trainer.enable_model_summary=false",
-            "--model.init_args.aggregator.init_args.in_dim=8", f"--{SWEEP_KEY}={LR}",
-            f"--data.init_args.labels={features / 'labels.csv'}", f"--data.init_args.features={features}",
-            f"--trainer.default_root_dir={out}", "--trainer.logger=WandbLogger",
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.logger.init_args.project=icmil-tests"]  # fmt: skip
+    return [
+        "fit",
+        "-c",
+        str(CONF / "abmil.yaml"),
+        "--trainer.max_epochs=2",
+        "--trainer.enable_model_summary=false",
+        "--model.init_args.aggregator.init_args.in_dim=8",
+        f"--{SWEEP_KEY}={LR}",
+        f"--data.init_args.labels={features / 'labels.csv'}",
+        f"--data.init_args.features={features}",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.logger=WandbLogger",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.logger.init_args.project=icmil-tests",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +112,15 @@ def sweep_run(features, tmp_path_factory) -> dict:
             cli = main(_fit_args(features, out))
         run = wandb.run
         summary = {k: run.summary[k] for k in run.summary.keys()}  # noqa: SIM118 (a Summary has no __iter__)
-        return {"out": out, "stdout": stdout.getvalue(), "offline": run.offline, "sync_dir": run.settings.sync_dir,
-                "config": dict(run.config), "summary": summary,
-                "results": json.loads((Path(cli.trainer.log_dir) / "results.json").read_text())}  # fmt: skip
+        return {
+            "out": out,
+            "stdout": stdout.getvalue(),
+            "offline": run.offline,
+            "sync_dir": run.settings.sync_dir,
+            "config": dict(run.config),
+            "summary": summary,
+            "results": json.loads((Path(cli.trainer.log_dir) / "results.json").read_text()),
+        }
 
 
 def test_offline_by_default_without_credentials(sweep_run):
@@ -181,3 +207,24 @@ def test_offline_on_the_logger_is_passed_to_wandb_init(no_credentials):
     """Lightning's `offline=True` sets WANDB_MODE, which wandb ignores once it is set up in the process."""
     logger = _logger(offline=True)
     assert not wandb_run.default_offline([logger]) and logger._wandb_init["mode"] == "offline"
+
+
+def test_the_wandb_internals_this_project_reads_still_exist(no_credentials):
+    """`wandb_run` reads Lightning's and wandb's private state in two places (`_private`, `has_credentials`); an
+    upgrade that renames any of it fails here, by name, rather than silently putting runs online or offline."""
+    logger = WandbLogger(project="icmil-tests", offline=True, save_dir=str(no_credentials))
+    run, offline, init = wandb_run._private(logger)
+    assert run is None and offline is True and isinstance(init, dict) and init["project"] == "icmil-tests"
+    init["mode"] = "offline"
+    assert logger._wandb_init["mode"] == "offline"  # the same dict: what we set is what wandb.init gets
+
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    for name in ("api_key", "identity_token_file", "base_url"):
+        assert hasattr(settings, name), f"wandb settings no longer have {name!r}"
+    assert callable(wbauth.session_credentials) and callable(wbauth.read_netrc_auth)
+    assert issubclass(AuthenticationError, Exception)
+    assert wandb_run.has_credentials() is False

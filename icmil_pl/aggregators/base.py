@@ -12,9 +12,9 @@ class MILOutput(NamedTuple):
     """What an aggregator returns for one bag.
 
     `attention` is each instance's share in the bag prediction as the model defines it (pooling weights, or the
-    TransMIL cls-token attention); it sums to 1 wherever it is given and feeds the heatmaps. `aux_logits` are extra predictions of the same bag label that the model trains on beside `logits`
-    (DTFD-MIL tier-1 pseudo-bags, the DSMIL max-instance score): the BagClassifier adds a cross entropy of every row
-    against the bag label.
+    TransMIL cls-token attention); it sums to 1 wherever it is given and feeds the heatmaps. `aux_logits` are extra
+    predictions of the same bag label that the model trains on beside `logits` (DTFD-MIL tier-1 pseudo-bags, the
+    DSMIL max-instance score): the bag loss adds a cross entropy of every row against the bag label.
     """
 
     logits: Tensor  # (num_classes,)

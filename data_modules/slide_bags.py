@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .bag_data import BagDataModule
-from .cohort import SlideCohort, TilingConfig
+from .bag_base import BagDataModule, BagLoaders
+from .cohort import SlideCohort, SlideLabel
 from .slides import Resample, Slide, open_slide
-from .splits import SlideLabel
-from .tiling import SlidePatches
+from .splits import SplitConfig
+from .tiling import SlidePatches, TilingConfig
 
-__all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataset"]
+__all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataModule", "SlideBagDataset", "SlideBagSplits"]
 
 
 class SlideBag:
@@ -27,11 +27,17 @@ class SlideBag:
     reads, on first use; pickling drops the handle.
     """
 
-    def __init__(self, patches: SlidePatches, indices: np.ndarray | None = None, resample: Resample = "bilinear",
-                 threads: int = 4) -> None:
+    def __init__(
+        self,
+        patches: SlidePatches,
+        indices: np.ndarray | None = None,
+        resample: Resample = "bilinear",
+        threads: int = 4,
+    ) -> None:
         self.patches = patches
         self.indices = np.arange(len(patches.grid)) if indices is None else np.asarray(indices)
-        self.resample, self.threads = resample, threads
+        self.resample = resample
+        self.threads = threads
         self._slide: Slide | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -40,7 +46,9 @@ class SlideBag:
 
     def __getitem__(self, index: slice) -> torch.Tensor:
         if not isinstance(index, slice):
-            raise TypeError(f"SlideBag supports slices (bag[a:b]), got {type(index).__name__}; use select() for indices")
+            raise TypeError(
+                f"SlideBag supports slices (bag[a:b]), got {type(index).__name__}; use select() for indices"
+            )
         coords = self.patches.grid.coords[self.indices[index]]
         if self._slide is None:
             self._slide = open_slide(self.patches.path, mpp=self.patches.mpp_override)
@@ -81,7 +89,9 @@ class SlideBagDataset(Dataset):
     does. A label of None (an unlabelled slide, predict only) leaves "label" out of the item."""
 
     def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[int | None], threads: int = 4) -> None:
-        self.slides, self.labels, self.threads = list(slides), list(labels), threads
+        self.slides = list(slides)
+        self.labels = list(labels)
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.slides)
@@ -95,7 +105,7 @@ class SlideBagDataset(Dataset):
         return item
 
 
-class PatchBagDataModule(BagDataModule):
+class SlideBagDataModule(BagDataModule):
     """Slides of a cohort as lazy bags of all their tissue patches (end-to-end MIL on slides)."""
 
     def __init__(
@@ -106,14 +116,14 @@ class PatchBagDataModule(BagDataModule):
         grid_cache: str = "runs/grids",
         read_threads: int = 4,
         classes: list[str] | None = None,
-        folds: int = 5,
-        fold: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
+        splits: SplitConfig = SplitConfig(),
+        split_ids: dict[str, list[str]] | None = None,
     ) -> None:
-        super().__init__(labels, classes, folds, fold, val_fraction, seed, num_workers=0)
+        super().__init__(labels, classes, splits, split_ids, num_workers=0)
         self.cohort = SlideCohort(self.labels_path, slides)
-        self.tiling, self.grid_cache, self.read_threads = tiling, grid_cache, read_threads
+        self.tiling = tiling
+        self.grid_cache = grid_cache
+        self.read_threads = read_threads
         self._patches: dict[str, SlidePatches] | None = None
 
     @property
@@ -126,5 +136,28 @@ class PatchBagDataModule(BagDataModule):
         super().setup(stage)
 
     def bag_dataset(self, rows: list[SlideLabel]) -> SlideBagDataset:
-        return SlideBagDataset([self._patches[r.slide_id] for r in rows], [self.label_index(r) for r in rows],
-                               self.read_threads)
+        slides = [self._patches[r.slide_id] for r in rows]
+        return SlideBagDataset(slides, [self.label_index(r) for r in rows], self.read_threads)
+
+
+class PatchBagDataModule(SlideBagDataModule):
+    """The former name of `SlideBagDataModule`, kept so that configs naming it still run."""
+
+
+class SlideBagSplits(BagLoaders):
+    """Given slides per split as lazy bags with class indices (ICMIL's `BagGradient` coupling: its training slides
+    and the ones it holds out); training order seeded by epoch."""
+
+    def __init__(
+        self, splits: Mapping[str, Sequence[SlidePatches]], labels: Mapping[str, int], threads: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.slides = splits
+        self.labels = labels
+        self.threads = threads
+        self.seed = seed
+        self.num_workers = 0
+
+    def dataset(self, split: str) -> SlideBagDataset:
+        slides = self.slides.get(split, [])
+        return SlideBagDataset(slides, [self.labels[s.slide_id] for s in slides], self.threads)

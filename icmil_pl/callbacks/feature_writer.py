@@ -15,11 +15,11 @@ import pytorch_lightning as pl
 from tqdm.auto import tqdm
 
 import icmil_pl
-from data_modules.cohort import TilingConfig
 from data_modules.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
 from data_modules.patches import SlidePatchDataModule
+from data_modules.tiling import TilingConfig
 
-from .embedder import PatchEmbedder
+from ..embedder import PatchEmbedder
 
 __all__ = ["FeatureWriter", "cache_key", "extract_features"]
 
@@ -62,7 +62,7 @@ class FeatureWriter(pl.Callback):
         data = trainer.datamodule
         if not isinstance(pl_module, PatchEmbedder) or not isinstance(data, SlidePatchDataModule):
             raise ValueError("FeatureWriter needs model: PatchEmbedder and data: SlidePatchDataModule")
-        self.cache = FeatureCache(self.cache_root, cache_key(pl_module, data.tiling))
+        self.cache = FeatureCache(self.cache_root / cache_key(pl_module, data.tiling))
         self._provenance = provenance(pl_module, data.tiling)
         if trainer.is_global_zero:
             self.cache.write_manifest(self._provenance)
@@ -104,8 +104,12 @@ class FeatureWriter(pl.Callback):
         self._abort()
 
     def _start(self, slide_id: str, dim: int) -> SlideFeatureWriter:
-        attrs = {**self._provenance, "slide_id": slide_id, "num_patches": self._sizes[slide_id],
-                 "level0_patch_size": self._grid_sizes[slide_id]}
+        attrs = {
+            **self._provenance,
+            "slide_id": slide_id,
+            "num_patches": self._sizes[slide_id],
+            "level0_patch_size": self._grid_sizes[slide_id],
+        }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
         return writer
 

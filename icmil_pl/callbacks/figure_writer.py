@@ -23,9 +23,11 @@ from pytorch_lightning.loggers import WandbLogger
 from data_modules.cohort import find_slide
 from data_modules.slides import open_slide
 
-from .viz import confusion_figure, grid_step, heatmap_figure, montage_figure, roc_figure, save_png
+from ..plots import confusion_figure, grid_step, heatmap_figure, montage_figure, roc_figure, save_png
+from .outputs import output_dir
+from .prediction_writer import PredictionWriter
 
-__all__ = ["FigureWriter"]
+__all__ = ["FigureWriter", "resolve_figures"]
 
 
 class FigureWriter(pl.Callback):
@@ -39,16 +41,18 @@ class FigureWriter(pl.Callback):
     def __init__(self, slides: str | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
         if top_k < 1 or thumbnail_px < 64:
             raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
-        self.slides, self.top_k, self.thumbnail_px = slides, top_k, thumbnail_px
+        self.slides = slides
+        self.top_k = top_k
+        self.thumbnail_px = thumbnail_px
         self._root = Path(".")  # the predict run's output folder, set in on_predict_start
 
     # -- test --------------------------------------------------------------------------------------------------------
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After the module's epoch end, which gathers every process's predictions."""
-        out, rows = self._dir(trainer), pl_module.predictions
+        """After the prediction writer's epoch end, which gathered every process's rows."""
+        out, rows = output_dir(trainer) / "figures", PredictionWriter.of(trainer).rows
         if not trainer.is_global_zero or not rows:
             return
-        names = _class_names(pl_module)
+        names = pl_module.class_labels
         labels = [row["label"] for row in rows]
         probs = torch.stack([row["probs"] for row in rows]).numpy()
         confusion = confusion_figure(labels, probs.argmax(1), names, "test confusion matrix")
@@ -62,13 +66,20 @@ class FigureWriter(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve the output folder once, on every process (`log_dir` is a collective), and create the scores store
         before the processes write their slides into it."""
-        self._root = Path(trainer.log_dir or trainer.default_root_dir)
+        self._root = output_dir(trainer)
         if trainer.is_global_zero:
             zarr.open_group(str(self._root / "scores.zarr"), mode="a")
         trainer.strategy.barrier("scores.zarr")
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         coords = batch.get("coords")
         if coords is None or len(coords) == 0:
             return
@@ -84,7 +95,7 @@ class FigureWriter(pl.Callback):
         path = self._slide_path(trainer, slide_id)
         if path is None:
             return
-        names = _class_names(pl_module)
+        names = pl_module.class_labels
         probs = outputs["probs"]
         k = int(probs.argmax())
         title = f"{slide_id}: {names[k]} (p = {float(probs[k]):.2f})"
@@ -92,16 +103,24 @@ class FigureWriter(pl.Callback):
         with open_slide(path) as slide:
             w0, h0 = slide.dimensions
             thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
-            heatmap = heatmap_figure(thumbnail, w0 / thumbnail.shape[1], coords, scores, title, patch=side,
-                                     label=f"{kind} (percentile in slide)")  # fmt: skip
+            heatmap = heatmap_figure(
+                thumbnail,
+                w0 / thumbnail.shape[1],
+                coords,
+                scores,
+                title,
+                patch=side,
+                label=f"{kind} (percentile in slide)",
+            )
             montage = self._montage(slide, coords, scores, int(side), title)
         out = self._root / "figures"
         paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]
         self._log_images(trainer, f"predict/{slide_id}", paths)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and pl_module.predictions:
-            self._log_table(trainer, "predict/predictions", pl_module.predictions, _class_names(pl_module))
+        rows = PredictionWriter.of(trainer).rows
+        if trainer.is_global_zero and rows:
+            self._log_table(trainer, "predict/predictions", rows, pl_module.class_labels)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _scores(self, pl_module: pl.LightningModule, outputs: dict, batch: dict) -> tuple[np.ndarray | None, str]:
@@ -131,10 +150,6 @@ class FigureWriter(pl.Callback):
         return None if folder is None else find_slide(folder, slide_id)
 
     @staticmethod
-    def _dir(trainer: pl.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "figures"
-
-    @staticmethod
     def _log_images(trainer: pl.Trainer, key: str, paths: list[os.PathLike]) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -144,11 +159,22 @@ class FigureWriter(pl.Callback):
     def _log_table(trainer: pl.Trainer, key: str, rows: list[dict], names: list[str]) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                data = [[r["slide_id"], "" if r["label"] is None else names[r["label"]], names[int(r["probs"].argmax())],
-                         *r["probs"].tolist()] for r in rows]  # fmt: skip
-                logger.log_table(key=key, columns=["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]],
-                                 data=data)  # fmt: skip
+                data = [
+                    [
+                        r["slide_id"],
+                        "" if r["label"] is None else names[r["label"]],
+                        names[int(r["probs"].argmax())],
+                        *r["probs"].tolist(),
+                    ]
+                    for r in rows
+                ]
+                logger.log_table(
+                    key=key, columns=["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]], data=data
+                )
 
 
-def _class_names(pl_module: pl.LightningModule) -> list[str]:
-    return pl_module.class_names or [str(c) for c in range(pl_module.num_classes)]
+def resolve_figures(figures: FigureWriter | bool) -> FigureWriter | None:
+    """A model's `figures` component: an object is used as given, `True` is the default `FigureWriter`, `False` none."""
+    if isinstance(figures, FigureWriter):
+        return figures
+    return FigureWriter() if figures else None

@@ -41,7 +41,9 @@ def grid_step(coords: np.ndarray) -> float:
     return float(gaps.min())
 
 
-def score_map(shape: tuple[int, int], downsample: float, coords: np.ndarray, patch: float, scores: np.ndarray) -> np.ndarray:
+def score_map(
+    shape: tuple[int, int], downsample: float, coords: np.ndarray, patch: float, scores: np.ndarray
+) -> np.ndarray:
     """(H, W) float map at `downsample` (level-0 pixels per map pixel): each patch's score over its footprint, NaN
     where no patch lies; where patches overlap, the highest score shows."""
     out = np.full(shape, np.nan, np.float32)
@@ -97,8 +99,13 @@ def heatmap_figure(
     return fig
 
 
-def montage_figure(top: Sequence[np.ndarray], bottom: Sequence[np.ndarray], top_scores: Sequence[float],
-                   bottom_scores: Sequence[float], title: str) -> Figure:  # fmt: skip
+def montage_figure(
+    top: Sequence[np.ndarray],
+    bottom: Sequence[np.ndarray],
+    top_scores: Sequence[float],
+    bottom_scores: Sequence[float],
+    title: str,
+) -> Figure:
     """Two rows of patches: the k highest-scoring (top) and the k lowest-scoring (bottom), each with its score."""
     k = max(len(top), len(bottom), 1)
     fig = Figure(figsize=(1.6 * k, 3.8), dpi=100, layout="constrained")
@@ -130,8 +137,9 @@ def roc_figure(labels: Sequence[int], scores: Sequence[float], title: str = "ROC
     return fig
 
 
-def confusion_figure(labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str],
-                     title: str = "confusion matrix") -> Figure:  # fmt: skip
+def confusion_figure(
+    labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str], title: str = "confusion matrix"
+) -> Figure:
     """Counts of true (rows) against predicted (columns) classes."""
     n = len(class_names)
     matrix = confusion_matrix(labels, predicted, labels=list(range(n)))
@@ -142,8 +150,15 @@ def confusion_figure(labels: Sequence[int], predicted: Sequence[int], class_name
         for j in range(n):
             dark = matrix[i, j] > matrix.max() / 2
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color="white" if dark else "black")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
-           xlabel="predicted", ylabel="true", title=title)  # fmt: skip
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     return fig
 
 

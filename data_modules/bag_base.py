@@ -1,0 +1,119 @@
+"""The base of every slide-level data module: one loader factory, one bag per batch, and labels + splits."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from .cohort import SlideLabel, class_index, read_labels, require_labels
+from .samplers import EpochShuffle, evaluation_sampler
+from .splits import SPLITS, SplitConfig, make_splits
+
+__all__ = ["BagDataModule", "BagLoaders"]
+
+
+class BagLoaders(pl.LightningDataModule):
+    """Train/val/test/predict loaders over `self.dataset(split)`, one bag per batch, training order seeded.
+
+    Subclasses set `seed` and `num_workers` and implement `dataset`.
+    """
+
+    seed: int
+    num_workers: int
+
+    @abstractmethod
+    def dataset(self, split: str) -> Dataset:
+        """The bags of `split` ("train", "val" or "test")."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"))
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        return DataLoader(
+            dataset,
+            batch_size=None,  # one bag per step: no collation, no padding
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else evaluation_sampler(dataset, trainer),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class BagDataModule(BagLoaders):
+    """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch.
+
+    Splits are `split_ids` when given (e.g. an ICMIL run's `splits.json`), else the CSV's `split` column, else
+    `splits` (a seeded, stratified, patient-grouped k-fold); a model trained on them saves them as `splits.json`.
+    Subclasses say how a list of slides becomes a dataset of bags (`bag_dataset`).
+    """
+
+    def __init__(
+        self,
+        labels: str,
+        classes: list[str] | None = None,
+        splits: SplitConfig = SplitConfig(),
+        split_ids: dict[str, list[str]] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.labels_path = Path(labels)
+        self.rows: list[SlideLabel] = read_labels(self.labels_path)
+        self.class_index = class_index(self.rows, self.labels_path, classes)
+        self.classes = list(self.class_index)
+        self.split_config = splits
+        self.seed = splits.seed
+        self.num_workers = num_workers
+        self.splits: dict[str, list[str]] | None = None if split_ids is None else self._known(split_ids)
+
+    @property
+    def num_classes(self) -> int | None:
+        """None for a cohort without labels (predict only): the model knows its classes."""
+        return len(self.classes) or None
+
+    def label_index(self, row: SlideLabel) -> int | None:
+        return None if row.label is None else self.class_index[row.label]
+
+    @abstractmethod
+    def bag_dataset(self, rows: list[SlideLabel]) -> Dataset:
+        """A dataset whose item i is the bag of `rows[i]` (a dict with at least `label` and `slide_id`)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
+            require_labels(self.rows, self.labels_path, "splitting into train/val/test")
+            self.splits = make_splits(self.rows, self.split_config)
+
+    def split_rows(self, split: str) -> list[SlideLabel]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        ids = set(self.splits[split])
+        return [row for row in self.rows if row.slide_id in ids]
+
+    def dataset(self, split: str) -> Dataset:
+        return self.bag_dataset(self.split_rows(split))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every slide of the labels CSV, labelled or not, in CSV order."""
+        return self._loader(self.bag_dataset(self.rows))
+
+    def _known(self, split_ids: dict[str, list[str]]) -> dict[str, list[str]]:
+        listed = {row.slide_id for row in self.rows}
+        unknown = sorted({s for ids in split_ids.values() for s in ids} - listed)
+        if unknown or set(split_ids) != set(SPLITS):
+            raise ValueError(
+                f"split_ids: expected {{train, val, test}} of slides in {self.labels_path}, got splits "
+                f"{sorted(split_ids)}" + (f" and unknown slides {unknown[:3]}" if unknown else "")
+            )
+        return {split: list(split_ids[split]) for split in SPLITS}

@@ -1,0 +1,102 @@
+"""Bags of cached patch features with slide labels: our zarr cache, or CLAM/TRIDENT-style `.h5` files users bring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .bag_base import BagDataModule
+from .cohort import SlideLabel
+from .feature_cache import FeatureCache
+from .splits import SplitConfig
+
+__all__ = ["FeatureBagDataModule", "FeatureBagDataset"]
+
+
+class FeatureBagDataset(Dataset):
+    """One item = one slide's whole bag: `{"features": (N, D), "label": int, "slide_id": str, "coords": (N, 2)}`
+    (no "label" for an unlabelled slide)."""
+
+    def __init__(self, cache: FeatureCache, slides: list[SlideLabel], class_index: dict[str, int]) -> None:
+        self.cache = cache
+        self.slides = slides
+        self.class_index = class_index
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.slides[index]
+        bag = self.cache.read(row.slide_id)
+        item = {
+            "features": torch.from_numpy(bag.features),
+            "slide_id": row.slide_id,
+            "coords": torch.from_numpy(bag.coords.astype(np.int64)),
+        }
+        if row.label is not None:
+            item["label"] = torch.tensor(self.class_index[row.label])
+        return item
+
+
+class FeatureBagDataModule(BagDataModule):
+    """Slide labels + a folder of per-slide features (our zarr cache or CLAM/TRIDENT `.h5`) -> bags of features.
+
+    Every slide is checked before training starts (features exist, the bag is non-empty and finite, one feature
+    dimension), so a bad cohort fails at once rather than mid-epoch. See `BagDataModule` for labels and splits;
+    `slides` (the slide folder) is only needed for heatmaps.
+    """
+
+    def __init__(
+        self,
+        labels: str,
+        features: str,
+        classes: list[str] | None = None,
+        splits: SplitConfig = SplitConfig(),
+        split_ids: dict[str, list[str]] | None = None,
+        num_workers: int = 0,
+        slides: str | None = None,
+    ) -> None:
+        super().__init__(labels, classes, splits, split_ids, num_workers)
+        self.cache = FeatureCache.find(features)
+        self.slides_dir = None if slides is None else Path(slides)
+        self.feature_dim: int | None = None
+
+    def prepare_data(self) -> None:
+        self._check_bags()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.feature_dim is None:
+            self._check_bags()
+        super().setup(stage)
+
+    def bag_dataset(self, rows: list[SlideLabel]) -> FeatureBagDataset:
+        return FeatureBagDataset(self.cache, rows, self.class_index)
+
+    def feature_stats(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and standard deviation over every instance of `split` (streamed, float64)."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for row in self.split_rows(split):
+            features = self.cache.read(row.slide_id).features.astype(np.float64)
+            total, total_sq, count = total + features.sum(0), total_sq + (features**2).sum(0), count + len(features)
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 1e-6)).float()
+
+    def _check_bags(self) -> None:
+        dims = set()
+        for row in self.rows:
+            try:
+                features = self.cache.read(row.slide_id).features
+            except ValueError as exc:
+                raise ValueError(f"{self.labels_path}: {exc}") from None
+            if len(features) == 0:
+                raise ValueError(f"{self.labels_path}: slide {row.slide_id!r} has an empty bag (no patches)")
+            if not np.isfinite(features).all():
+                raise ValueError(f"{self.cache.path}: slide {row.slide_id!r} has NaN or infinite features")
+            dims.add(features.shape[1])
+        if len(dims) > 1:
+            raise ValueError(f"{self.cache.path}: slides have different feature dimensions {sorted(dims)}")
+        self.feature_dim = dims.pop()

@@ -1,0 +1,84 @@
+"""A labelled synthetic cohort on disk: slides, labels.csv and cohort.json (the settings and every slide's ground
+truth), written once and reused while its settings are the same."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .scene import SlideInfo
+from .spec import CLASSES, EXTENSIONS, CohortSpec
+from .tiff import write_slide
+
+__all__ = ["load_cohort", "make_cohort"]
+
+
+def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
+    """Write a labelled cohort under `root` and return `root`: `root/slides/<slide_id>.{svs,tif,ome.tif}`,
+    `root/labels.csv` (`slide_id,label,patient_id`, label 0 = normal, 1 = tumour) and `root/cohort.json` (the spec and
+    the `SlideInfo` of every slide, paths relative to root).
+
+    Slide i has flavour flavours[i % len(flavours)]; round(n_slides * positive_fraction) slides are tumour (at least
+    one of each label when 0 < positive_fraction < 1); there are round(n_slides * patients_per_slide) patients, so some
+    have several slides and grouped splits matter. A cohort already complete with the same spec is left as is;
+    `workers` threads compress tiles.
+    """
+    root = Path(root)
+    params = json.loads(json.dumps(asdict(spec)))  # as cohort.json holds it: lists, not tuples
+    n_slides, seed = spec.n_slides, spec.seed
+    manifest = root / "cohort.json"
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        if previous["params"] != params:
+            raise ValueError(f"root: {root} holds a cohort made with other parameters; use another root or delete it")
+        if all((root / s["path"]).exists() for s in previous["slides"]) and (root / "labels.csv").exists():
+            return root
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, n_slides]))
+    n_positive = round(n_slides * spec.positive_fraction)
+    if 0 < spec.positive_fraction < 1 and n_slides >= 2:
+        n_positive = min(max(n_positive, 1), n_slides - 1)
+    labels = rng.permutation(np.arange(n_slides) < n_positive)
+    n_patients = max(1, round(n_slides * spec.patients_per_slide))
+    patients = rng.permutation(np.arange(n_slides) % n_patients)
+    slide_seeds = np.random.SeedSequence(seed).generate_state(n_slides, np.uint64)
+
+    ids = [f"slide_{i:03d}" for i in range(n_slides)]
+    infos = []
+    for i, slide_id in enumerate(tqdm(ids, desc=f"writing {root}", unit="slide", leave=False)):
+        flavour = spec.flavours[i % len(spec.flavours)]
+        path = root / "slides" / f"{slide_id}{EXTENSIONS[flavour]}"
+        infos.append(
+            write_slide(path, spec, seed=int(slide_seeds[i]), tumour=bool(labels[i]), flavour=flavour, workers=workers)
+        )
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["slide_id", "label", "patient_id"])
+    for slide_id, info, patient in zip(ids, infos, patients, strict=True):
+        writer.writerow([slide_id, info.label, f"patient_{patient:03d}"])
+    _atomic_write(root / "labels.csv", table.getvalue())
+    cohort = {"params": params, "classes": list(CLASSES), "slides": [info.to_dict(root) for info in infos]}
+    _atomic_write(manifest, json.dumps(cohort, indent=1))
+    return root
+
+
+def load_cohort(root: str | os.PathLike) -> list[SlideInfo]:
+    """The ground truth of every slide of a cohort written by `make_cohort`."""
+    root = Path(root)
+    manifest = root / "cohort.json"
+    if not manifest.exists():
+        raise ValueError(f"root: no cohort.json in {root}; run make_cohort first")
+    return [SlideInfo.from_dict(s, root) for s in json.loads(manifest.read_text())["slides"]]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

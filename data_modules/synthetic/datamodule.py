@@ -1,0 +1,32 @@
+"""A synthetic slide cohort as a data module: written on first use, then read like any cohort on disk."""
+
+from __future__ import annotations
+
+from data_modules.patches import SlidePatchDataModule
+from data_modules.tiling import TilingConfig
+
+from .cohort import make_cohort
+from .spec import CohortSpec
+
+__all__ = ["SyntheticCohortDataModule"]
+
+
+class SyntheticCohortDataModule(SlidePatchDataModule):
+    """A `SlidePatchDataModule` over `root/labels.csv` and `root/slides`, whose `prepare_data` writes the `cohort`
+    there first (once: a complete cohort of the same spec is reused, another spec is an error). The demo and the
+    benchmarks need a cohort that exists nowhere yet."""
+
+    def __init__(
+        self,
+        root: str = "data/synthetic/demo",
+        cohort: CohortSpec = CohortSpec(),
+        tiling: TilingConfig = TilingConfig(),
+        grid_cache: str = "runs/grids",
+        batch_size: int = 64,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(f"{root}/labels.csv", f"{root}/slides", tiling, grid_cache, batch_size, num_workers)
+        self.root, self.spec = root, cohort
+
+    def prepare_data(self) -> None:
+        make_cohort(self.root, self.spec)

@@ -1,0 +1,373 @@
+"""The procedural slide: tissue geometry, tumour foci and pixels at any level, a pure function of the slide's settings
+and the position, so any region can be regenerated (`render_region`) and the ground truth read back (`tissue_mask`,
+`tumour_mask`). Level k > 0 is the 4x4 area average of level k-1 (partial blocks at the image edge average the pixels
+that exist).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .spec import Compression, Flavour
+from .textures import (
+    GLASS,
+    NUCLEI_PERIOD,
+    STROMA_PERIOD,
+    TUMOUR,
+    Nuclei,
+    doubled,
+    histogram,
+    nuclei_alpha,
+    palette,
+    quantise,
+    radial,
+    stroma_texture,
+    value_noise,
+    window,
+)
+
+__all__ = [
+    "Scene",
+    "SlideInfo",
+    "TumourRegion",
+    "area4",
+    "cached_scene",
+    "render_region",
+    "scene_of",
+    "tissue_mask",
+    "tumour_mask",
+]
+
+_FIELD_MARGIN = 1024  # px beyond the slide's right and bottom edges where the tissue field still varies
+_ANALYSIS_PX = 512  # resolution (longest side) at which tissue is measured and tumours are placed
+
+
+@dataclass(frozen=True)
+class TumourRegion:
+    """A tumour focus: points at distance < radius * (1 + sum a cos(k theta + phi)) from the centre (level-0 px)."""
+
+    centre: tuple[float, float]
+    radius: float
+    harmonics: tuple[tuple[int, float, float], ...]  # (k, a, phi)
+    box: tuple[int, int, int, int]  # (x, y, w, h), level-0 px, clipped to the slide
+
+    def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Membership on the grid ys x xs (level-0 coordinates) as a (len(ys), len(xs)) bool array."""
+        dx = np.asarray(xs, np.float64)[None, :] - self.centre[0]
+        dy = np.asarray(ys, np.float64)[:, None] - self.centre[1]
+        d = np.hypot(dx, dy)
+        safe = np.where(d > 0, d, 1.0)
+        return d < self.radius * radial(dx / safe, dy / safe, self.harmonics)
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What was written and the ground truth to check predictions against; enough to regenerate any region."""
+
+    path: Path
+    seed: int
+    dimensions: tuple[int, int]  # (w, h) at level 0
+    mpp: float
+    tumour: bool
+    tumour_contrast: float
+    tumour_area: tuple[float, float]  # range of the tissue fraction of each focus
+    flavour: Flavour
+    compression: Compression
+    quality: int
+    tile_size: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    tissue_fraction: float
+    tumour_regions: tuple[TumourRegion, ...]
+
+    @property
+    def label(self) -> int:
+        return int(self.tumour)
+
+    @property
+    def tumour_boxes(self) -> tuple[tuple[int, int, int, int], ...]:
+        return tuple(region.box for region in self.tumour_regions)
+
+    def to_dict(self, relative_to: Path | None = None) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path.relative_to(relative_to) if relative_to else self.path)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, relative_to: Path | None = None) -> SlideInfo:
+        regions = tuple(
+            TumourRegion(
+                centre=tuple(r["centre"]),
+                radius=r["radius"],
+                harmonics=tuple(tuple(h) for h in r["harmonics"]),
+                box=tuple(r["box"]),
+            )
+            for r in d["tumour_regions"]
+        )
+        path = Path(d["path"])
+        return cls(
+            **{
+                **d,
+                "path": relative_to / path if relative_to else path,
+                "dimensions": tuple(d["dimensions"]),
+                "tumour_area": tuple(d["tumour_area"]),
+                "level_dimensions": tuple(tuple(x) for x in d["level_dimensions"]),
+                "tumour_regions": regions,
+            }
+        )
+
+
+class Scene:
+    """The procedural slide at level 0. Every value is a function of the constructor arguments and the position."""
+
+    def __init__(
+        self, seed: int, size: tuple[int, int], mpp: float, tumour: bool, contrast: float, area: tuple[float, float]
+    ) -> None:
+        self.size = size
+        self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
+        self.step = max(8, self.scale // 1024)  # the tissue field is bilinear between nodes this many px apart
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
+        tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng = streams
+
+        self.analysis_downsample = max(1, math.ceil(self.scale / _ANALYSIS_PX))
+        self._init_tissue(tissue_rng)
+        stroma = stroma_texture(stroma_rng, mpp)
+        normal = nuclei_alpha(normal_rng, mpp, Nuclei())
+        tumour_alpha = nuclei_alpha(tumour_rng, mpp, Nuclei().tumour(contrast)) if tumour else None
+        if tumour_alpha is not None:
+            # tumour nuclei are paler (vesicular), which offsets part of their extra hematoxylin; lighter stroma
+            # offsets the rest (see _palette), so tumour and normal tissue share the mean colour
+            tumour_alpha *= math.sqrt(normal.mean() / tumour_alpha.mean())
+        normal_q = quantise(normal)
+        tumour_q = quantise(tumour_alpha) if tumour_alpha is not None else None
+        self.palette = palette(
+            stain_rng,
+            histogram(stroma, 256),
+            histogram(normal_q, 16),
+            histogram(tumour_q, 16) if tumour_q is not None else None,
+        )
+        self.stroma, self.nuclei = doubled(stroma), doubled(normal_q)
+        self.tumour_nuclei = doubled(tumour_q) if tumour_q is not None else None
+
+        mask = self.tissue(*_centres(size, self.analysis_downsample))
+        self.tissue_fraction = float(mask.mean())
+        self.tumour_regions = self._place_tumours(place_rng, mask, self.analysis_downsample, area) if tumour else ()
+
+    # tissue: a sum of elliptical Gaussians plus two octaves of value noise, thresholded at a target area quantile
+    def _init_tissue(self, rng: np.random.Generator) -> None:
+        w, h = self.size
+        k = int(rng.integers(2, 5))
+        self.blob_centres = rng.uniform(0.25, 0.75, (k, 2)) * np.array([w, h]) / self.scale
+        major = rng.uniform(0.10, 0.22, k)
+        self.blob_axes = np.stack([major, major / rng.uniform(1.0, 2.2, k)], axis=1)
+        self.blob_angles = rng.uniform(0, np.pi, k)
+        self.blob_weights = rng.uniform(0.7, 1.0, k)
+        self.lattices = [(rng.standard_normal((n, n)), amp) for n, amp in ((6, 0.25), (17, 0.1))]
+        target = rng.uniform(0.35, 0.55)
+        # the field is bilinear between nodes on a grid covering the slide plus a margin, and constant beyond it
+        nx, ny = (w + _FIELD_MARGIN) // self.step + 2, (h + _FIELD_MARGIN) // self.step + 2
+        self.nodes = self._analytic(np.arange(nx) * float(self.step), np.arange(ny) * float(self.step))
+        self.nodes -= np.quantile(self.field(*_centres(self.size, self.analysis_downsample)), 1 - target)
+
+    def _analytic(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        u = xs[None, :] / self.scale
+        v = ys[:, None] / self.scale
+        f = np.zeros((len(ys), len(xs)))
+        for (cx, cy), (a, b), angle, weight in zip(
+            self.blob_centres, self.blob_axes, self.blob_angles, self.blob_weights, strict=True
+        ):
+            c, s = math.cos(angle), math.sin(angle)
+            du, dv = u - cx, v - cy
+            f += weight * np.exp(-0.5 * (((du * c + dv * s) / a) ** 2 + ((dv * c - du * s) / b) ** 2))
+        for lattice, amp in self.lattices:
+            f += amp * value_noise(lattice, xs / self.scale, ys / self.scale)
+        return f
+
+    def field(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Tissue field (> 0 is tissue) on the grid ys x xs (level-0 positions)."""
+        return self._bilinear(*self._cells(xs, ys))
+
+    def _cells(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return (*_cell(xs / self.step, self.nodes.shape[1]), *_cell(ys / self.step, self.nodes.shape[0]))
+
+    def _bilinear(self, ix: np.ndarray, fx: np.ndarray, iy: np.ndarray, fy: np.ndarray) -> np.ndarray:
+        rows = self.nodes[iy.min() : iy.max() + 2]
+        along = rows[:, ix] * (1 - fx) + rows[:, ix + 1] * fx  # separable: x first on the few node rows
+        iy = iy - iy.min()
+        return along[iy] * (1 - fy)[:, None] + along[iy + 1] * fy[:, None]
+
+    def tissue(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        return self.field(xs, ys) > 0
+
+    def _place_tumours(
+        self, rng: np.random.Generator, mask: np.ndarray, d: int, area_range: tuple[float, float]
+    ) -> tuple[TumourRegion, ...]:
+        """1-3 foci, each covering a fraction of the tissue drawn from `area_range` (less where the tissue is too thin
+        to hold it), placed where the tissue is deep enough to contain them whole."""
+        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1] * d  # the slide edge bounds tumours too
+        tissue_px = self.tissue_fraction * self.size[0] * self.size[1]
+        xs, ys = _centres(self.size, d)
+        margin = 2 * d + 1
+        taken = np.zeros_like(mask)  # foci (with a margin) placed so far: keep the next one apart
+        regions: list[TumourRegion] = []
+        for _ in range(int(rng.integers(1, 4))):
+            harmonics = tuple((k, float(rng.uniform(0, 0.12)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3, 4, 5))
+            amp = sum(a for _, a, _ in harmonics)
+            area = rng.uniform(*area_range) * tissue_px
+            radius = math.sqrt(area / (np.pi * (1 + sum(a * a for _, a, _ in harmonics) / 2)))
+            room = np.minimum(depth, ndimage.distance_transform_edt(~taken) * d) if taken.any() else depth
+            radius = min(radius, (room.max() - margin) / (1 + amp))
+            if radius < 2:
+                if regions:
+                    break
+                raise ValueError(f"size: {self.size} has no room for a tumour region; use a larger slide")
+            iy, ix = np.nonzero(room >= min(radius * (1 + amp) + margin, room.max()))  # max: exact when clipped
+            pick = int(rng.integers(len(ix)))
+            centre = (float(xs[ix[pick]]), float(ys[iy[pick]]))
+            regions.append(_region(centre, float(radius), harmonics, self.size))
+            taken |= np.hypot(xs[None, :] - centre[0], ys[:, None] - centre[1]) < radius * (1 + amp) + margin
+        return tuple(regions)
+
+    def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Level-0 pixels [y, y+h) x [x, x+w) as uint8 (h, w, 3); defined everywhere, also outside the slide."""
+        sg = window(self.stroma, STROMA_PERIOD, x, y, w, h).astype(np.uint16)
+        xs, ys = np.arange(x, x + w, dtype=np.float64), np.arange(y, y + h, dtype=np.float64)
+        cells = self._cells(xs, ys)
+        ix, _, iy, _ = cells
+        nodes = self.nodes[iy[0] : iy[-1] + 2, ix[0] : ix[-1] + 2]
+        if (nodes <= 0).all():  # bilinear interpolation cannot leave the nodes' range
+            return np.take(self.palette, sg + GLASS, axis=0)
+        idx = (sg << 4) | window(self.nuclei, NUCLEI_PERIOD, x, y, w, h)
+        inside = _tumour(self.tumour_regions, xs, ys)
+        if inside is not None:
+            tumour = (sg << 4) | window(self.tumour_nuclei, NUCLEI_PERIOD, x, y, w, h)
+            idx = np.where(inside, tumour + TUMOUR, idx)
+        if not (nodes > 0).all():
+            idx = np.where(self._bilinear(*cells) > 0, idx, sg + GLASS)
+        return np.take(self.palette, idx, axis=0)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_scene(
+    seed: int, size: tuple[int, int], mpp: float, tumour: bool, contrast: float, area: tuple[float, float]
+) -> Scene:
+    return Scene(seed, size, mpp, tumour, contrast, area)
+
+
+def scene_of(info: SlideInfo) -> Scene:
+    return cached_scene(info.seed, info.dimensions, info.mpp, info.tumour, info.tumour_contrast, info.tumour_area)
+
+
+def _centres(size: tuple[int, int], downsample: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 positions of the pixel centres of a grid `downsample` times coarser than level 0."""
+    w, h = size
+    nx, ny = math.ceil(w / downsample), math.ceil(h / downsample)
+    return (np.arange(nx) * downsample + (downsample - 1) / 2, np.arange(ny) * downsample + (downsample - 1) / 2)
+
+
+def _region(centre: tuple[float, float], radius: float, harmonics: tuple, size: tuple[int, int]) -> TumourRegion:
+    theta = np.linspace(0, 2 * np.pi, 2880, endpoint=False)
+    c, s = np.cos(theta), np.sin(theta)
+    r = radius * radial(c, s, harmonics)
+    x0 = max(0, math.floor(centre[0] + (r * c).min()) - 1)
+    y0 = max(0, math.floor(centre[1] + (r * s).min()) - 1)
+    x1 = min(size[0], math.ceil(centre[0] + (r * c).max()) + 2)
+    y1 = min(size[1], math.ceil(centre[1] + (r * s).max()) + 2)
+    return TumourRegion(centre, radius, harmonics, (x0, y0, x1 - x0, y1 - y0))
+
+
+def _tumour(regions: Sequence[TumourRegion], xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    """Tumour membership on the grid ys x xs (sorted level-0 positions), evaluated inside the regions' boxes only;
+    None when no box meets the grid."""
+    mask = None
+    for region in regions:
+        bx, by, bw, bh = region.box
+        (i0, i1), (j0, j1) = np.searchsorted(xs, [bx, bx + bw]), np.searchsorted(ys, [by, by + bh])
+        if i0 < i1 and j0 < j1:
+            if mask is None:
+                mask = np.zeros((len(ys), len(xs)), bool)
+            mask[j0:j1, i0:i1] |= region.contains(xs[i0:i1], ys[j0:j1])
+    return mask
+
+
+def _cell(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell index and fraction of grid positions `g` on n nodes, clamped to the grid."""
+    g = np.clip(g, 0, n - 1)
+    i = np.minimum(np.floor(g).astype(np.intp), n - 2)
+    return i, g - i
+
+
+def area4(a: np.ndarray) -> np.ndarray:
+    """4x4 area average (rounded) of an RGB uint8 image; edge blocks average the pixels they have."""
+    h, w = a.shape[:2]
+    bh, bw = -(-h // 4), -(-w // 4)
+    if h % 4 or w % 4:
+        padded = np.zeros((bh * 4, bw * 4, 3), np.uint8)
+        padded[:h, :w] = a
+        a = padded
+    rows = a[0::4].astype(np.uint16)
+    rows += a[1::4]
+    rows += a[2::4]
+    rows += a[3::4]
+    sums = rows[:, 0::4] + rows[:, 1::4]
+    sums += rows[:, 2::4]
+    sums += rows[:, 3::4]  # <= 16 * 255, so 2 * sums + count fits uint16
+    count = np.minimum(4, h - 4 * np.arange(bh))[:, None, None] * np.minimum(4, w - 4 * np.arange(bw))[None, :, None]
+    count = count.astype(np.uint16)
+    return ((2 * sums + count) // (2 * count)).astype(np.uint8)
+
+
+def render_region(info: SlideInfo, location: tuple[int, int], size: tuple[int, int], level: int = 0) -> np.ndarray:
+    """The pixels the file holds before compression, OpenSlide-style: `location` in level-0 px, `size` in level px.
+
+    Level 0 is defined everywhere; other levels only inside the level and at locations on the level's pixel grid.
+    """
+    x, y = location
+    w, h = size
+    scene = scene_of(info)
+    if not 0 <= level < len(info.level_dimensions):
+        raise ValueError(f"level: expected 0..{len(info.level_dimensions) - 1}, got {level}")
+    if w < 1 or h < 1:
+        raise ValueError(f"size: expected positive (w, h), got {size}")
+    if level == 0:
+        return scene.render(x, y, w, h)
+    ds = 4**level
+    lw, lh = info.level_dimensions[level]
+    if x % ds or y % ds or x < 0 or y < 0 or x // ds + w > lw or y // ds + h > lh:
+        raise ValueError(f"location/size: level {level} region must lie inside {lw}x{lh} at multiples of {ds}")
+    return _render_level(scene, info.level_dimensions, level, x // ds, y // ds, w, h)
+
+
+def _render_level(
+    scene: Scene, dims: Sequence[tuple[int, int]], level: int, x: int, y: int, w: int, h: int
+) -> np.ndarray:
+    if level == 0:
+        return scene.render(x, y, w, h)
+    pw, ph = dims[level - 1]
+    x0, y0 = 4 * x, 4 * y
+    below = _render_level(scene, dims, level - 1, x0, y0, min(4 * w, pw - x0), min(4 * h, ph - y0))
+    return area4(below)
+
+
+def tissue_mask(info: SlideInfo, downsample: float) -> np.ndarray:
+    """Tissue ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds))."""
+    return scene_of(info).tissue(*_centres(info.dimensions, _check_downsample(downsample)))
+
+
+def tumour_mask(info: SlideInfo, downsample: float) -> np.ndarray:
+    """Tumour ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds))."""
+    xs, ys = _centres(info.dimensions, _check_downsample(downsample))
+    mask = _tumour(info.tumour_regions, xs, ys)
+    return np.zeros((len(ys), len(xs)), bool) if mask is None else mask
+
+
+def _check_downsample(downsample: float) -> float:
+    if not downsample >= 1:
+        raise ValueError(f"downsample: expected >= 1, got {downsample}")
+    return float(downsample)

@@ -1,0 +1,123 @@
+"""Coupling with the exact slide-level gradient: fine-tune a copy of E_i through the frozen bag head on whole slides,
+with the chunked backward of end-to-end training (`chunked.bag_backward`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+
+from data_modules.checks import check
+from data_modules.slide_bags import SlideBagSplits
+from data_modules.splits import hold_out
+from data_modules.tiling import SlidePatches
+
+from ..bag_classifier import BagClassifier
+from ..embedder import PatchEmbedder
+from ..end_to_end import EndToEndMIL
+from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
+
+__all__ = ["BagGradient", "BagGradientModule"]
+
+
+class BagGradientModule(EndToEndMIL):
+    """EndToEndMIL over the (frozen) standardised bag head; checkpoint selection is `BagGradient`'s."""
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return []
+
+
+class BagGradient(CouplingStrategy):
+    """Couple with the exact slide-level gradient: fine-tune a copy of E_i through the frozen bag head on whole slides.
+
+    Each step embeds every patch of a training slide (`SlideBag`, read lazily) and back-propagates the bag loss
+    (cross entropy of the standardised head's bag logits against the slide label, plus its auxiliary terms as in
+    `SlideTask.loss`) exactly, in `chunk_size` chunks (`EndToEndMIL` with `chunked.bag_backward`: DDP averaging and
+    clipping included; `max_instances` samples patches per slide instead). `train_head` lets a copy of the head learn
+    too (it is discarded: the next bag phase retrains the head on new features).
+
+    Needs `labels` (slide id -> class index) in `fit`. Validation: a stratified, seeded `val_fraction` of the
+    training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins
+    ("loss": the bag loss, min, smooth even on a few slides; "auroc": max). With fewer than 4 slides, or a class of one
+    slide, all slides train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual
+    optimisation (norm clipping).
+    """
+
+    needs_labels = True
+
+    def __init__(
+        self,
+        lr: float = 1e-5,
+        weight_decay: float = 1e-4,
+        chunk_size: int = 64,
+        train_head: bool = False,
+        max_instances: int | None = None,
+        bags_per_step: int = 1,
+        val_fraction: float = 0.1,
+        select_by: Literal["loss", "auroc"] = "loss",
+        read_threads: int = 4,
+        max_epochs: int = 5,
+    ) -> None:
+        check_optimizer(lr, weight_decay, max_epochs)
+        check("chunk_size", chunk_size >= 1, "an int >= 1", chunk_size)
+        check("max_instances", max_instances is None or max_instances >= 1, "an int >= 1 or null", max_instances)
+        check("bags_per_step", bags_per_step >= 1, "an int >= 1", bags_per_step)
+        check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
+        check("select_by", select_by in ("loss", "auroc"), "'loss' or 'auroc'", select_by)
+        check("read_threads", read_threads >= 1, "an int >= 1", read_threads)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.chunk_size = chunk_size
+        self.train_head = train_head
+        self.max_instances = max_instances
+        self.bags_per_step = bags_per_step
+        self.val_fraction = val_fraction
+        self.select_by = select_by
+        self.read_threads = read_threads
+        self.max_epochs = max_epochs
+
+    def _fit(
+        self,
+        embedder: PatchEmbedder,
+        bag: BagClassifier,
+        train: list[SlidePatches],
+        trainer_kwargs: dict[str, Any],
+        root: Path,
+        seed: int,
+        labels: Mapping[str, int] | None,
+    ) -> PatchEmbedder:
+        clip = trainer_kwargs.pop("gradient_clip_val", None)
+        algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)
+        check(
+            "trainer_kwargs.gradient_clip_algorithm",
+            algorithm in (None, "norm"),
+            "'norm' (manual optimisation clips by norm)",
+            algorithm,
+        )
+        accumulate = trainer_kwargs.pop("accumulate_grad_batches", 1)
+        check("trainer_kwargs.accumulate_grad_batches", accumulate == 1, "1 (use bags_per_step)", accumulate)
+
+        by_id = {s.slide_id: s for s in train}
+        fit_ids, val_ids = hold_out(list(by_id), labels, self.val_fraction, seed)
+        module = BagGradientModule(
+            trainable_copy(embedder),
+            StandardizedHead(bag, frozen=not self.train_head),
+            chunk_size=self.chunk_size,
+            max_instances=self.max_instances,
+            bags_per_step=self.bags_per_step,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            gradient_clip_val=clip,
+        )
+        overrides: dict[str, Any] = {"max_epochs": self.max_epochs}
+        if val_ids:
+            checkpoint = best_checkpoint(root, f"val/{self.select_by}", "min" if self.select_by == "loss" else "max")
+        else:
+            checkpoint = best_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
+            overrides["limit_val_batches"] = 0
+        splits = {"train": [by_id[s] for s in fit_ids], "val": [by_id[s] for s in val_ids]}
+        data = SlideBagSplits(splits, labels, self.read_threads, seed)
+        fit_best(module, data, checkpoint, trainer_kwargs, root, seed, **overrides)
+        return module.embedder

@@ -1,0 +1,283 @@
+"""ICMIL's coupling as the paper writes it (Wang et al., MICCAI 2023; confidence weighting from IEEE TMI 2024): the bag
+head applied per instance is a teacher of patch pseudo-labels, and a student copy of embedder + head learns them on
+augmented patches."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from data_modules.augment import random_flip_resized_crop
+from data_modules.checks import check
+from data_modules.patches import PatchSampleDataModule
+from data_modules.tiling import SlidePatches
+
+from ..bag_classifier import BagClassifier
+from ..embedder import PatchEmbedder
+from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
+
+__all__ = ["Distillation", "DistillationLoss", "DistillationModule", "confidence_weights", "distillation_loss"]
+
+
+class DistillationLoss(NamedTuple):
+    total: Tensor
+    instance: Tensor  # KL(teacher || student on augmented patches), confidence-weighted
+    head: Tensor  # KL(teacher || student head on the teacher's features)
+    feature: Tensor  # KL between the softmax of reduced features
+
+
+def _kl_rows(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(softmax(target) || softmax(logits)) per row, in float32."""
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def distillation_loss(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    student_head_on_teacher_logits: Tensor,
+    teacher_hidden: Tensor | None = None,
+    student_hidden: Tensor | None = None,
+    *,
+    head_weight: float = 0.5,
+    feature_weight: float = 0.5,
+    weights: Tensor | None = None,
+) -> DistillationLoss:
+    """ICMIL's teacher-student loss on a batch of B patches.
+
+    With KL(p || q) = sum_c p_c (log p_c - log q_c) and the teacher's distribution p_i always the target:
+
+        L = 1/B sum_i w_i KL(softmax(t_i) || softmax(s_i))
+          + head_weight    * 1/B sum_i KL(softmax(t_i) || softmax(u_i))
+          + feature_weight * 1/B sum_i KL(softmax(zt_i) || softmax(zs_i))
+
+    t = teacher instance logits (clean patches), s = student head on student features (augmented patches), u =
+    student head on the teacher's features, zt / zs = teacher / student reduced features (softmax over feature
+    dimensions). Each term is `F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True,
+    reduction="batchmean")`; `weights` w (default 1) only scale the first term's rows. Without reduced features the
+    third term is 0.
+    """
+    b = teacher_logits.shape[0]
+    instance_kl = _kl_rows(teacher_logits, student_logits)
+    if weights is not None:
+        instance_kl = instance_kl * weights.to(instance_kl.dtype)
+    instance = instance_kl.sum() / b
+    head = _kl_rows(teacher_logits, student_head_on_teacher_logits).sum() / b
+    if teacher_hidden is None or student_hidden is None:
+        feature = instance.new_zeros(())
+    else:
+        feature = _kl_rows(teacher_hidden, student_hidden).sum() / b
+    return DistillationLoss(instance + head_weight * head + feature_weight * feature, instance, head, feature)
+
+
+def confidence_weights(attention: Tensor, beta: float | None) -> Tensor:
+    """|2a - 1|^beta with a = `attention` min-max normalised over the batch (TMI ICMIL's confidence weighting).
+
+    Patches the teacher attends to least or most count fully; middling ones, whose pseudo-labels are least
+    trustworthy, fade out. beta None, or attention that is equal on every patch, weighs every patch 1.
+    """
+    attention = attention.detach().float()
+    if beta is None:
+        return torch.ones_like(attention)
+    span = attention.max() - attention.min()
+    if span <= 0:
+        return torch.ones_like(attention)
+    a = (attention - attention.min()) / span
+    return (2 * a - 1).abs().pow(beta)
+
+
+class DistillationModule(pl.LightningModule):
+    """Teacher (frozen E_i + bag head) and student (trainable copies of both); see `Distillation`."""
+
+    def __init__(self, embedder: PatchEmbedder, bag: BagClassifier, cfg: Distillation, seed: int) -> None:
+        super().__init__()
+        self.teacher = copy.deepcopy(embedder).requires_grad_(False).eval()
+        self.teacher_head = StandardizedHead(bag, frozen=True)
+        self.student = trainable_copy(embedder)
+        self.student_head = StandardizedHead(bag, frozen=False)
+        self.cfg = cfg  # the strategy: its settings (lr, loss weights, crops) as plain attributes
+        self.seed = seed
+        self.agreement = MulticlassAccuracy(num_classes=bag.aggregator.num_classes, average="micro")
+        self._freeze_what_the_loss_cannot_reach()
+
+    def _freeze_what_the_loss_cannot_reach(self) -> None:
+        """Head parameters off the per-instance path (attention, for one) would get no gradient: freeze them, so that
+        DDP, which expects a gradient for every trainable parameter, runs, and the optimiser skips them."""
+        probe = torch.zeros(2, self.student_head.in_dim)
+        outputs = [self.student_head.instance_logits(probe)]
+        if self.cfg.feature_weight and (hidden := self.student_head.reduced_features(probe)) is not None:
+            outputs.append(hidden)
+        params = [p for p in self.student_head.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum(out.sum() for out in outputs), params, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            if grad is None:
+                param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+        with torch.no_grad():
+            t_features = self.teacher(images)
+            t_logits = self.teacher_head.instance_logits(t_features)
+            t_hidden = self.teacher_head.reduced_features(t_features) if self.cfg.feature_weight else None
+            weights = None
+            if self.cfg.confidence_beta is not None:
+                weights = confidence_weights(self.teacher_head(t_features).attention, self.cfg.confidence_beta)
+        s_features = self.student(random_flip_resized_crop(images, self.cfg.crop_scale))
+        loss = distillation_loss(
+            t_logits,
+            self.student_head.instance_logits(s_features),
+            self.student_head.instance_logits(t_features),
+            t_hidden,
+            self.student_head.reduced_features(s_features) if t_hidden is not None else None,
+            head_weight=self.cfg.head_weight,
+            feature_weight=self.cfg.feature_weight,
+            weights=weights,
+        )
+        n = images.shape[0]
+        self.log("train/loss", loss.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        for name in ("instance", "head", "feature"):
+            self.log(f"train/kl_{name}", getattr(loss, name), on_step=False, on_epoch=True, batch_size=n)
+        return loss.total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Agreement of the student on a fixed augmented view of each held-out patch with the teacher on the clean
+        patch: the same views every epoch (seeded by batch), so epochs are compared on the same task."""
+        images = batch["image"]
+        view = random_flip_resized_crop(
+            images, self.cfg.crop_scale, generator=torch.Generator().manual_seed(self.seed * 100_003 + batch_idx)
+        )
+        teacher = self.teacher_head.instance_logits(self.teacher(images)).argmax(-1)
+        student = self.student_head.instance_logits(self.student(view)).argmax(-1)
+        self.agreement.update(student, teacher)
+        self.log("val/agreement", self.agreement, on_epoch=True, batch_size=images.shape[0], prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [*self.student.parameters(), *self.student_head.parameters()]
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+
+class Distillation(CouplingStrategy):
+    """ICMIL's teacher-student coupling (Wang et al., MICCAI 2023; confidence weighting from IEEE TMI 2024).
+
+    Teacher: frozen E_i + the frozen bag head applied per instance (`BagClassifier.instance_logits`, standardisation
+    included), on clean patches. Student: trainable copies of E_i and of the head, on augmented patches (random
+    flips, random resized crop with `crop_scale`). Loss: `distillation_loss`. With `confidence_beta` (6 for ABMIL,
+    2 for DTFD-MIL in the paper) the first term is weighted by `confidence_weights` of the teacher's attention, taken
+    by running the bag head on the batch as if it were a bag (the paper weighs by slide attention; a batch of random
+    patches from many slides is what is at hand per step, and min-max normalisation makes the scale irrelevant).
+
+    Only training-split slides are used. `val_fraction` of their patches (fixed, seeded) is held out; when
+    `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
+    work validates. Criterion: `val/agreement`, the fraction of those patches whose student prediction (on a fixed
+    augmented view) equals the teacher's on the clean patch; the best epoch wins. BatchNorm of both stays as the
+    embedder has it (frozen by default for `PatchEmbedder`); the teacher is always in eval mode.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-5,
+        weight_decay: float = 1e-4,
+        batch_size: int = 100,
+        patches_per_epoch: int | None = 20000,
+        val_fraction: float = 0.1,
+        confidence_beta: float | None = None,
+        head_weight: float = 0.5,
+        feature_weight: float = 0.5,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        num_workers: int = 2,
+        max_epochs: int = 10,
+    ) -> None:
+        check_optimizer(lr, weight_decay, max_epochs)
+        check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
+        check(
+            "patches_per_epoch",
+            patches_per_epoch is None or patches_per_epoch >= 1,
+            "an int >= 1 or null",
+            patches_per_epoch,
+        )
+        check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
+        check(
+            "confidence_beta", confidence_beta is None or confidence_beta >= 0, "a float >= 0 or null", confidence_beta
+        )
+        check("head_weight", head_weight >= 0, "a float >= 0", head_weight)
+        check("feature_weight", feature_weight >= 0, "a float >= 0", feature_weight)
+        check(
+            "crop_scale",
+            len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1,
+            "(low, high) with 0 < low <= high <= 1",
+            crop_scale,
+        )
+        check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.patches_per_epoch = patches_per_epoch
+        self.val_fraction = val_fraction
+        self.confidence_beta = confidence_beta
+        self.head_weight = head_weight
+        self.feature_weight = feature_weight
+        self.crop_scale = tuple(crop_scale)
+        self.num_workers = num_workers
+        self.max_epochs = max_epochs
+
+    def _fit(
+        self,
+        embedder: PatchEmbedder,
+        bag: BagClassifier,
+        train: list[SlidePatches],
+        trainer_kwargs: dict[str, Any],
+        root: Path,
+        seed: int,
+        labels: Mapping[str, int] | None,
+    ) -> PatchEmbedder:
+        module = DistillationModule(embedder, bag, self, seed)
+        self._check_head(module.teacher_head)
+        data = PatchSampleDataModule(
+            train,
+            patches_per_epoch=self.patches_per_epoch,
+            val_fraction=self.val_fraction,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            seed=seed,
+        )
+        checkpoint = best_checkpoint(root, "val/agreement", "max")
+        fit_best(
+            module,
+            data,
+            checkpoint,
+            trainer_kwargs,
+            root,
+            seed,
+            max_epochs=self.max_epochs,
+            reload_dataloaders_every_n_epochs=1,
+        )
+        return module.student
+
+    def _check_head(self, head: StandardizedHead) -> None:
+        probe = torch.zeros(2, head.in_dim, device=head.feature_mean.device)
+        with torch.no_grad():
+            if self.feature_weight and head.reduced_features(probe) is None:
+                warnings.warn(
+                    f"Distillation: {type(head.head).__name__} has no per-instance reduced features (embed/reduce); "
+                    "the feature term (feature_weight) is 0",
+                    stacklevel=3,
+                )
+            if self.confidence_beta is not None and head(probe).attention is None:
+                raise ValueError(
+                    f"confidence_beta: needs an aggregator with attention, {type(head.head).__name__} gives none"
+                )

@@ -1,0 +1,201 @@
+"""An ICMIL run directory: every path in it, which phases are done, the phase seeds, and which settings a rerun may
+change. Nothing else builds a run path or reads `state.json`.
+
+    <run>/config.yaml             the resolved config the run was started with
+    <run>/state.json              completed phases, their outputs, metrics and times
+    <run>/splits.json             one split for every iteration
+    <run>/features/<key>/         the feature cache of each iteration's embedder (keyed by its weights)
+    <run>/iter<i>/bag/            bag-classifier checkpoints (best by validation AUROC, last)
+    <run>/iter<i>/couple/         coupling checkpoints
+    <run>/iter<i>/embedder.pt     E_i (i >= 1)
+    <run>/results.json, figures/  per-iteration metrics and times; AUROC by iteration
+    <run>/final/<stage>/          validate / test / predict outputs of the finished run
+    <run>/fast_dev_run/           a smoke test's own run directory, so it never marks phases of the real run done
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pytorch_lightning.utilities import rank_zero_only
+
+from data_modules.splits import SPLITS_FILE
+
+from .results import RESULTS_FILE
+
+__all__ = [
+    "PHASES",
+    "RESUMABLE_SETTINGS",
+    "Phase",
+    "RunDir",
+    "RunState",
+    "changed_settings",
+    "checkpoint_dir",
+    "last_checkpoint",
+    "phase_key",
+    "phase_seed",
+    "resume_checkpoint",
+    "written_by_rank_zero",
+]
+
+Phase = Literal["embed", "bag", "couple"]
+PHASES: tuple[Phase, ...] = ("embed", "bag", "couple")
+
+# What may change when a run is continued: where things are and how fast they go, and the number of iterations.
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "model.init_args.run_dir",
+        "model.init_args.iterations",
+        "model.init_args.coupling.init_args.num_workers",
+        "model.init_args.coupling.init_args.read_threads",
+        "data.init_args.slides",
+        "data.init_args.grid_cache",
+        "data.init_args.batch_size",
+        "data.init_args.num_workers",
+    }
+)
+
+
+def phase_key(iteration: int, phase: Phase) -> str:
+    """`iter<i>/<phase>`: the phase's name in state.json, in logged metric names and on its progress bar."""
+    return f"iter{iteration}/{phase}"
+
+
+def phase_seed(seed: int, iteration: int, phase: Phase) -> int:
+    """The seed of one phase: a function of where the run is only, so a resumed run draws what an uninterrupted one
+    would."""
+    return seed + 1000 * iteration + PHASES.index(phase)
+
+
+def checkpoint_dir(root: str | os.PathLike) -> Path:
+    """Where a training phase rooted at `root` keeps its checkpoints (`best-epoch=<k>.ckpt`, `last.ckpt`)."""
+    return Path(root) / "checkpoints"
+
+
+def last_checkpoint(root: str | os.PathLike) -> Path:
+    """The latest epoch of a training phase (full training state, saved every epoch)."""
+    return checkpoint_dir(root) / "last.ckpt"
+
+
+def resume_checkpoint(root: str | os.PathLike) -> str | None:
+    """`last.ckpt` of a phase killed before it finished, else None: the bag phase and the couplings continue from
+    their last epoch by this one rule."""
+    last = last_checkpoint(root)
+    return str(last) if last.is_file() else None
+
+
+def written_by_rank_zero(write: Callable[[], Any]) -> None:
+    """Run-directory files are written by one process and the others wait for them: under DDP every process runs
+    the loop (Lightning starts them at the first Trainer), and each phase reads what the one before wrote."""
+    if rank_zero_only.rank == 0:
+        write()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def changed_settings(before: dict, after: dict) -> list[str]:
+    """Dotted keys of the model, data and seed settings that differ, apart from `RESUMABLE_SETTINGS`."""
+
+    def flat(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    a, b = ({k[1:]: v for k, v in flat(config, "").items()} for config in (before, after))
+    keys = {k for k in a.keys() | b.keys() if k.split(".")[0] in ("model", "data", "seed_everything")}
+    return sorted(k for k in keys - RESUMABLE_SETTINGS if a.get(k) != b.get(k))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The paths of one ICMIL run (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def smoke_test(self) -> RunDir:
+        """The run directory of a `fast_dev_run` of this run."""
+        return RunDir(self.root / "fast_dev_run")
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def splits_path(self) -> Path:
+        return self.root / SPLITS_FILE
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / RESULTS_FILE
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
+    def bag_dir(self, iteration: int) -> Path:
+        return self.root / f"iter{iteration}" / "bag"
+
+    def couple_dir(self, iteration: int) -> Path:
+        return self.root / f"iter{iteration}" / "couple"
+
+    def embedder_path(self, iteration: int) -> Path:
+        """E_i, the embedder of iteration i >= 1 (written by the couple phase of iteration i - 1)."""
+        return self.root / f"iter{iteration}" / "embedder.pt"
+
+    def final_dir(self, stage: str) -> Path:
+        return self.root / "final" / stage
+
+    def save_config(self, text: str) -> None:
+        """`config.yaml`, the resolved config (as `SaveConfigCallback` writes it for a single `fit`), so `test -c
+        <run>/config.yaml` reproduces the run's setup. A started run is only continued with the settings it was
+        started with: resuming with others would mix two experiments in one results.json."""
+        if self.config_path.is_file() and self.state_path.is_file():
+            changed = changed_settings(yaml.safe_load(self.config_path.read_text()), yaml.safe_load(text))
+            if changed:
+                raise ValueError(
+                    f"model.init_args.run_dir: {self.root} holds a run started with other settings "
+                    f"({', '.join(changed)}: not as in {self.config_path}); give a new run_dir, or delete this one "
+                    "to start over"
+                )
+        written_by_rank_zero(lambda: _atomic_write(self.config_path, text))
+
+
+class RunState:
+    """The completed phases of a run (`state.json`): each phase's output, seconds and metrics, and the logger step
+    the run has reached. Saved whole after every phase, on rank 0, while the other processes wait."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        state = json.loads(path.read_text()) if path.is_file() else {"done": {}}
+        self.done: dict[str, dict] = state["done"]
+        self.log_step: int = state.get("log_step", 0)
+
+    def output(self, key: str) -> Any:
+        return self.done[key]["output"]
+
+    def record(self, key: str, output: Any, seconds: float, metrics: dict | None, log_step: int) -> None:
+        self.done[key] = {"output": output, "seconds": round(seconds, 2), **({"metrics": metrics} if metrics else {})}
+        self.log_step = log_step
+        text = json.dumps({"done": self.done, "log_step": self.log_step}, indent=1)
+        written_by_rank_zero(lambda: _atomic_write(self.path, text))

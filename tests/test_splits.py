@@ -1,0 +1,95 @@
+"""Every split rule: patient-grouped stratified k-fold, the CSV's `split` column, the coupling hold-out, splits.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from data_modules.cohort import read_labels
+from data_modules.splits import SPLITS_FILE, SplitConfig, hold_out, make_splits, save_splits
+
+
+def _labels(path, rows, header=("slide_id", "label", "patient_id")):
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _cohort_rows(tmp_path, n=40):
+    rows = [(f"s{i}", "tumour" if i % 3 == 0 else "normal", f"p{i // 2}") for i in range(n)]  # 2 slides per patient
+    return read_labels(_labels(tmp_path / "l.csv", rows))
+
+
+def test_splits_are_grouped_stratified_and_cover_each_fold_once(tmp_path):
+    rows = _cohort_rows(tmp_path)
+    patient = {r.slide_id: r.patient_id for r in rows}
+    label = {r.slide_id: r.label for r in rows}
+    tests = []
+    for fold in range(5):
+        splits = make_splits(rows, SplitConfig(folds=5, fold=fold, val_fraction=0.2, seed=3))
+        groups = [{patient[s] for s in splits[name]} for name in ("train", "val", "test")]
+        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+        assert sorted(sum(splits.values(), [])) == sorted(r.slide_id for r in rows)
+        assert {label[s] for s in splits["test"]} == {"tumour", "normal"}
+        assert len(splits["test"]) == 8 and 4 <= len(splits["val"]) <= 8  # 1/5 of 40; 1/5 of the rest, by patient
+        tests += splits["test"]
+    assert sorted(tests) == sorted(r.slide_id for r in rows)  # every slide is tested exactly once over the folds
+    seeded = make_splits(rows, SplitConfig(seed=3))
+    assert seeded == make_splits(rows, SplitConfig(seed=3)) != make_splits(rows, SplitConfig(seed=4))
+
+
+def test_split_column_is_respected(tmp_path):
+    rows = [("a", "0", "pa", "train"), ("b", "1", "pb", "train"), ("c", "0", "pc", "val"), ("d", "1", "pd", "test")]
+    labels = read_labels(_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
+    assert make_splits(labels) == {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
+    bad = [("a", "0", "pa", "holdout")]
+    with pytest.raises(ValueError, match=r"l2\.csv:2: split 'holdout' is not one of"):
+        read_labels(_labels(tmp_path / "l2.csv", bad, ("slide_id", "label", "patient_id", "split")))
+
+
+def test_a_fixed_test_split_gets_its_validation_carved_from_the_rest(tmp_path):
+    rows = [(f"s{i}", str(i % 2), f"p{i}", "test" if i >= 16 else "") for i in range(20)]
+    labels = read_labels(_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
+    splits = make_splits(labels, SplitConfig(val_fraction=0.25))
+    assert splits["test"] == ["s16", "s17", "s18", "s19"] and len(splits["val"]) == 4 and len(splits["train"]) == 12
+    mixed = [(*rows[0][:3], "val"), *rows[1:]]
+    with pytest.raises(ValueError, match="must be filled for every slide, or only mark the test slides"):
+        make_splits(read_labels(_labels(tmp_path / "m.csv", mixed, ("slide_id", "label", "patient_id", "split"))))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"folds": 0}, "splits.folds"), ({"fold": 5}, "splits.fold"), ({"val_fraction": 1.0}, "splits.val_fraction")],
+)
+def test_a_bad_split_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        SplitConfig(**kwargs)
+
+
+def test_too_few_patients_for_the_folds(tmp_path):
+    rows = read_labels(_labels(tmp_path / "l.csv", [(f"s{i}", str(i % 2), "p0" if i < 4 else "p1") for i in range(6)]))
+    with pytest.raises(ValueError, match="cannot make 3 folds from 2 patients"):
+        make_splits(rows, SplitConfig(folds=3))
+
+
+def test_hold_out_is_stratified_seeded_and_keeps_the_order():
+    ids = [f"s{i}" for i in range(10)]
+    labels = {s: i % 2 for i, s in enumerate(ids)}
+    train, val = hold_out(ids, labels, 0.1, seed=3)
+    assert len(val) == 2 and sorted(labels[s] for s in val) == [0, 1]  # at least one per class
+    assert set(train) | set(val) == set(ids) and not set(train) & set(val)
+    assert train == [s for s in ids if s in train] and val == [s for s in ids if s in val]
+    assert hold_out(ids, labels, 0.1, seed=3) == (train, val) != hold_out(ids, labels, 0.1, seed=4)
+    assert len(hold_out(ids, labels, 0.4, seed=3)[1]) == 4  # proportional: 2 of each class
+    assert hold_out(ids[:3], labels, 0.1, seed=3) == (ids[:3], [])  # < 4 slides: the training loss selects
+    assert hold_out(ids[:5], {**labels, "s3": 0}, 0.1, seed=3) == (ids[:5], [])  # a class of one slide
+
+
+def test_splits_json_is_saved(tmp_path):
+    path = save_splits({"train": ["a"], "val": [], "test": ["b"]}, tmp_path / "run")
+    assert path == tmp_path / "run" / SPLITS_FILE
+    assert json.loads(path.read_text()) == {"train": ["a"], "val": [], "test": ["b"]}
