@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data_modules.synthetic import CohortSpec
@@ -26,3 +28,14 @@ def icmil_args(cohort: Path, out: Path, subcommand: str = "fit", *extra: str) ->
         f"--trainer.logger.init_args.save_dir={out / 'logs'}",
         *extra,
     ]
+
+
+def write_labels(
+    path: Path, rows: Iterable[Sequence], header: Sequence[str] = ("slide_id", "label", "patient_id")
+) -> Path:
+    """A labels CSV with `header` and `rows`, at `path`."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

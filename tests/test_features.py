@@ -14,14 +14,7 @@ import torch
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
 from data_modules.splits import SplitConfig
-
-
-def _labels(path, rows, header=("slide_id", "label", "patient_id")):
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from helpers import write_labels
 
 
 def _h5(folder, slide_id, features, coords=None):
@@ -43,7 +36,7 @@ def cohort(tmp_path):
         features[:, 0] += 2 * label
         _h5(tmp_path / "feats", f"s{i}", features, rng.integers(0, 1000, (5 + i, 2)))
         rows.append((f"s{i}", label, f"p{min(i, 8) if i < 9 else i - 6}"))
-    return _labels(tmp_path / "labels.csv", rows), tmp_path / "feats"
+    return write_labels(tmp_path / "labels.csv", rows), tmp_path / "feats"
 
 
 # -- zarr cache --------------------------------------------------------------------------------------------------------
@@ -137,7 +130,7 @@ def test_bad_cohorts_fail_before_anything_is_written(cohort, tmp_path, problem, 
         _h5(feats, "s1", np.full((3, 8), np.nan, np.float32))
     elif problem == "dims":
         _h5(feats, "s1", np.zeros((3, 9), np.float32))
-    _labels(labels, rows[1:], rows[0])
+    write_labels(labels, rows[1:], rows[0])
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
         data = FeatureBagDataModule(str(labels), str(feats), classes=["0", "1"])

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from data_modules.cohort import read_labels
 from data_modules.splits import SPLITS_FILE, SplitConfig, hold_out, make_splits, save_splits
-
-
-def _labels(path, rows, header=("slide_id", "label", "patient_id")):
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from helpers import write_labels
 
 
 def _cohort_rows(tmp_path, n=40):
     rows = [(f"s{i}", "tumour" if i % 3 == 0 else "normal", f"p{i // 2}") for i in range(n)]  # 2 slides per patient
-    return read_labels(_labels(tmp_path / "l.csv", rows))
+    return read_labels(write_labels(tmp_path / "l.csv", rows))
 
 
 def test_splits_are_grouped_stratified_and_cover_each_fold_once(tmp_path):
@@ -44,21 +36,21 @@ def test_splits_are_grouped_stratified_and_cover_each_fold_once(tmp_path):
 
 def test_split_column_is_respected(tmp_path):
     rows = [("a", "0", "pa", "train"), ("b", "1", "pb", "train"), ("c", "0", "pc", "val"), ("d", "1", "pd", "test")]
-    labels = read_labels(_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
+    labels = read_labels(write_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
     assert make_splits(labels) == {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
     bad = [("a", "0", "pa", "holdout")]
     with pytest.raises(ValueError, match=r"l2\.csv:2: split 'holdout' is not one of"):
-        read_labels(_labels(tmp_path / "l2.csv", bad, ("slide_id", "label", "patient_id", "split")))
+        read_labels(write_labels(tmp_path / "l2.csv", bad, ("slide_id", "label", "patient_id", "split")))
 
 
 def test_a_fixed_test_split_gets_its_validation_carved_from_the_rest(tmp_path):
     rows = [(f"s{i}", str(i % 2), f"p{i}", "test" if i >= 16 else "") for i in range(20)]
-    labels = read_labels(_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
+    labels = read_labels(write_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
     splits = make_splits(labels, SplitConfig(val_fraction=0.25))
     assert splits["test"] == ["s16", "s17", "s18", "s19"] and len(splits["val"]) == 4 and len(splits["train"]) == 12
     mixed = [(*rows[0][:3], "val"), *rows[1:]]
     with pytest.raises(ValueError, match="must be filled for every slide, or only mark the test slides"):
-        make_splits(read_labels(_labels(tmp_path / "m.csv", mixed, ("slide_id", "label", "patient_id", "split"))))
+        make_splits(read_labels(write_labels(tmp_path / "m.csv", mixed, ("slide_id", "label", "patient_id", "split"))))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +63,9 @@ def test_a_bad_split_config_names_the_field(kwargs, field):
 
 
 def test_too_few_patients_for_the_folds(tmp_path):
-    rows = read_labels(_labels(tmp_path / "l.csv", [(f"s{i}", str(i % 2), "p0" if i < 4 else "p1") for i in range(6)]))
+    rows = read_labels(
+        write_labels(tmp_path / "l.csv", [(f"s{i}", str(i % 2), "p0" if i < 4 else "p1") for i in range(6)])
+    )
     with pytest.raises(ValueError, match="cannot make 3 folds from 2 patients"):
         make_splits(rows, SplitConfig(folds=3))
 
