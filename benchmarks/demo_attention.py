@@ -1,0 +1,62 @@
+"""Does the demo's attention find the tumour? Patch-level ground truth on the test split of a finished demo run.
+
+For every tumour slide of the test split: its patches n, its tumour patches k (at least half the patch inside the
+generated tumour mask), how many of the k most attended patches are tumour patches, and how many k random patches
+would be (k * k / n). Needs `make demo`, then `python -m icmil_pl predict -c runs/demo/config.yaml`.
+
+    python benchmarks/demo_attention.py [--run runs/demo] [--cohort data/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from data_modules.synthetic import load_cohort, tumour_mask
+
+DOWNSAMPLE = 4  # level-0 pixels per mask pixel: a 128 px demo patch is 32 x 32 mask pixels
+
+
+def tumour_patches(mask: np.ndarray, coords: np.ndarray, side: int) -> np.ndarray:
+    """Whether at least half of each patch (level-0 top-left `coords`, `side` px) lies in `mask`."""
+    cell = side // DOWNSAMPLE
+    fractions = [
+        mask[y // DOWNSAMPLE : y // DOWNSAMPLE + cell, x // DOWNSAMPLE : x // DOWNSAMPLE + cell].mean()
+        for x, y in coords
+    ]
+    return np.array(fractions) >= 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--cohort", type=Path, default=Path("data/demo"))
+    args = parser.parse_args()
+    test = set(json.loads((args.run / "splits.json").read_text())["test"])
+    scores = zarr.open_group(str(args.run / "final" / "predict" / "scores.zarr"), mode="r")
+    with (args.run / "final" / "predict" / "predictions.csv").open() as fh:
+        predicted = {row["slide_id"]: row["predicted"] for row in csv.DictReader(fh)}
+    infos = {info.path.name.split(".")[0]: info for info in load_cohort(args.cohort)}
+    print(f"{'slide':10s} {'predicted':>9s} {'n':>4s} {'k':>4s} {'top-k hits':>10s} {'chance':>6s}")
+    hits_total = chance_total = 0.0
+    for slide_id in sorted(s for s in test if infos[s].tumour):
+        coords, attention = scores[slide_id]["coords"][:], scores[slide_id]["scores"][:]
+        side = int(np.diff(np.unique(coords[:, 0])).min())
+        truth = tumour_patches(tumour_mask(infos[slide_id], DOWNSAMPLE), coords, side)
+        n, k = len(truth), int(truth.sum())
+        hits = int(truth[np.argsort(-attention, kind="stable")[:k]].sum())
+        hits_total, chance_total = hits_total + hits, chance_total + k * k / n
+        print(f"{slide_id:10s} {predicted[slide_id]:>9s} {n:4d} {k:4d} {hits:10d} {k * k / n:6.1f}")
+    print(
+        f"\nall {sum(infos[s].tumour for s in test)} test tumour slides: {hits_total:.0f} top-k hits, "
+        f"{chance_total:.1f} by chance ({hits_total / chance_total:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
