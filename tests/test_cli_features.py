@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 import zarr
 
 from data_modules.synthetic import CohortSpec, make_cohort
@@ -157,19 +158,22 @@ def test_print_config_resolves_overrides(cohort, features, capsys):
 
 def test_wandb_logger_runs_offline(cohort, features, tmp_path):
     """W&B needs no account or network: WANDB_MODE=offline (set for every test) keeps the run on disk."""
-    main(
-        [
-            "fit",
-            "-c",
-            str(CONF / "abmil.yaml"),
-            "--trainer.max_epochs=2",
-            f"--data.init_args.labels={cohort / 'labels.csv'}",
-            f"--data.init_args.features={features / 'features'}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.logger=WandbLogger",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.project=icmil-tests",
-        ]
-    )
+    try:
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONF / "abmil.yaml"),
+                "--trainer.max_epochs=2",
+                f"--data.init_args.labels={cohort / 'labels.csv'}",
+                f"--data.init_args.features={features / 'features'}",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=WandbLogger",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.logger.init_args.project=icmil-tests",
+            ]
+        )
+    finally:
+        wandb.finish()  # the next test's W&B starts from a closed run
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
