@@ -28,17 +28,17 @@ import data_modules.patches  # noqa: F401
 import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end  # noqa: F401
-from icmil_pl.callbacks import output_dir
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run
-from .results import log_final, stage_metrics, write_results
+from .results import record_fit
 
 __all__ = ["ICMILCLI", "main"]
 
 
 class ICMILCLI(LightningCLI):
-    """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`.
+    """LightningCLI that, after `fit`, validates and tests the best checkpoint and writes `results.json`
+    (`results.record_fit`).
 
     `fit` with an `ICMIL` model runs the whole ICMIL procedure (`ICMILLoop`) with fresh Trainers built from the
     config's trainer settings, instead of a single `trainer.fit`; `validate`, `test` and `predict` with it use the
@@ -85,30 +85,10 @@ class ICMILCLI(LightningCLI):
         self._fit_start = time.perf_counter()
 
     def after_fit(self) -> None:
-        """Validate and test the best checkpoint (by validation AUROC) and record them as iteration 0."""
-        trainer = self.trainer
-        if trainer.fast_dev_run:
-            return
-        fit_seconds = time.perf_counter() - self._fit_start
-        callback = trainer.checkpoint_callback
-        best = (callback.best_model_path or None) if callback is not None else None
-        start = time.perf_counter()
-        val = trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
-        test = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
-        folder = output_dir(trainer)  # a collective: every process asks
-        if trainer.is_global_zero:
-            entry = {
-                "iteration": 0,
-                "checkpoint": best,
-                "val": stage_metrics(val, "val"),
-                "test": stage_metrics(test, "test"),
-                "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
-            }
-            path = write_results(folder, [entry], model=type(self.model).__name__)
-            log_final(trainer.loggers, entry, step=trainer.global_step)
-            print(f"results: {path}")
+        if not self.trainer.fast_dev_run:
+            fit_seconds = time.perf_counter() - self._fit_start
+            self.results_dir = record_fit(self.trainer, self.model, self.datamodule, fit_seconds)
             self._print_wandb_locations()
-        self.results_dir = folder
 
 
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:

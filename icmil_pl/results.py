@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger
 
+from .callbacks.outputs import output_dir
 from .metrics import METRIC_NAMES
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "final_name",
     "log_final",
     "read_results",
+    "record_fit",
     "stage_metrics",
     "write_results",
 ]
@@ -69,3 +73,29 @@ def write_results(run_dir: str | os.PathLike, iterations: list[dict], **extra) -
 
 def read_results(run_dir: str | os.PathLike) -> dict:
     return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+
+
+def record_fit(
+    trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, fit_seconds: float
+) -> Path:
+    """After a single model's `fit`: validate and test its best checkpoint (by validation AUROC; the last weights when
+    nothing selected one), write them as iteration 0 of `results.json` in the trainer's output folder and log them to
+    every logger under their final names. Returns that folder."""
+    callback = trainer.checkpoint_callback
+    best = (callback.best_model_path or None) if callback is not None else None
+    start = time.perf_counter()
+    val = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
+    test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
+    folder = output_dir(trainer)  # a collective: every process asks
+    if trainer.is_global_zero:
+        entry = {
+            "iteration": 0,
+            "checkpoint": best,
+            "val": stage_metrics(val, "val"),
+            "test": stage_metrics(test, "test"),
+            "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
+        }
+        path = write_results(folder, [entry], model=type(model).__name__)
+        log_final(trainer.loggers, entry, step=trainer.global_step)
+        print(f"results: {path}")
+    return folder
