@@ -92,7 +92,7 @@ class BagDataModule(BagLoaders):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
             require_labels(self.rows, self.labels_path, "splitting into train/val/test")
-            self.splits = make_splits(self.rows, self.split_config)
+            self.splits = make_splits(self.rows, self.split_config, self.labels_path)
 
     def split_rows(self, split: str) -> list[SlideLabel]:
         if split not in SPLITS:

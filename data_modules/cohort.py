@@ -10,20 +10,26 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .slides import open_slide
 from .splits import SPLITS
 from .tiling import SlidePatches, TilingConfig, patch_grid
 
 __all__ = [
+    "COLUMNS",
     "SLIDE_EXTENSIONS",
     "SlideCohort",
     "SlideLabel",
     "class_index",
     "find_slide",
+    "name_classes",
     "read_labels",
     "require_labels",
 ]
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi")
+
+
+COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp")
 
 
 @dataclass(frozen=True)
@@ -32,30 +38,34 @@ class SlideLabel:
     label: str | None  # None: unknown (new slides to predict)
     patient_id: str
     split: str | None = None
+    mpp: float | None = None  # level-0 microns per pixel of this slide's file, when its metadata lacks or misstates it
 
 
 def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
-    """Rows of a `slide_id[,label][,patient_id][,split]` CSV; a missing patient id means one patient per slide.
+    """Rows of a `slide_id[,label][,patient_id][,split][,mpp]` CSV; a missing patient id means one patient per slide.
 
-    Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says
-    where they are needed."""
+    Header names and cells are stripped and a UTF-8 byte-order mark is accepted (spreadsheets write both); an unknown
+    column is refused, since a misspelt `patient_id` would silently put one patient's slides in several splits.
+    Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says where
+    they are needed."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: labels CSV not found")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if "slide_id" not in (reader.fieldnames or ()):
-            raise ValueError(f"{path}: missing column 'slide_id'; expected slide_id[,label][,patient_id][,split]")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [name.strip() for name in next(reader, [])]
+        if "slide_id" not in header:
+            raise ValueError(f"{path}: missing column 'slide_id'; expected columns {', '.join(COLUMNS)}")
+        unknown = [name for name in header if name not in COLUMNS]
+        if unknown or len(set(header)) < len(header):
+            what = f"unknown column {unknown[0]!r}" if unknown else "a repeated column"
+            raise ValueError(f"{path}: {what}; the columns are {', '.join(COLUMNS)} (slide_id required)")
         rows = []
-        for line, row in enumerate(reader, start=2):
-            slide_id, label = (row["slide_id"] or "").strip(), (row.get("label") or "").strip() or None
-            if not slide_id:
-                raise ValueError(f"{path}:{line}: empty slide_id")
-            split = (row.get("split") or "").strip() or None
-            if split is not None and split not in SPLITS:
-                raise ValueError(f"{path}:{line}: split {split!r} is not one of {list(SPLITS)}")
-            patient = (row.get("patient_id") or "").strip() or slide_id
-            rows.append(SlideLabel(slide_id, label, patient, split))
+        for line, cells in enumerate(reader, start=2):
+            if len(cells) > len(header):
+                raise ValueError(f"{path}:{line}: {len(cells)} cells, but the header names {len(header)} columns")
+            if any(cell.strip() for cell in cells):  # blank lines are skipped
+                rows.append(_row(path, line, dict(zip(header, cells, strict=False))))
     if not rows:
         raise ValueError(f"{path}: no slides listed")
     seen: set[str] = set()
@@ -64,6 +74,24 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
             raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
         seen.add(row.slide_id)
     return rows
+
+
+def _row(path: Path, line: int, cells: dict[str, str]) -> SlideLabel:
+    value = {name: (cells.get(name) or "").strip() or None for name in COLUMNS}
+    if value["slide_id"] is None:
+        raise ValueError(f"{path}:{line}: empty slide_id")
+    if value["split"] is not None and value["split"] not in SPLITS:
+        raise ValueError(f"{path}:{line}: split {value['split']!r} is not one of {list(SPLITS)}")
+    mpp = None
+    if value["mpp"] is not None:
+        try:
+            mpp = float(value["mpp"])
+        except ValueError:
+            mpp = -1.0
+        if not 0 < mpp < 100:
+            raise ValueError(f"{path}:{line}: mpp {value['mpp']!r} is not microns per pixel (a number in (0, 100))")
+    patient = value["patient_id"] or value["slide_id"]
+    return SlideLabel(value["slide_id"], value["label"], patient, value["split"], mpp)
 
 
 def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose: str) -> None:
@@ -89,13 +117,43 @@ def class_index(
     return {name: i for i, name in enumerate(names)}
 
 
+def name_classes(names: dict[str, str] | Sequence[str] | None, classes: Sequence[str]) -> list[str]:
+    """Display names in class-index order. `names` maps label values to names (`{"0": normal, "1": tumour}`), or lists
+    them in the order of the sorted label values `classes`; a list that names a label value at another position than
+    that value's class is refused, since it would call normal slides tumour without a word."""
+    classes = list(classes)
+    if names is None:
+        return classes
+    if isinstance(names, dict):
+        names = {str(k): str(v) for k, v in names.items()}
+        if set(names) != set(classes):
+            raise ValueError(f"class_names: expected a name for each label value {classes}, got keys {sorted(names)}")
+        return [names[c] for c in classes]
+    names = [str(n) for n in names]
+    if len(names) != len(classes):
+        raise ValueError(f"class_names: expected {len(classes)} names, one per label value {classes}, got {names}")
+    for i, name in enumerate(names):
+        if name in classes and classes.index(name) != i:
+            raise ValueError(
+                f"class_names: {name!r} is at position {i}, but label {name!r} is class {classes.index(name)} (classes "
+                f"are the sorted label values {classes}); list them in that order or give {{label value: name}}"
+            )
+    return names
+
+
 def find_slide(slides_dir: str | os.PathLike, slide_id: str) -> Path | None:
-    """`<slides_dir>/<slide_id>.<ext>` for the first slide extension that exists, else None."""
-    for ext in SLIDE_EXTENSIONS:
-        path = Path(slides_dir) / f"{slide_id}{ext}"
+    """`<slides_dir>/<slide_id>.<ext>` for the first slide extension that exists, in any letter case (scanners write
+    `.SVS` and `.TIF` too), else None."""
+    candidates = [Path(slides_dir) / f"{slide_id}{ext}" for ext in SLIDE_EXTENSIONS]
+    for path in candidates:
         if path.is_file():
             return path
-    return None
+    folder = candidates[0].parent
+    if not folder.is_dir():
+        return None
+    rank = {path.name.lower(): k for k, path in enumerate(candidates)}
+    found = sorted((rank[e.name.lower()], e.name) for e in os.scandir(folder) if e.name.lower() in rank and e.is_file())
+    return folder / found[0][1] if found else None
 
 
 class SlideCohort:
@@ -105,6 +163,7 @@ class SlideCohort:
         self.labels_path, self.slides_dir = Path(labels), Path(slides)
         self.rows: list[SlideLabel] = read_labels(self.labels_path)
         self.paths = {row.slide_id: self._find(row.slide_id) for row in self.rows}
+        self._csv_mpp = {row.slide_id: row.mpp for row in self.rows}
 
     def class_index(self) -> dict[str, int]:
         return class_index(self.rows, self.labels_path)
@@ -125,14 +184,25 @@ class SlideCohort:
         ids = [row.slide_id for row in self.rows] if slide_ids is None else slide_ids
         out = []
         for slide_id in tqdm(ids, desc="tiling", unit="slide", leave=False):
+            override = self.mpp_override(slide_id, tiling)
             grid = patch_grid(
                 self.paths[slide_id],
                 mpp=tiling.mpp,
                 patch_size=tiling.patch_size,
                 tissue_threshold=tiling.tissue_threshold,
                 tissue=tiling.tissue,
-                mpp_override=tiling.mpp_override,
+                mpp_override=override,
                 cache_dir=cache_dir,
             )
-            out.append(SlidePatches(slide_id, self.paths[slide_id], grid, tiling.mpp_override))
+            out.append(SlidePatches(slide_id, self.paths[slide_id], grid, override))
         return out
+
+    def mpp_override(self, slide_id: str, tiling: TilingConfig) -> float | None:
+        """The level-0 microns per pixel to read a slide at instead of its file's (None: the file's own): the CSV's
+        `mpp` cell, else `tiling.mpp_override` where the file has no resolution metadata or `force_mpp` is set."""
+        if self._csv_mpp[slide_id] is not None:
+            return self._csv_mpp[slide_id]
+        if tiling.mpp_override is None or tiling.force_mpp:
+            return tiling.mpp_override
+        with open_slide(self.paths[slide_id]) as slide:
+            return tiling.mpp_override if slide.mpp is None else None

@@ -1,11 +1,12 @@
 """The on-disk feature format, all of it: our zarr cache (write, read, manifest, finding a cache) and the CLAM/TRIDENT
 `.h5` files users bring.
 
-Our cache: `<root>/<key>/<slide_id>.zarr`, one zarr group per slide (`features` (N, D), `coords` (N, 2) int32,
-provenance attributes) beside one `manifest.json`, where `key` names the embedder and the patch geometry, so features
-of different embedders (or ICMIL iterations) never mix. A slide is written to a temporary folder and renamed into
-place when complete: a killed extraction never leaves a half slide that looks finished, and a rerun skips finished
-slides. CLAM/TRIDENT: `<folder>/<slide_id>.h5` with `features` ((N, D) or (1, N, D)) and optionally `coords`.
+Our cache: `<root>/<key>/<slide>.zarr` (`<slide>` = `file_names.safe_name(slide_id)`), one zarr group per slide
+(`features` (N, D), `coords` (N, 2) int32, provenance attributes, the `source` digest of the patches) beside one
+`manifest.json`, where `key` names the embedder and the patch geometry, so features of different embedders (or ICMIL
+iterations) never mix. A slide is written to a temporary folder and renamed into place when complete: a killed
+extraction never leaves a half slide that looks finished, and a rerun skips finished slides whose source is
+unchanged. CLAM/TRIDENT: `<folder>/<slide_id>.h5` with `features` ((N, D) or (1, N, D)) and optionally `coords`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Literal
 import h5py
 import numpy as np
 import zarr
+
+from .file_names import safe_name
 
 __all__ = ["FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 
@@ -67,8 +70,13 @@ class FeatureCache:
         names = ", ".join(p.name for p in caches)
         raise ValueError(f"features folder {path} holds {len(caches)} caches ({names}); name one: {path}/<key>")
 
-    def has(self, slide_id: str) -> bool:
-        return (self._zarr(slide_id) / "zarr.json").is_file()
+    def has(self, slide_id: str, source: str | None = None) -> bool:
+        """Whether the slide's features are complete here; with `source` (`SlidePatches.digest`), also that they were
+        computed from those patches (a slide file replaced under the same id, or read at another mpp, is not)."""
+        meta = self._zarr(slide_id) / "zarr.json"
+        if not meta.is_file():
+            return False
+        return source is None or json.loads(meta.read_text()).get("attributes", {}).get("source") == source
 
     def manifest(self) -> dict:
         path = self.path / _MANIFEST
@@ -88,9 +96,11 @@ class FeatureCache:
         """The bag of `slide_id`, from `<id>.zarr` (ours) or `<id>.h5` (CLAM/TRIDENT)."""
         zarr_path, h5_path = self._zarr(slide_id), self.path / f"{slide_id}.h5"
         if self.has(slide_id):
+            source = zarr_path
             group = zarr.open_group(zarr_path, mode="r")
             features, coords, attrs = group["features"][:], group["coords"][:], dict(group.attrs)
         elif h5_path.is_file():
+            source = h5_path
             with h5py.File(h5_path, "r") as fh:
                 if "features" not in fh:
                     raise ValueError(
@@ -108,13 +118,15 @@ class FeatureCache:
         if features.dtype not in (np.float16, np.float32):  # half stays half: the model converts on its device
             features = features.astype(np.float32)
         coords = np.zeros((len(features), 2), np.int32) if coords is None else np.asarray(coords).reshape(-1, 2)
+        if len(coords) != len(features):  # heatmaps would pair patches with the wrong scores
+            raise ValueError(f"{source}: {len(features)} feature rows but {len(coords)} coords; expected one per patch")
         return SlideFeatures(slide_id, features, coords, attrs)
 
     def writer(self, slide_id: str, n: int, dim: int, dtype: FeatureDtype, attrs: dict) -> SlideFeatureWriter:
         return SlideFeatureWriter(self._zarr(slide_id), n, dim, dtype, attrs)
 
     def _zarr(self, slide_id: str) -> Path:
-        return self.path / f"{slide_id}.zarr"
+        return self.path / f"{safe_name(slide_id)}.zarr"
 
 
 class SlideFeatureWriter:

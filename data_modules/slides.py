@@ -152,7 +152,7 @@ class Slide:
         if self.mpp is None:
             raise SlideError(
                 f"{self.path}: microns per pixel unknown (no MPP in the file's metadata); "
-                "pass it explicitly, e.g. open_slide(path, mpp=0.25) or `mpp_override` in the data config"
+                "give it: open_slide(path, mpp=0.25), an `mpp` column in the labels CSV, or tiling.mpp_override"
             )
         return self.mpp
 

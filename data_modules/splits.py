@@ -43,25 +43,59 @@ class SplitConfig:
         check("splits.val_fraction", 0 <= self.val_fraction < 1, "a float in [0, 1)", self.val_fraction)
 
 
-def make_splits(labels: Sequence[SlideLabel], config: SplitConfig = SplitConfig()) -> dict[str, list[str]]:
+def make_splits(
+    labels: Sequence[SlideLabel], config: SplitConfig = SplitConfig(), path: str | os.PathLike | None = None
+) -> dict[str, list[str]]:
     """Slide ids per split: the CSV's `split` column when every row has one, else stratified grouped k-fold.
 
     A CSV that fixes only the test split (e.g. Camelyon16's official test set) gets its validation carved the same way.
+    Every split must hold every class (validation may be empty): a split of one class has no AUROC, and selecting a
+    checkpoint on that constant, or training on one class, gives results that only look like results. Errors name the
+    labels file `path`.
     """
-    given = [row.split for row in labels]
+    try:
+        splits = _make_splits(list(labels), config)
+        _check_classes(splits, labels, given=all(row.split is not None for row in labels), config=config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None
+    return splits
+
+
+def _make_splits(rows: list[SlideLabel], config: SplitConfig) -> dict[str, list[str]]:
+    given = [row.split for row in rows]
     if all(s is not None for s in given):
-        return {name: [row.slide_id for row in labels if row.split == name] for name in SPLITS}
+        return {name: [row.slide_id for row in rows if row.split == name] for name in SPLITS}
     if any(s not in (None, "test") for s in given):
         raise ValueError("the `split` column must be filled for every slide, or only mark the test slides")
-    rows = list(labels)
     if any(s == "test" for s in given):
         test = [row for row in rows if row.split == "test"]
         rest = [row for row in rows if row.split != "test"]
     else:
-        rest, test = _grouped_split(rows, config.folds, config.fold, config.seed)
+        what = f"the test folds (splits.folds={config.folds})"
+        rest, test = _grouped_split(rows, config.folds, config.fold, config.seed, what)
     n_val = max(1, round(1 / config.val_fraction)) if config.val_fraction > 0 else 0
-    train, val = _grouped_split(rest, n_val, 0, config.seed + 1) if n_val > 1 else (rest, [])
+    what = f"the validation carve-out (splits.val_fraction={config.val_fraction}: 1 fold in {n_val} of the rest)"
+    train, val = _grouped_split(rest, n_val, 0, config.seed + 1, what) if n_val > 1 else (rest, [])
     return {"train": _ids(train), "val": _ids(val), "test": _ids(test)}
+
+
+def _check_classes(splits: dict[str, list[str]], rows: Sequence[SlideLabel], given: bool, config: SplitConfig) -> None:
+    label = {row.slide_id: row.label for row in rows}
+    classes = sorted(set(label.values()))
+    for name in SPLITS:
+        if not splits[name]:
+            if name == "val":
+                continue  # no validation: the last epoch is used
+            raise ValueError(f"no {name} slides" + (" in the `split` column" if given else ""))
+        present = {label[s] for s in splits[name]}
+        missing = [c for c in classes if c not in present]
+        if missing:
+            cause = "the `split` column gives it" if given else f"{config} gives it"
+            fix = "give it slides of every class" if given else "use fewer folds, a larger val_fraction or another seed"
+            raise ValueError(
+                f"the {name} split has no slide of class {', '.join(map(repr, missing))} ({cause} only "
+                f"{', '.join(map(repr, sorted(present)))}): {fix}"
+            )
 
 
 def save_splits(splits: dict[str, list[str]], folder: str | os.PathLike) -> Path:
@@ -89,21 +123,18 @@ def hold_out(
     return [s for i, s in enumerate(slide_ids) if i not in val], [s for i, s in enumerate(slide_ids) if i in val]
 
 
-def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int) -> tuple[list, list]:
-    """(rest, held-out): fold `index` of a stratified, patient-grouped `n_splits`-fold split."""
+def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int, what: str) -> tuple[list, list]:
+    """(rest, held-out): fold `index` of a stratified, patient-grouped `n_splits`-fold split, for `what`."""
     labels = np.array([row.label for row in rows])
     groups = np.array([row.patient_id for row in rows])
     n_groups = len(set(groups))
     if n_groups < n_splits:
-        raise ValueError(f"cannot make {n_splits} folds from {n_groups} patients; use fewer folds")
+        raise ValueError(f"{what} needs {n_splits} folds, but there are {n_groups} patients; use fewer folds")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     try:
         rest_idx, held_idx = list(splitter.split(np.zeros(len(rows)), labels, groups))[index]
     except ValueError as exc:
-        raise ValueError(
-            f"cannot split {len(rows)} slides into {n_splits} stratified folds ({exc}); "
-            "use fewer folds or a larger val_fraction"
-        ) from None
+        raise ValueError(f"{what}: cannot split {len(rows)} slides into {n_splits} stratified folds ({exc})") from None
     return [rows[i] for i in rest_idx], [rows[i] for i in held_idx]
 
 

@@ -40,13 +40,24 @@ class TissueParams:
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """How slides become patches: resolution, size, tissue rule. Shared by extraction and end-to-end bags."""
+    """How slides become patches: resolution, size, tissue rule. Shared by extraction and end-to-end bags.
+
+    A slide's level-0 resolution is its labels-CSV `mpp` cell if it has one, else its file's metadata; `mpp_override`
+    serves the files without metadata only, unless `force_mpp` applies it to every slide (a mis-calibrated scanner).
+    """
 
     mpp: float = 0.5
     patch_size: int = 256
     tissue_threshold: float = 0.5
     tissue: TissueParams = TissueParams()
     mpp_override: float | None = None
+    force_mpp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mpp_override is not None and not self.mpp_override > 0:
+            raise ValueError(f"tiling.mpp_override: expected microns per pixel > 0, got {self.mpp_override!r}")
+        if self.force_mpp and self.mpp_override is None:
+            raise ValueError("tiling.force_mpp: expected a tiling.mpp_override to force on every slide, got none")
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,18 @@ class SlidePatches:
     path: Path
     grid: PatchGrid
     mpp_override: float | None = None
+
+    def digest(self) -> str:
+        """What the patches are cut from and how: the file (size, mtime), the grid (level-0 corners and patch size,
+        which follow the level-0 mpp used) and the output size and mpp. Anything computed from the patches, such as
+        cached features, is valid while this is unchanged."""
+        stat = self.path.stat()
+        grid = self.grid
+        digest = hashlib.blake2b(digest_size=12)
+        geometry = [stat.st_size, stat.st_mtime_ns, grid.patch_size, grid.mpp, grid.level0_size]
+        digest.update(json.dumps(geometry).encode())
+        digest.update(np.ascontiguousarray(grid.coords, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
 
 def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarray:

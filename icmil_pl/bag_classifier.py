@@ -8,7 +8,7 @@ import torch
 
 from .aggregators import Aggregator, MILOutput
 from .callbacks.figure_writer import FigureWriter
-from .slide_task import Scheduler, SlideTask
+from .slide_task import ClassNames, Scheduler, SlideTask
 
 __all__ = ["BagClassifier"]
 
@@ -29,7 +29,7 @@ class BagClassifier(SlideTask):
         scheduler: Scheduler = "none",
         standardize: bool = True,
         aux_loss_weight: float = 1.0,
-        class_names: list[str] | None = None,
+        class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names, figures)

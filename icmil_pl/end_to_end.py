@@ -17,7 +17,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .aggregators import Aggregator, MILOutput
 from .callbacks.figure_writer import FigureWriter
 from .chunked import Bag, bag_backward, embed_chunked
-from .slide_task import Scheduler, SlideTask
+from .slide_task import ClassNames, Scheduler, SlideTask
 
 __all__ = ["EndToEndMIL"]
 
@@ -45,7 +45,7 @@ class EndToEndMIL(SlideTask):
         gradient_clip_val: float | None = None,
         eval_chunk_size: int | None = None,
         aux_loss_weight: float = 1.0,
-        class_names: list[str] | None = None,
+        class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names, figures)

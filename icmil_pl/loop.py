@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from data_modules.cohort import require_labels
+from data_modules.cohort import SlideCohort, require_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.patches import SlidePatchDataModule
 from data_modules.splits import SplitConfig, make_splits, save_splits
@@ -93,6 +93,15 @@ class ICMIL(pl.LightningModule):
         self.phase_trainer = {"bag": bag_trainer or {}, "couple": couple_trainer or {}, "embed": embed_trainer or {}}
 
 
+def _slide_record(cohort: SlideCohort) -> dict[str, list]:
+    """What decides a slide's results besides the config: its CSV row and its file (size, mtime)."""
+    record = {}
+    for row in cohort.rows:
+        stat = cohort.paths[row.slide_id].stat()
+        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, stat.st_size, stat.st_mtime_ns]
+    return record
+
+
 class _PhaseLogger(Logger):
     """One logger run for the whole procedure: metric names get `iter<i>/<phase>/`, steps continue across phases."""
 
@@ -156,7 +165,9 @@ class ICMILLoop:
             self.run_dir.save_config(config)
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         self.data.prepare_data()
-        require_labels(self.data.cohort.rows, self.data.cohort.labels_path, "ICMIL training")
+        cohort = self.data.cohort
+        require_labels(cohort.rows, cohort.labels_path, "ICMIL training")
+        self.state.check_slides(_slide_record(cohort), cohort.labels_path)
         self.data.setup()
         splits = self._splits()
         written_by_rank_zero(lambda: save_splits(splits, self.run_dir.root))
@@ -271,7 +282,7 @@ class ICMILLoop:
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _splits(self) -> dict[str, list[str]]:
-        return make_splits(self.data.cohort.rows, self.icmil.splits)
+        return make_splits(self.data.cohort.rows, self.icmil.splits, self.data.cohort.labels_path)
 
     def _extract(self, embedder: PatchEmbedder, trainer_kwargs: dict[str, Any]):
         return extract_features(

@@ -182,20 +182,40 @@ class RunDir:
 
 
 class RunState:
-    """The completed phases of a run (`state.json`): each phase's output, seconds and metrics, and the logger step
-    the run has reached. Saved whole after every phase, on rank 0, while the other processes wait."""
+    """The completed phases of a run (`state.json`): each phase's output, seconds and metrics, the logger step the
+    run has reached, and the slides it runs on. Saved whole after every change, on rank 0, while the other processes
+    wait."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         state = json.loads(path.read_text()) if path.is_file() else {"done": {}}
         self.done: dict[str, dict] = state["done"]
         self.log_step: int = state.get("log_step", 0)
+        self.slides: dict[str, list] | None = state.get("slides")
 
     def output(self, key: str) -> Any:
         return self.done[key]["output"]
 
+    def check_slides(self, slides: dict[str, list], labels: os.PathLike) -> None:
+        """A run continues only on the cohort it started with: `slides` (slide id -> what decides its results: label,
+        patient, split, mpp, file size and mtime) must equal what state.json recorded, or the changed slides are
+        named; the first call records them."""
+        if self.slides is not None and self.slides != slides:
+            changed = sorted(k for k in self.slides.keys() | slides.keys() if self.slides.get(k) != slides.get(k))
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ValueError(
+                f"{labels}: {', '.join(changed[:3])}{more} changed since the run in {self.path.parent} started "
+                "(label, patient, split, mpp or slide file); give a new run_dir, or delete this one to start over"
+            )
+        if self.slides is None:
+            self.slides = slides
+            self._save()
+
     def record(self, key: str, output: Any, seconds: float, metrics: dict | None, log_step: int) -> None:
         self.done[key] = {"output": output, "seconds": round(seconds, 2), **({"metrics": metrics} if metrics else {})}
         self.log_step = log_step
-        text = json.dumps({"done": self.done, "log_step": self.log_step}, indent=1)
+        self._save()
+
+    def _save(self) -> None:
+        text = json.dumps({"done": self.done, "log_step": self.log_step, "slides": self.slides}, indent=1)
         written_by_rank_zero(lambda: _atomic_write(self.path, text))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.bag_base import BagDataModule
+from data_modules.cohort import name_classes
 from data_modules.splits import save_splits
 
 from .aggregators import Aggregator, MILOutput
@@ -23,9 +24,10 @@ from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
 from .metrics import slide_metrics
 
-__all__ = ["SlideTask"]
+__all__ = ["ClassNames", "SlideTask"]
 
 Scheduler = Literal["none", "cosine"]
+ClassNames = dict[str, str] | list[str] | None  # {label value: name}, or names in the order of the sorted label values
 
 
 class SlideTask(pl.LightningModule):
@@ -41,7 +43,7 @@ class SlideTask(pl.LightningModule):
         self,
         aggregator: Aggregator,
         aux_loss_weight: float = 1.0,
-        class_names: list[str] | None = None,
+        class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
     ) -> None:
         super().__init__()
@@ -61,16 +63,19 @@ class SlideTask(pl.LightningModule):
 
     @property
     def class_labels(self) -> list[str]:
-        """What outputs call the classes: `class_names`, else the class indices."""
-        return self.class_names or [str(c) for c in range(self.num_classes)]
+        """What outputs call the classes: `class_names` (resolved against the data's label values in `setup`, or
+        restored from a checkpoint), else the class indices."""
+        if isinstance(self.class_names, list):
+            return self.class_names
+        return [str(c) for c in range(self.num_classes)]
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None
         classes = getattr(data, "num_classes", None)
         if classes is not None and classes != self.num_classes:
             raise ValueError(f"model aggregator num_classes={self.num_classes}, but the labels have {classes} classes")
-        if self.class_names is None and getattr(data, "classes", None):
-            self.class_names = [str(c) for c in data.classes]
+        if getattr(data, "classes", None):
+            self.class_names = name_classes(self.class_names, [str(c) for c in data.classes])
         if isinstance(data, BagDataModule) and data.splits is not None:  # the slides of each split, beside the run
             folder = output_dir(self.trainer)  # a collective: every process asks
             if self.trainer.is_global_zero:

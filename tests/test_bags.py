@@ -20,7 +20,7 @@ from icmil_pl.cli import main
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return make_cohort(tmp_path_factory.mktemp("cohort"), CohortSpec(n_slides=6, seed=1, size=(768, 768)))
+    return make_cohort(tmp_path_factory.mktemp("cohort"), CohortSpec(n_slides=8, seed=1, size=(768, 768)))
 
 
 @pytest.fixture(scope="module")

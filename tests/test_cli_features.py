@@ -177,3 +177,40 @@ def test_wandb_logger_runs_offline(cohort, features, tmp_path):
         wandb.finish()  # the next test's W&B starts from a closed run
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_a_replaced_slide_or_another_mpp_is_embedded_again(tmp_path):
+    """The cache used to key on the slide id alone: a slide file replaced under the same id kept its old features
+    (26 rows for a file of 35 patches), and so did a rerun with another `mpp_override`."""
+    cohort = make_cohort(tmp_path / "cohort", CohortSpec(n_slides=2, seed=5, size=(768, 768)))
+    first, second = sorted((cohort / "slides").iterdir())
+    _extract(cohort, tmp_path)
+    cache = next(p for p in (tmp_path / "features").iterdir() if p.is_dir())
+    before = _slides(cache)
+
+    replacement = make_cohort(tmp_path / "other", CohortSpec(n_slides=1, seed=9, size=(1024, 1024), flavours=("svs",)))
+    first.write_bytes(next((replacement / "slides").iterdir()).read_bytes())
+    _extract(cohort, tmp_path)
+    after = _slides(cache)
+    replaced, kept = first.name.split(".")[0], second.name.split(".")[0]
+    assert after[kept][0] == before[kept][0]  # untouched
+    assert after[replaced][0] != before[replaced][0] and len(after[replaced][1]) != len(before[replaced][1])
+    group = zarr.open_group(cache / f"{replaced}.zarr", mode="r")
+    assert group["features"].shape[0] == group.attrs["num_patches"] == len(after[replaced][2])
+
+    main(
+        [
+            "predict",
+            "-c",
+            str(CONF / "extract.yaml"),
+            f"--trainer.callbacks.init_args.cache_root={tmp_path / 'features'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--data.init_args.labels={cohort / 'labels.csv'}",
+            f"--data.init_args.slides={cohort / 'slides'}",
+            f"--data.init_args.grid_cache={tmp_path / 'grids'}",
+            "--data.init_args.tiling.mpp_override=0.6",
+            "--data.init_args.tiling.force_mpp=true",
+        ]
+    )
+    forced = _slides(cache)
+    assert all(forced[s][0] != after[s][0] for s in (replaced, kept))  # read at another mpp: other patches

@@ -113,6 +113,8 @@ def test_data_module_serves_bags_and_standardization_stats(cohort, tmp_path):
         ("empty", r"slide 's1' has an empty bag"),
         ("nan", r"slide 's1' has NaN or infinite features"),
         ("dims", r"different feature dimensions \[8, 9\]"),
+        ("longer coords", r"labels\.csv: .*s1\.h5: 3 feature rows but 4 coords; expected one per patch"),
+        ("shorter coords", r"labels\.csv: .*s1\.h5: 3 feature rows but 2 coords"),
     ],
 )
 def test_bad_cohorts_fail_before_anything_is_written(cohort, tmp_path, problem, message):
@@ -130,6 +132,10 @@ def test_bad_cohorts_fail_before_anything_is_written(cohort, tmp_path, problem, 
         _h5(feats, "s1", np.full((3, 8), np.nan, np.float32))
     elif problem == "dims":
         _h5(feats, "s1", np.zeros((3, 9), np.float32))
+    elif problem == "longer coords":  # used to draw a heatmap from mismatched arrays, exit 0
+        _h5(feats, "s1", np.zeros((3, 8), np.float32), np.zeros((4, 2), np.int32))
+    elif problem == "shorter coords":  # used to train, then fail in predict after writing scores.zarr
+        _h5(feats, "s1", np.zeros((3, 8), np.float32), np.zeros((2, 2), np.int32))
     write_labels(labels, rows[1:], rows[0])
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
@@ -175,3 +181,31 @@ def test_fixed_split_ids_are_used_as_given_and_saved_by_the_model(cohort, tmp_pa
     assert computed.splits != fixed and sorted(sum(computed.splits.values(), [])) == sorted(f"s{i}" for i in range(12))
     with pytest.raises(ValueError, match=r"split_ids: expected \{train, val, test\} .* unknown slides \['ghost'\]"):
         FeatureBagDataModule(str(labels), str(feats), split_ids={**fixed, "test": ["ghost"]})
+
+
+def test_class_names_in_the_wrong_order_are_refused(tmp_path):
+    """`class_names: [tumour, normal]` for labels normal/tumour used to call every normal slide tumour."""
+    import pytorch_lightning as pl
+
+    from icmil_pl.aggregators import MeanPool
+    from icmil_pl.bag_classifier import BagClassifier
+
+    rows = []
+    for i in range(12):
+        _h5(tmp_path / "feats", f"s{i}", np.full((4, 8), i % 2, np.float32))
+        rows.append((f"s{i}", ["normal", "tumour"][i % 2], f"p{i}"))
+    data = FeatureBagDataModule(
+        str(write_labels(tmp_path / "labels.csv", rows)),
+        str(tmp_path / "feats"),
+        splits=SplitConfig(folds=3, val_fraction=0.25),
+    )
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False
+    )
+    with pytest.raises(ValueError, match=r"class_names: 'tumour' is at position 0, but label 'tumour' is class 1"):
+        trainer.fit(BagClassifier(MeanPool(8, hidden_dim=4), class_names=["tumour", "normal"]), datamodule=data)
+    model = BagClassifier(MeanPool(8, hidden_dim=4), class_names={"tumour": "T", "normal": "N"})
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False).fit(
+        model, datamodule=data
+    )
+    assert model.class_labels == ["N", "T"]

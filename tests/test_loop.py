@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import icmil_args
+from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
 from icmil_pl.coupling.distillation import DistillationModule
-from icmil_pl.run_dir import RESUMABLE_SETTINGS, changed_settings
+from icmil_pl.run_dir import RESUMABLE_SETTINGS, RunState, changed_settings
 
 METRICS = {"auroc", "accuracy", "f1", "balanced_accuracy"}
 
@@ -189,3 +189,70 @@ def test_fast_dev_run_smoke_tests_every_phase_apart_from_the_run(icmil_cohort, t
     }
     assert (smoke / "config.yaml").is_file() and (smoke / "results.json").is_file()
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_hostile_slide_ids_stay_inside_the_run(icmil_cohort, tmp_path):
+    """Ids such as `../escape` used to write features into the working directory or into a cache folder shared by
+    both iterations (iteration 1 trained on iteration-0 features), and predict failed after 8 slides' figures."""
+    slides = sorted((icmil_cohort / "slides").iterdir())
+    with (icmil_cohort / "labels.csv").open() as fh:
+        label = {row["slide_id"]: row["label"] for row in csv.DictReader(fh)}
+    hostile = ["..", "../escape", "sub/dir/x", "näïve σ", "x" * 150, str(tmp_path / "elsewhere" / "abs")]
+    root = tmp_path / "cohort"
+    rows, by_class = [], {"0": [], "1": []}
+    for path in slides:
+        by_class[label[path.name.split(".")[0]]].append(path)
+    order = [p for pair in zip(by_class["0"], by_class["1"], strict=False) for p in pair]  # classes alternate
+    for k, path in enumerate(order):
+        slide_id = hostile[k] if k < len(hostile) else path.name.split(".")[0]
+        target = root / "slides" / f"{slide_id}{path.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        split = "test" if k < 4 else "val" if k < 6 else "train"  # every split holds both classes
+        rows.append((slide_id, label[path.name.split(".")[0]], slide_id, split))
+    labels = write_labels(tmp_path / "labels.csv", rows, ("slide_id", "label", "patient_id", "split"))
+    before = {p for p in tmp_path.rglob("*")}
+    cwd = set(Path.cwd().iterdir())
+
+    out = tmp_path / "out"
+    args = [f"--data.init_args.labels={labels}", f"--data.init_args.slides={root / 'slides'}"]
+    main(icmil_args(icmil_cohort, out, "fit", "--model.init_args.coupling.init_args.max_epochs=1", *args))
+    main(icmil_args(icmil_cohort, out, "predict", "--model.init_args.coupling.init_args.max_epochs=1", *args))
+
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p.is_relative_to(out) for p in new), sorted(str(p) for p in new if not p.is_relative_to(out))
+    assert set(Path.cwd().iterdir()) == cwd
+    caches = [p for p in (out / "run" / "features").iterdir() if p.is_dir()]
+    assert len(caches) == 2 and all(len(list(c.rglob("*.zarr/zarr.json"))) == len(rows) for c in caches)
+    predicted = _rows(out / "run" / "final" / "predict" / "predictions.csv")
+    assert sorted(r["slide_id"] for r in predicted) == sorted(r[0] for r in rows)
+    assert len(list((out / "run" / "final" / "predict" / "figures").rglob("*_heatmap.png"))) == len(rows)
+
+
+def test_a_run_refuses_labels_edited_after_it_started(icmil_cohort, tmp_path):
+    """An edited labels.csv used to make every phase 'done in an earlier run, skipped', printing the old metrics."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text((icmil_cohort / "labels.csv").read_text())
+    args = [f"--data.init_args.labels={labels}", "--model.init_args.iterations=0"]
+    main(icmil_args(icmil_cohort, tmp_path, "fit", *args))
+    main(icmil_args(icmil_cohort, tmp_path, "fit", *args))  # unchanged: continues (here: nothing left to do)
+    lines = labels.read_text().splitlines()
+    slide, label, patient = lines[3].split(",")
+    lines[3] = f"{slide},{1 - int(label)},{patient}"
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"labels\.csv: {slide} changed since the run in .* started"):
+        main(icmil_args(icmil_cohort, tmp_path, "fit", *args))
+
+
+def test_run_state_names_the_slides_that_changed(tmp_path):
+    state = RunState(tmp_path / "state.json")
+    slides = {f"s{i}": ["0", f"p{i}", None, None, 100, 1] for i in range(6)}
+    state.check_slides(slides, "labels.csv")
+    assert json.loads((tmp_path / "state.json").read_text())["slides"] == slides
+    again = RunState(tmp_path / "state.json")
+    again.check_slides(slides, "labels.csv")
+    changed = {**slides, "s1": ["1", "p1", None, None, 100, 1], "s9": ["0", "p9", None, None, 5, 5]}
+    changed.update({f"s{i}": [*slides[f"s{i}"][:4], 200, 2] for i in (2, 3, 4)})  # files replaced
+    del changed["s5"]
+    with pytest.raises(ValueError, match=r"^labels\.csv: s1, s2, s3 and 3 more changed since the run"):
+        again.check_slides(changed, "labels.csv")

@@ -35,12 +35,42 @@ def test_splits_are_grouped_stratified_and_cover_each_fold_once(tmp_path):
 
 
 def test_split_column_is_respected(tmp_path):
-    rows = [("a", "0", "pa", "train"), ("b", "1", "pb", "train"), ("c", "0", "pc", "val"), ("d", "1", "pd", "test")]
-    labels = read_labels(write_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split")))
-    assert make_splits(labels) == {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
+    header = ("slide_id", "label", "patient_id", "split")
+    rows = [("a", "0", "pa", "train"), ("b", "1", "pb", "train"), ("c", "1", "pc", "val"), ("d", "0", "pd", "val")]
+    rows += [("e", "1", "pe", "test"), ("f", "0", "pf", "test")]
+    labels = read_labels(write_labels(tmp_path / "l.csv", rows, header))
+    assert make_splits(labels) == {"train": ["a", "b"], "val": ["c", "d"], "test": ["e", "f"]}
     bad = [("a", "0", "pa", "holdout")]
     with pytest.raises(ValueError, match=r"l2\.csv:2: split 'holdout' is not one of"):
-        read_labels(write_labels(tmp_path / "l2.csv", bad, ("slide_id", "label", "patient_id", "split")))
+        read_labels(write_labels(tmp_path / "l2.csv", bad, header))
+
+
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        (
+            "train train val val test test",
+            r"the val split has no slide of class '0' \(the `split` column gives it only '1'\)",
+        ),
+        ("train train val train val train", r"no test slides in the `split` column"),
+        ("train train train train train train", r"no test slides in the `split` column"),
+    ],
+)
+def test_a_given_split_without_every_class_is_refused(tmp_path, splits, message):
+    """A one-class validation split records AUROC 0 and selects checkpoints on that constant: refused, file named."""
+    labels = ["0", "1", "1", "1", "0", "1"]
+    rows = [
+        (f"s{i}", label, f"p{i}", split) for i, (label, split) in enumerate(zip(labels, splits.split(), strict=True))
+    ]
+    path = write_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split"))
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        make_splits(read_labels(path), path=path)
+
+
+def test_computed_splits_without_every_class_are_refused(tmp_path):
+    rows = read_labels(write_labels(tmp_path / "l.csv", [(f"s{i}", "1" if i < 2 else "0", f"p{i}") for i in range(8)]))
+    with pytest.raises(ValueError, match=r"the (train|val|test) split has no slide of class '1' .*another seed"):
+        make_splits(rows, SplitConfig(folds=2, val_fraction=0.5))
 
 
 def test_a_fixed_test_split_gets_its_validation_carved_from_the_rest(tmp_path):
@@ -66,7 +96,7 @@ def test_too_few_patients_for_the_folds(tmp_path):
     rows = read_labels(
         write_labels(tmp_path / "l.csv", [(f"s{i}", str(i % 2), "p0" if i < 4 else "p1") for i in range(6)])
     )
-    with pytest.raises(ValueError, match="cannot make 3 folds from 2 patients"):
+    with pytest.raises(ValueError, match=r"the test folds \(splits.folds=3\) needs 3 folds, but there are 2 patients"):
         make_splits(rows, SplitConfig(folds=3))
 
 

@@ -53,6 +53,7 @@ class FeatureWriter(pl.Callback):
         self._provenance: dict = {}
         self._sizes: dict[str, int] = {}
         self._grid_sizes: dict[str, float] = {}
+        self._sources: dict[str, str] = {}  # slide id -> SlidePatches.digest of what its features are computed from
         self._open: dict[str, SlideFeatureWriter] = {}
         self._bar: tqdm | None = None
 
@@ -66,7 +67,9 @@ class FeatureWriter(pl.Callback):
         self._provenance = provenance(pl_module, data.tiling)
         if trainer.is_global_zero:
             self.cache.write_manifest(self._provenance)
-        data.exclude({s for s in data.slide_ids if self.cache.has(s)})
+        data.setup()
+        self._sources = {s.slide_id: s.digest() for s in data.slide_patches}
+        data.exclude({slide_id for slide_id, source in self._sources.items() if self.cache.has(slide_id, source)})
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
         self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
@@ -109,6 +112,7 @@ class FeatureWriter(pl.Callback):
             "slide_id": slide_id,
             "num_patches": self._sizes[slide_id],
             "level0_patch_size": self._grid_sizes[slide_id],
+            "source": self._sources[slide_id],
         }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
         return writer

@@ -2,10 +2,10 @@
 
 After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its heatmap
 (`figures/<slide>_heatmap.png`), its top/bottom patches (`figures/<slide>_patches.png`) and its per-patch scores with
-coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays). Scores are the aggregator's attention (every
-aggregator here returns one); a custom aggregator without attention gets the positive-class probability of each
-patch on its own (`instance_logits`). Everything goes under the run's log directory; with a W&B logger the images and a
-per-slide prediction table are logged too.
+coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays), `<slide>` being `safe_name(slide_id)`. Scores
+are the aggregator's attention (every aggregator here returns one); a custom aggregator without attention gets the
+positive-class probability of each patch on its own (`instance_logits`). Everything goes under the run's log
+directory; with a W&B logger the images and a per-slide prediction table are logged too.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import zarr
 from pytorch_lightning.loggers import WandbLogger
 
 from data_modules.cohort import find_slide
+from data_modules.file_names import safe_name
 from data_modules.slides import open_slide
 
 from ..plots import confusion_figure, grid_step, heatmap_figure, montage_figure, roc_figure, save_png
@@ -88,7 +89,8 @@ class FigureWriter(pl.Callback):
         if scores is None:
             return
         slide_id = batch["slide_id"]
-        group = zarr.open_group(str(self._root / "scores.zarr"), mode="a").require_group(slide_id)
+        name = safe_name(slide_id)  # ids come from users' CSVs: never a path out of the run directory
+        group = zarr.open_group(str(self._root / "scores.zarr"), mode="a").require_group(name)
         group.create_array("coords", data=coords.astype(np.int64), overwrite=True)
         group.create_array("scores", data=scores.astype(np.float32), overwrite=True)
         group.attrs.update({"kind": kind, "slide_id": slide_id})
@@ -114,7 +116,7 @@ class FigureWriter(pl.Callback):
             )
             montage = self._montage(slide, coords, scores, int(side), title)
         out = self._root / "figures"
-        paths = [save_png(heatmap, out / f"{slide_id}_heatmap.png"), save_png(montage, out / f"{slide_id}_patches.png")]
+        paths = [save_png(heatmap, out / f"{name}_heatmap.png"), save_png(montage, out / f"{name}_patches.png")]
         self._log_images(trainer, f"predict/{slide_id}", paths)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,41 @@
+"""Slide ids as file names: every id, however hostile, maps to one safe, unique and stable relative path.
+
+Ids come from users' CSVs: `../x`, `/abs/path`, `a\\b`, 300 characters or odd unicode must never write outside the
+folder they are joined to, nor two ids share a file. `sub/dir` ids keep their subfolders, since cohorts are often
+nested like that (TCGA project/case). Characters outside a small safe set are percent-encoded (so `%` itself is
+too): the mapping is reversible, hence unique. A part too long for a file system keeps a readable prefix and a hash
+of the whole id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import quote
+
+__all__ = ["safe_name"]
+
+_SAFE = "-_.~+=,@()[]"  # besides ASCII letters and digits
+_MAX_PART = 200  # bytes of one path part; file systems allow 255, and writers add prefixes and suffixes
+
+
+def safe_name(slide_id: str) -> str:
+    """A relative path for `slide_id` (`/`-separated parts, each a plain file name, never `.` or `..`)."""
+    parts = slide_id.split("/")
+    if any(part in ("", ".", "..") for part in parts):  # `/abs`, `a//b`, `../x`: one flat, encoded name
+        parts = [slide_id]
+    return "/".join(_part(part, slide_id) for part in parts)
+
+
+def _part(part: str, slide_id: str) -> str:
+    encoded = quote(part, safe=_SAFE)
+    if encoded in (".", ".."):
+        encoded = encoded.replace(".", "%2E")
+    if encoded.startswith("."):  # no hidden files: temporaries are `.<name>.tmp-<pid>`
+        encoded = "%2E" + encoded[1:]
+    if len(encoded) > _MAX_PART:
+        digest = hashlib.blake2b(slide_id.encode(), digest_size=8).hexdigest()
+        cut = encoded[: _MAX_PART - 17]
+        if "%" in cut[-2:]:  # never half an escape
+            cut = cut[: cut.rindex("%")]
+        encoded = f"{cut}~{digest}"
+    return encoded

@@ -1,0 +1,148 @@
+"""The labels CSV and the cohort on disk: forgiving about whitespace, strict about what it does not know; class names
+bound to label values; slide files found in any letter case; each slide's level-0 resolution from the right source."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+
+import pytest
+import tifffile
+
+from data_modules.cohort import SlideCohort, find_slide, name_classes, read_labels
+from data_modules.slides import open_slide
+from data_modules.splits import SplitConfig, make_splits
+from data_modules.synthetic import CohortSpec, make_cohort
+from data_modules.tiling import TilingConfig
+from helpers import write_labels
+
+
+def _rows(n: int = 40) -> list[tuple[str, str, str]]:
+    return [(f"s{i:02d}", str(i % 2), f"patient_{i // 2:02d}") for i in range(n)]  # 2 slides per patient
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "slide_id,label, patient_id",
+        "slide_id, label, patient_id",
+        " slide_id ,label,patient_id ",
+        "\ufeffslide_id,label,patient_id",
+    ],
+    ids=["space-before-patient", "spaces", "padded", "bom"],
+)
+def test_header_whitespace_and_a_bom_keep_every_column(tmp_path, header):
+    """`slide_id,label, patient_id` used to drop the patient column silently, so one patient's slides landed in
+    several splits; with spaces after every comma every slide 'had no label'; a BOM lost `slide_id`."""
+    path = tmp_path / "labels.csv"
+    path.write_text(header + "\n" + "".join(f"{s}, {label} ,{p}\n" for s, label, p in _rows()), encoding="utf-8")
+    rows = read_labels(path)
+    assert [(r.slide_id, r.label, r.patient_id) for r in rows] == _rows()
+    splits = make_splits(rows, SplitConfig(folds=5, val_fraction=0.25))
+    patient = {r.slide_id: r.patient_id for r in rows}
+    where = defaultdict(set)
+    for name, ids in splits.items():
+        for slide_id in ids:
+            where[patient[slide_id]].add(name)
+    assert len(where) == 20 and all(len(names) == 1 for names in where.values())  # no patient in two splits
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (
+            "slide_id,label,patient",
+            r"unknown column 'patient'; the columns are slide_id, label, patient_id, split, mpp",
+        ),
+        ("slide_id,label,label", r"a repeated column"),
+        ("id,label", r"missing column 'slide_id'"),
+    ],
+)
+def test_columns_it_does_not_know_are_refused(tmp_path, header, message):
+    path = tmp_path / "labels.csv"
+    path.write_text(f"{header}\na,0\n")
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        read_labels(path)
+
+
+def test_rows_longer_than_the_header_and_bad_mpp_are_refused(tmp_path):
+    path = write_labels(tmp_path / "a.csv", [("a", "0", "p", "extra")])
+    with pytest.raises(ValueError, match=r"a\.csv:2: 4 cells, but the header names 3 columns"):
+        read_labels(path)
+    path = write_labels(
+        tmp_path / "b.csv", [("a", "0", "0.25"), ("b", "1", ""), ("c", "1", "fast")], ("slide_id", "label", "mpp")
+    )
+    with pytest.raises(ValueError, match=r"b\.csv:4: mpp 'fast' is not microns per pixel"):
+        read_labels(path)
+    path = write_labels(tmp_path / "c.csv", [("a", "0", "0.25"), ("b", "1", "")], ("slide_id", "label", "mpp"))
+    assert [r.mpp for r in read_labels(path)] == [0.25, None]
+
+
+def test_class_names_are_bound_to_label_values():
+    assert name_classes(None, ["0", "1"]) == ["0", "1"]
+    assert name_classes(["normal", "tumour"], ["0", "1"]) == ["normal", "tumour"]  # positional: labels are not names
+    assert name_classes({"1": "tumour", "0": "normal"}, ["0", "1"]) == ["normal", "tumour"]
+    assert name_classes({0: "normal", 1: "tumour"}, ["0", "1"]) == ["normal", "tumour"]  # YAML reads 0: as an int
+    assert name_classes(["normal", "tumour"], ["normal", "tumour"]) == ["normal", "tumour"]
+    with pytest.raises(ValueError, match=r"class_names: 'tumour' is at position 0, but label 'tumour' is class 1"):
+        name_classes(["tumour", "normal"], ["normal", "tumour"])  # would call every normal slide tumour
+    with pytest.raises(ValueError, match=r"class_names: expected a name for each label value \['0', '1'\]"):
+        name_classes({"0": "normal", "2": "tumour"}, ["0", "1"])
+    with pytest.raises(ValueError, match=r"class_names: expected 2 names"):
+        name_classes(["normal"], ["0", "1"])
+
+
+def test_slide_files_are_found_in_any_letter_case(tmp_path):
+    for name in ("a.SVS", "b.Tif", "c.ome.TIFF", "d.svs", "d.SVS"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_slide(tmp_path, "a") == tmp_path / "a.SVS"
+    assert find_slide(tmp_path, "b") == tmp_path / "b.Tif"
+    assert find_slide(tmp_path, "c") == tmp_path / "c.ome.TIFF"
+    assert find_slide(tmp_path, "d") == tmp_path / "d.svs"  # the exact extension wins
+    assert find_slide(tmp_path, "e") is None and find_slide(tmp_path / "nope", "a") is None
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Two slides at 0.5 um/px, one written with its resolution and one (the same pixels) without any."""
+    root = make_cohort(tmp_path_factory.mktemp("mixed"), CohortSpec(n_slides=2, seed=3, size=(1024, 1024)))
+    with open(root / "labels.csv") as fh:
+        ids = [row["slide_id"] for row in csv.DictReader(fh)]
+    known = next((root / "slides").glob(f"{ids[0]}.*"))
+    with tifffile.TiffFile(next((root / "slides").glob(f"{ids[1]}.*"))) as tif:
+        pixels = tif.series[0].levels[0].asarray()
+    for old in (root / "slides").glob(f"{ids[1]}.*"):
+        old.unlink()
+    tifffile.imwrite(root / "slides" / f"{ids[1]}.tif", pixels, tile=(256, 256), photometric="rgb")
+    assert open_slide(known).mpp == 0.5 and open_slide(root / "slides" / f"{ids[1]}.tif").mpp is None
+    return root, ids
+
+
+def _levels(cohort: SlideCohort, tiling: TilingConfig, tmp_path) -> dict[str, float]:
+    """Level-0 pixels per patch side of each slide (patch size x target mpp / the level-0 mpp used)."""
+    return {p.slide_id: p.grid.level0_size for p in cohort.patches(tiling, tmp_path)}
+
+
+def test_mpp_override_serves_only_the_slides_without_metadata(mixed, tmp_path):
+    """`mpp_override` used to apply to every slide, the calibrated ones included (15 patches instead of 26)."""
+    root, (known, unknown) = mixed
+    cohort = SlideCohort(root / "labels.csv", root / "slides")
+    with pytest.raises(ValueError, match=rf"{unknown}\.tif: microns per pixel unknown"):
+        cohort.patches(TilingConfig(mpp=1.0, patch_size=64), tmp_path)
+    fallback = _levels(cohort, TilingConfig(mpp=1.0, patch_size=64, mpp_override=0.4), tmp_path)
+    assert fallback == {known: 128.0, unknown: 160.0}  # the file's 0.5 um/px where it has one
+    forced = _levels(cohort, TilingConfig(mpp=1.0, patch_size=64, mpp_override=0.4, force_mpp=True), tmp_path)
+    assert forced == {known: 160.0, unknown: 160.0}
+    with pytest.raises(ValueError, match="tiling.force_mpp: expected a tiling.mpp_override"):
+        TilingConfig(force_mpp=True)
+
+
+def test_an_mpp_column_sets_the_resolution_of_its_slides(mixed, tmp_path):
+    root, (known, unknown) = mixed
+    labels = write_labels(
+        tmp_path / "labels.csv", [(known, "0", ""), (unknown, "1", "0.5")], ("slide_id", "label", "mpp")
+    )
+    cohort = SlideCohort(labels, root / "slides")
+    assert _levels(cohort, TilingConfig(mpp=1.0, patch_size=64), tmp_path) == {known: 128.0, unknown: 128.0}
+    patches = {p.slide_id: p for p in cohort.patches(TilingConfig(mpp=1.0, patch_size=64), tmp_path)}
+    assert patches[unknown].mpp_override == 0.5 and patches[known].mpp_override is None
