@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cohort import SlideLabel, class_index, read_labels, require_labels
 from .samplers import EpochShuffle, evaluation_sampler
-from .splits import SPLITS, SplitConfig, make_splits
+from .splits import SPLITS, SplitConfig, check_classes, make_splits
 
 __all__ = ["BagDataModule", "BagLoaders"]
 
@@ -76,6 +76,7 @@ class BagDataModule(BagLoaders):
         self.seed = splits.seed
         self.num_workers = num_workers
         self.splits: dict[str, list[str]] | None = None if split_ids is None else self._known(split_ids)
+        self.skipped: dict[str, str] = {}  # slide id -> why it is left out (on_slide_error: skip)
 
     @property
     def num_classes(self) -> int | None:
@@ -93,6 +94,22 @@ class BagDataModule(BagLoaders):
         if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
             require_labels(self.rows, self.labels_path, "splitting into train/val/test")
             self.splits = make_splits(self.rows, self.split_config, self.labels_path)
+
+    def skip(self, skipped: dict[str, str]) -> None:
+        """Leave out slides that could not be read (on_slide_error: skip), keeping why; given splits lose them too and
+        must still hold every class."""
+        listed = {row.slide_id for row in self.rows}
+        skipped = {k: v for k, v in skipped.items() if k in listed}
+        if not skipped:
+            return
+        self.skipped.update(skipped)
+        self.rows = [row for row in self.rows if row.slide_id not in skipped]
+        if self.splits is not None:
+            self.splits = {name: [s for s in ids if s not in skipped] for name, ids in self.splits.items()}
+            try:
+                check_classes(self.splits, self.rows, "the splits")
+            except ValueError as error:
+                raise ValueError(f"{self.labels_path}: without the skipped slides, {error}") from None
 
     def split_rows(self, split: str) -> list[SlideLabel]:
         if split not in SPLITS:

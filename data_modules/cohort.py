@@ -7,15 +7,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tqdm.auto import tqdm
 
-from .slides import open_slide
+from .slides import SlideError, open_slide
 from .splits import SPLITS
 from .tiling import SlidePatches, TilingConfig, patch_grid
 
 __all__ = [
     "COLUMNS",
+    "OnSlideError",
     "SLIDE_EXTENSIONS",
     "SlideCohort",
     "SlideLabel",
@@ -27,6 +29,9 @@ __all__ = [
 ]
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi")
+# What a slide that cannot be read does to a run: stop it, naming the slide (level and tile where a tile is broken),
+# or leave the slide out, recorded and printed at the end.
+OnSlideError = Literal["raise", "skip"]
 
 
 COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp")
@@ -178,22 +183,30 @@ class SlideCohort:
         return path
 
     def patches(
-        self, tiling: TilingConfig, cache_dir: str | os.PathLike, slide_ids: list[str] | None = None
+        self, tiling: TilingConfig, cache_dir: str | os.PathLike, skipped: dict[str, str] | None = None
     ) -> list[SlidePatches]:
-        """Patch grids of the given slides (all by default), computed once and cached in `cache_dir`."""
-        ids = [row.slide_id for row in self.rows] if slide_ids is None else slide_ids
+        """Patch grids of every slide, computed once and cached in `cache_dir`. With `skipped` (the per-slide error
+        policy `skip`), a slide that cannot be tiled (unreadable, no tissue) is left out and its error recorded there
+        instead of stopping the cohort."""
         out = []
-        for slide_id in tqdm(ids, desc="tiling", unit="slide", leave=False):
-            override = self.mpp_override(slide_id, tiling)
-            grid = patch_grid(
-                self.paths[slide_id],
-                mpp=tiling.mpp,
-                patch_size=tiling.patch_size,
-                tissue_threshold=tiling.tissue_threshold,
-                tissue=tiling.tissue,
-                mpp_override=override,
-                cache_dir=cache_dir,
-            )
+        for row in tqdm(self.rows, desc="tiling", unit="slide", leave=False):
+            slide_id = row.slide_id
+            try:
+                override = self.mpp_override(slide_id, tiling)
+                grid = patch_grid(
+                    self.paths[slide_id],
+                    mpp=tiling.mpp,
+                    patch_size=tiling.patch_size,
+                    tissue_threshold=tiling.tissue_threshold,
+                    tissue=tiling.tissue,
+                    mpp_override=override,
+                    cache_dir=cache_dir,
+                )
+            except SlideError as error:
+                if skipped is None:
+                    raise
+                skipped[slide_id] = str(error)
+                continue
             out.append(SlidePatches(slide_id, self.paths[slide_id], grid, override))
         return out
 

@@ -61,6 +61,7 @@ class FeatureBagDataModule(BagDataModule):
     ) -> None:
         super().__init__(labels, classes, splits, split_ids, num_workers)
         self.cache = FeatureCache.find(features)
+        self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
         self.slides_dir = None if slides is None else Path(slides)
         self.feature_dim: int | None = None
 

@@ -29,6 +29,7 @@ __all__ = ["FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"
 FeatureDtype = Literal["float16", "float32"]
 _ROWS_PER_CHUNK = 4096
 _MANIFEST = "manifest.json"
+_SKIPPED = "skipped"  # the manifest's record of slides without features, beside the provenance
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,24 @@ class FeatureCache:
     def write_manifest(self, provenance: dict) -> None:
         """Record (or check) what produced these features: a mismatch means two embedders share a key."""
         existing = self.manifest()
-        if existing and existing != provenance:
-            raise ValueError(f"feature cache {self.path} was written by {existing}, not by {provenance}")
+        produced_by = {k: v for k, v in existing.items() if k != _SKIPPED}
+        if produced_by and produced_by != provenance:
+            raise ValueError(f"feature cache {self.path} was written by {produced_by}, not by {provenance}")
+        self._save_manifest({**existing, **provenance})
+
+    def skipped(self) -> dict[str, str]:
+        """Slides that could not be read when this cache was written (slide id -> error; on_slide_error: skip)."""
+        return dict(self.manifest().get(_SKIPPED, {}))
+
+    def record_skipped(self, skipped: dict[str, str]) -> None:
+        """Add `skipped` to the manifest's record; slides that have features by now leave it."""
+        merged = {**self.skipped(), **skipped}
+        self._save_manifest({**self.manifest(), _SKIPPED: {k: v for k, v in sorted(merged.items()) if not self.has(k)}})
+
+    def _save_manifest(self, manifest: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".{_MANIFEST}.{os.getpid()}"
-        tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         os.replace(tmp, self.path / _MANIFEST)
 
     def read(self, slide_id: str) -> SlideFeatures:

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checks import check
-from .cohort import SlideCohort
+from .cohort import OnSlideError, SlideCohort
 from .samplers import SlideShardSampler
-from .slides import Resample, Slide, open_slide
+from .slides import Resample, Slide, SlideError, open_slide
 from .tiling import SlidePatches, TilingConfig
 
 __all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule"]
@@ -27,15 +27,22 @@ class PatchDataset(Dataset):
     """Patches of `slides` as uint8 (C, H, W) tensors with their slide id and level-0 coordinates.
 
     Holds only paths and coordinates, so it pickles cheaply into DataLoader workers; each process opens a slide the
-    first time it needs it (handles are never shared across processes). Normalisation is the embedder's job.
+    first time it needs it (handles are never shared across processes). Normalisation is the embedder's job. With
+    `skip_errors`, a patch that cannot be read (a broken tile) comes back blank with its `SlideError` message in
+    `error` (empty for every good patch), so the consumer can drop its slide and go on.
     """
 
     def __init__(
-        self, slides: Sequence[SlidePatches], resample: Resample = "bilinear", max_open_slides: int = 8
+        self,
+        slides: Sequence[SlidePatches],
+        resample: Resample = "bilinear",
+        max_open_slides: int = 8,
+        skip_errors: bool = False,
     ) -> None:
         self.slides = list(slides)
         self.resample = resample
         self.max_open_slides = max_open_slides
+        self.skip_errors = skip_errors
         counts = np.array([len(s.grid) for s in self.slides], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         self._open: OrderedDict[int, Slide] = OrderedDict()
@@ -51,9 +58,15 @@ class PatchDataset(Dataset):
         entry = self.slides[slide_idx]
         x, y = (int(v) for v in entry.grid.coords[index - self._offsets[slide_idx]])
         size = entry.grid.patch_size
-        pixels = self._slide(slide_idx).read_at_mpp((x, y), (size, size), entry.grid.mpp, self.resample)
+        item = {"slide_id": entry.slide_id, "coords": torch.tensor([x, y], dtype=torch.int32)}
+        try:
+            pixels = self._slide(slide_idx).read_at_mpp((x, y), (size, size), entry.grid.mpp, self.resample)
+        except SlideError as error:
+            if not self.skip_errors:
+                raise
+            return {**item, "image": torch.zeros(3, size, size, dtype=torch.uint8), "error": str(error)}
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return {"image": image, "slide_id": entry.slide_id, "coords": torch.tensor([x, y], dtype=torch.int32)}
+        return {**item, "image": image, **({"error": ""} if self.skip_errors else {})}
 
     def slide_ranges(self) -> list[tuple[str, int, int]]:
         """(slide id, first, end) index ranges, for samplers and writers that work slide by slide."""
@@ -90,7 +103,9 @@ class SlidePatchDataModule(pl.LightningDataModule):
     """Every tissue patch of a cohort's slides, in slide order, for `predict` (feature extraction).
 
     Grids are computed once per slide and cached in `grid_cache`. `exclude` sets the slides that need no work (the
-    feature writer passes those already in its cache), so a rerun only embeds what is missing.
+    feature writer passes those already in its cache), so a rerun only embeds what is missing. `on_slide_error`:
+    `raise` stops at a slide that cannot be read (naming it); `skip` leaves it out, and `skipped` (slide id -> error)
+    records it: here the slides that could not be tiled, the feature writer adds those with a broken tile.
     """
 
     def __init__(
@@ -101,6 +116,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
         grid_cache: str = "runs/grids",
         batch_size: int = 64,
         num_workers: int = 2,
+        on_slide_error: OnSlideError = "raise",
     ) -> None:
         super().__init__()
         self.labels = labels
@@ -109,7 +125,9 @@ class SlidePatchDataModule(pl.LightningDataModule):
         self.grid_cache = grid_cache
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.on_slide_error = on_slide_error
         self.slide_patches: list[SlidePatches] | None = None
+        self.skipped: dict[str, str] = {}
         self._excluded: set[str] = set()
 
     @functools.cached_property
@@ -123,7 +141,8 @@ class SlidePatchDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.slide_patches is None:
-            self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache)
+            skipped = self.skipped if self.on_slide_error == "skip" else None
+            self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache, skipped)
 
     def exclude(self, slide_ids: set[str]) -> None:
         self._excluded = set(slide_ids)
@@ -134,7 +153,8 @@ class SlidePatchDataModule(pl.LightningDataModule):
 
     def dataset(self) -> PatchDataset:
         self.setup()
-        return PatchDataset([s for s in self.slide_patches if s.slide_id not in self._excluded])
+        slides = [s for s in self.slide_patches if s.slide_id not in self._excluded]
+        return PatchDataset(slides, skip_errors=self.on_slide_error == "skip")
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.dataset()

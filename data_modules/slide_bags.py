@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .bag_base import BagDataModule, BagLoaders
-from .cohort import SlideCohort, SlideLabel
+from .cohort import OnSlideError, SlideCohort, SlideLabel
 from .slides import Resample, Slide, open_slide
 from .splits import SplitConfig
 from .tiling import SlidePatches, TilingConfig
@@ -106,7 +106,10 @@ class SlideBagDataset(Dataset):
 
 
 class SlideBagDataModule(BagDataModule):
-    """Slides of a cohort as lazy bags of all their tissue patches (end-to-end MIL on slides)."""
+    """Slides of a cohort as lazy bags of all their tissue patches (end-to-end MIL on slides).
+
+    `on_slide_error: skip` leaves out a slide that cannot be tiled, and the model skips a bag with a broken tile
+    (`SlideTask`), both recorded in `skipped`."""
 
     def __init__(
         self,
@@ -118,8 +121,10 @@ class SlideBagDataModule(BagDataModule):
         classes: list[str] | None = None,
         splits: SplitConfig = SplitConfig(),
         split_ids: dict[str, list[str]] | None = None,
+        on_slide_error: OnSlideError = "raise",
     ) -> None:
         super().__init__(labels, classes, splits, split_ids, num_workers=0)
+        self.on_slide_error = on_slide_error
         self.cohort = SlideCohort(self.labels_path, slides)
         self.tiling = tiling
         self.grid_cache = grid_cache
@@ -132,7 +137,9 @@ class SlideBagDataModule(BagDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._patches is None:
-            self._patches = {p.slide_id: p for p in self.cohort.patches(self.tiling, self.grid_cache)}
+            skipped: dict[str, str] | None = {} if self.on_slide_error == "skip" else None
+            self._patches = {p.slide_id: p for p in self.cohort.patches(self.tiling, self.grid_cache, skipped)}
+            self.skip(skipped or {})
         super().setup(stage)
 
     def bag_dataset(self, rows: list[SlideLabel]) -> SlideBagDataset:

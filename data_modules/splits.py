@@ -21,7 +21,7 @@ from .checks import check
 if TYPE_CHECKING:
     from .cohort import SlideLabel
 
-__all__ = ["SPLITS", "SPLITS_FILE", "SplitConfig", "hold_out", "make_splits", "save_splits"]
+__all__ = ["SPLITS", "SPLITS_FILE", "SplitConfig", "check_classes", "hold_out", "make_splits", "save_splits"]
 
 SPLITS = ("train", "val", "test")
 SPLITS_FILE = "splits.json"
@@ -55,7 +55,8 @@ def make_splits(
     """
     try:
         splits = _make_splits(list(labels), config)
-        _check_classes(splits, labels, given=all(row.split is not None for row in labels), config=config)
+        given = "the `split` column" if all(row.split is not None for row in labels) else None
+        check_classes(splits, labels, given, config)
     except ValueError as error:
         raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None
     return splits
@@ -79,18 +80,22 @@ def _make_splits(rows: list[SlideLabel], config: SplitConfig) -> dict[str, list[
     return {"train": _ids(train), "val": _ids(val), "test": _ids(test)}
 
 
-def _check_classes(splits: dict[str, list[str]], rows: Sequence[SlideLabel], given: bool, config: SplitConfig) -> None:
+def check_classes(
+    splits: dict[str, list[str]], rows: Sequence[SlideLabel], given: str | None, config: SplitConfig | None = None
+) -> None:
+    """Every split holds every class of `rows` (validation may be empty). `given` names where user-given splits came
+    from (None: computed by `config`)."""
     label = {row.slide_id: row.label for row in rows}
     classes = sorted(set(label.values()))
     for name in SPLITS:
         if not splits[name]:
             if name == "val":
                 continue  # no validation: the last epoch is used
-            raise ValueError(f"no {name} slides" + (" in the `split` column" if given else ""))
+            raise ValueError(f"no {name} slides" + (f" in {given}" if given else ""))
         present = {label[s] for s in splits[name]}
         missing = [c for c in classes if c not in present]
         if missing:
-            cause = "the `split` column gives it" if given else f"{config} gives it"
+            cause = f"{given} gives it" if given else f"{config} gives it"
             fix = "give it slides of every class" if given else "use fewer folds, a larger val_fraction or another seed"
             raise ValueError(
                 f"the {name} split has no slide of class {', '.join(map(repr, missing))} ({cause} only "

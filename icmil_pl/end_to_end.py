@@ -99,13 +99,14 @@ class EndToEndMIL(SlideTask):
         def bag_loss(h: torch.Tensor) -> torch.Tensor:
             return self.loss(self.aggregator(h), label) / cfg.bags_per_step
 
-        if cfg.chunk_size is None:
-            loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
-            (loss if scale is None else scale(loss)).backward()
-            loss = loss.detach()
-        else:
-            loss = bag_backward(self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale)
-        self.log("train/loss", loss * cfg.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
+        with self.unless_unreadable(batch):  # pass 1 reads every chunk before any backward: a skip leaves no gradient
+            if cfg.chunk_size is None:
+                loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
+                (loss if scale is None else scale(loss)).backward()
+                loss = loss.detach()
+            else:
+                loss = bag_backward(self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale)
+            self.log("train/loss", loss * cfg.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
 
         if (batch_idx + 1) % cfg.bags_per_step == 0 or self.trainer.is_last_batch:
             optimizer = self.optimizers()

@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import time
@@ -23,11 +24,13 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.cohort import SlideCohort, require_labels
 from data_modules.feature_bags import FeatureBagDataModule
+from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
 from .callbacks import EpochSeed, PhaseProgressBar, extract_features
+from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
 from .plots import iteration_figure, save_png
@@ -169,15 +172,17 @@ class ICMILLoop:
         require_labels(cohort.rows, cohort.labels_path, "ICMIL training")
         self.state.check_slides(_slide_record(cohort), cohort.labels_path)
         self.data.setup()
-        splits = self._splits()
-        written_by_rank_zero(lambda: save_splits(splits, self.run_dir.root))
         embedder = self.icmil.embedder
+        splits = None
         for i in range(self.icmil.iterations + 1):
             cache = self._phase(i, "embed", self._embed, embedder)
+            if splits is None:  # after the first extraction: slides it could not read (skip policy) are in no split
+                splits = self._splits()
+                written_by_rank_zero(functools.partial(save_splits, splits, self.run_dir.root))
             best = self._phase(i, "bag", self._bag, cache, splits)
             if i == self.icmil.iterations:
                 break
-            embedder_path = self._phase(i, "couple", self._couple, embedder, best, splits)
+            embedder_path = self._phase(i, "couple", self._couple, embedder, best, splits, cache)
             embedder = self._load_embedder(embedder_path)
         results = self._write_results()
         self._print_table(results)
@@ -224,10 +229,12 @@ class ICMILLoop:
         self._advance(trainer)
         return best, {"val": stage_metrics(val, "val"), "test": stage_metrics(test, "test")}
 
-    def _couple(self, i: int, embedder: PatchEmbedder, best_bag: str, splits: dict[str, list[str]]) -> tuple[str, None]:
+    def _couple(
+        self, i: int, embedder: PatchEmbedder, best_bag: str, splits: dict[str, list[str]], cache: str
+    ) -> tuple[str, None]:
         bag = copy.deepcopy(self.icmil.bag)
         bag.load_state_dict(torch.load(best_bag, map_location="cpu", weights_only=False)["state_dict"])
-        train_ids = set(splits["train"])
+        train_ids = set(splits["train"]) - set(FeatureCache(cache).skipped())  # unreadable slides stay out
         train = [s for s in self.data.slide_patches if s.slide_id in train_ids]
         class_index = self.data.class_index
         labels = {row.slide_id: class_index[row.label] for row in self.data.cohort.rows}
@@ -281,8 +288,20 @@ class ICMILLoop:
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+    def _skipped(self) -> dict[str, str]:
+        """Slides left out as unreadable (on_slide_error: skip) by any iteration's extraction, with why."""
+        skipped: dict[str, str] = {}
+        for i in range(self.icmil.iterations + 1):
+            key = phase_key(i, "embed")
+            if key in self.state.done:
+                skipped.update(FeatureCache(self.state.output(key)).skipped())
+        return skipped
+
     def _splits(self) -> dict[str, list[str]]:
-        return make_splits(self.data.cohort.rows, self.icmil.splits, self.data.cohort.labels_path)
+        """The run's one split, of the slides extraction could read."""
+        skipped = self._skipped()
+        rows = [row for row in self.data.cohort.rows if row.slide_id not in skipped]
+        return make_splits(rows, self.icmil.splits, self.data.cohort.labels_path)
 
     def _extract(self, embedder: PatchEmbedder, trainer_kwargs: dict[str, Any]):
         return extract_features(
@@ -331,12 +350,17 @@ class ICMILLoop:
             seconds = {p: done[phase_key(i, p)]["seconds"] for p in PHASES if phase_key(i, p) in done}
             iterations.append({"iteration": i, "checkpoint": bag["output"], **bag["metrics"], "seconds": seconds})
         figure = self.run_dir.figures_dir / "auroc_by_iteration.png"
+        skipped = self._skipped()
+        extra = {"skipped": skipped} if skipped else {}
 
         def save() -> None:
-            write_results(self.run_dir.root, iterations, model="ICMIL", coupling=type(self.icmil.coupling).__name__)
+            coupling = type(self.icmil.coupling).__name__
+            write_results(self.run_dir.root, iterations, model="ICMIL", coupling=coupling, **extra)
             save_png(iteration_figure(iterations), figure)
 
         written_by_rank_zero(save)
+        if rank_zero_only.rank == 0:
+            report_skipped(skipped)
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image(key="final/auroc_by_iteration", images=[str(figure)])
         if self.logger is not None:  # stable names for sweeps: the final iteration's metrics

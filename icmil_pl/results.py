@@ -1,7 +1,8 @@
 """`results.json` and the names final metrics are logged by: the one source for the CLI, the ICMIL loop and sweeps.
 
 `results.json` (DESIGN.md section 3): `{"iterations": [{"iteration", "checkpoint", "val", "test", "seconds"}, ...],
-"model": ...}`; a single model is iteration 0. Every fit logs its last iteration's metrics as `final/<stage>/<metric>`
+"model": ..., "skipped": {slide id: error}}` (`skipped` only where on_slide_error: skip left slides out); a single
+model is iteration 0. Every fit logs its last iteration's metrics as `final/<stage>/<metric>`
 to every logger; a sweep optimises one of those names and reads it back from results.json.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger
 
-from .callbacks.outputs import output_dir
+from .callbacks.outputs import output_dir, report_skipped
 from .metrics import METRIC_NAMES
 
 __all__ = [
@@ -87,6 +88,7 @@ def record_fit(
     val = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
     test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
     folder = output_dir(trainer)  # a collective: every process asks
+    skipped = dict(getattr(data, "skipped", {}))
     if trainer.is_global_zero:
         entry = {
             "iteration": 0,
@@ -95,7 +97,8 @@ def record_fit(
             "test": stage_metrics(test, "test"),
             "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
         }
-        path = write_results(folder, [entry], model=type(model).__name__)
+        path = write_results(folder, [entry], model=type(model).__name__, **({"skipped": skipped} if skipped else {}))
         log_final(trainer.loggers, entry, step=trainer.global_step)
+        report_skipped(skipped)
         print(f"results: {path}")
     return folder

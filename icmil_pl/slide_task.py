@@ -6,6 +6,7 @@ Subclasses say how a batch (one bag) becomes an aggregator output (`bag_output`)
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.bag_base import BagDataModule
 from data_modules.cohort import name_classes
+from data_modules.slides import SlideError
 from data_modules.splits import save_splits
 
 from .aggregators import Aggregator, MILOutput
@@ -98,20 +100,40 @@ class SlideTask(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate("val", batch)
+        with self.unless_unreadable(batch):
+            self._evaluate("val", batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        probs, _ = self._evaluate("test", batch)
-        return {"slide_id": batch["slide_id"], "label": int(batch["label"]), "probs": probs}
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        with self.unless_unreadable(batch):
+            probs, _ = self._evaluate("test", batch)
+            return {"slide_id": batch["slide_id"], "label": int(batch["label"]), "probs": probs}
+        return None
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        out = self.bag_output(batch)
+    def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        out = None
+        with self.unless_unreadable(batch):
+            out = self.bag_output(batch)
+        if out is None:
+            return None
         return {
             "slide_id": batch["slide_id"],
             "label": int(batch["label"]) if "label" in batch else None,
             "probs": out.logits.float().softmax(-1).cpu(),
             "attention": None if out.attention is None else out.attention.float().cpu(),
         }
+
+    @contextlib.contextmanager
+    def unless_unreadable(self, batch: dict):
+        """Run the body; a slide whose patches cannot be read (a broken tile) stops the run, or, where the data says
+        `on_slide_error: skip`, is recorded in the data's `skipped` and the body is left (whatever it would have
+        returned stays unset)."""
+        try:
+            yield
+        except SlideError as error:
+            data = self.trainer.datamodule if self.trainer is not None else None
+            if getattr(data, "on_slide_error", "raise") != "skip":
+                raise
+            data.skipped[batch["slide_id"]] = str(error)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; write

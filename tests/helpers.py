@@ -39,3 +39,17 @@ def write_labels(
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def break_level0_tiles(path: Path) -> None:
+    """Zero the first bytes of every level-0 tile of a TIFF slide: each fails to decode ('Not a JPEG file'), while
+    the lower levels, which tissue detection reads, stay intact."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    data = bytearray(path.read_bytes())
+    for offset, count in spans:
+        data[offset : offset + min(count, 16)] = bytes(min(count, 16))
+    path.write_bytes(bytes(data))

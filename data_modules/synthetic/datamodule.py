@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from data_modules.cohort import OnSlideError
 from data_modules.patches import SlidePatchDataModule
 from data_modules.tiling import TilingConfig
 
@@ -24,8 +25,11 @@ class SyntheticCohortDataModule(SlidePatchDataModule):
         grid_cache: str = "runs/grids",
         batch_size: int = 64,
         num_workers: int = 2,
+        on_slide_error: OnSlideError = "raise",
     ) -> None:
-        super().__init__(f"{root}/labels.csv", f"{root}/slides", tiling, grid_cache, batch_size, num_workers)
+        super().__init__(
+            f"{root}/labels.csv", f"{root}/slides", tiling, grid_cache, batch_size, num_workers, on_slide_error
+        )
         self.root, self.spec = root, cohort
 
     def prepare_data(self) -> None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from tqdm.auto import tqdm
 
 import icmil_pl
@@ -20,6 +21,7 @@ from data_modules.patches import SlidePatchDataModule
 from data_modules.tiling import TilingConfig
 
 from ..embedder import PatchEmbedder
+from .outputs import report_skipped
 
 __all__ = ["FeatureWriter", "cache_key", "extract_features"]
 
@@ -45,7 +47,12 @@ def provenance(embedder: PatchEmbedder, tiling: TilingConfig) -> dict:
 
 
 class FeatureWriter(pl.Callback):
-    """Writes each slide's features to `<cache_root>/<cache key>/<slide_id>.zarr` as its patches are embedded."""
+    """Writes each slide's features to `<cache_root>/<cache key>/<slide>.zarr` as its patches are embedded.
+
+    With the data's `on_slide_error: skip`, a slide with a patch that cannot be read is dropped whole (its writer
+    aborted, nothing half written) and recorded in `skipped` with the reader's error, as are the slides that could not
+    be tiled; the cache's manifest keeps them and the end of the run lists them.
+    """
 
     def __init__(self, cache_root: str = "runs/features", dtype: FeatureDtype = "float16") -> None:
         self.cache_root, self.dtype = Path(cache_root), dtype
@@ -56,6 +63,7 @@ class FeatureWriter(pl.Callback):
         self._sources: dict[str, str] = {}  # slide id -> SlidePatches.digest of what its features are computed from
         self._open: dict[str, SlideFeatureWriter] = {}
         self._bar: tqdm | None = None
+        self.skipped: dict[str, str] = {}  # slide id -> why it has no features
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -68,6 +76,7 @@ class FeatureWriter(pl.Callback):
         if trainer.is_global_zero:
             self.cache.write_manifest(self._provenance)
         data.setup()
+        self.skipped = dict(data.skipped)
         self._sources = {s.slide_id: s.digest() for s in data.slide_patches}
         data.exclude({slide_id for slide_id, source in self._sources.items() if self.cache.has(slide_id, source)})
         todo = data.dataset()
@@ -83,18 +92,24 @@ class FeatureWriter(pl.Callback):
         features = outputs.detach().float().cpu().numpy()
         coords = batch["coords"].cpu().numpy()
         ids = list(batch["slide_id"])
+        errors = batch.get("error")  # only with on_slide_error: skip; "" for every patch that was read
         start = 0
         while start < len(ids):  # a batch may span the end of one slide and the start of the next
             end = start
             while end < len(ids) and ids[end] == ids[start]:
                 end += 1
-            writer = self._open.get(ids[start]) or self._start(ids[start], features.shape[1])
-            writer.append(features[start:end], coords[start:end])
-            if writer.complete:
-                writer.commit()
-                del self._open[ids[start]]
-                if self._bar is not None:
-                    self._bar.update()
+            slide = ids[start]
+            failure = next((e for e in errors[start:end] if e), None) if errors is not None else None
+            if failure is not None and slide not in self.skipped:
+                self._skip(slide, failure)
+            elif slide not in self.skipped:
+                writer = self._open.get(slide) or self._start(slide, features.shape[1])
+                writer.append(features[start:end], coords[start:end])
+                if writer.complete:
+                    writer.commit()
+                    del self._open[slide]
+                    if self._bar is not None:
+                        self._bar.update()
             start = end
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -102,9 +117,25 @@ class FeatureWriter(pl.Callback):
         self._abort()
         if unfinished:
             raise RuntimeError(f"feature extraction ended with incomplete slides: {unfinished}")
+        if trainer.world_size > 1:  # each process skipped slides of its own share
+            parts: list[dict] = [{} for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(parts, self.skipped)
+            self.skipped = {k: v for part in parts for k, v in part.items()}
+        if trainer.is_global_zero:
+            self.cache.record_skipped(self.skipped)
+            print(f"features: {self.cache.path}")
+            report_skipped(self.skipped)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._abort()
+
+    def _skip(self, slide_id: str, error: str) -> None:
+        writer = self._open.pop(slide_id, None)
+        if writer is not None:
+            writer.abort()
+        self.skipped[slide_id] = error
+        if self._bar is not None:
+            self._bar.update()
 
     def _start(self, slide_id: str, dim: int) -> SlideFeatureWriter:
         attrs = {

@@ -82,7 +82,7 @@ class FigureWriter(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         coords = batch.get("coords")
-        if coords is None or len(coords) == 0:
+        if outputs is None or coords is None or len(coords) == 0:  # None: skipped as unreadable
             return
         coords = coords.cpu().numpy()
         scores, kind = self._scores(pl_module, outputs, batch)

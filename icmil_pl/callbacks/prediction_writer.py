@@ -39,10 +39,12 @@ class PredictionWriter(pl.Callback):
         self.rows = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
-        self.rows.append(outputs)
+        if outputs is not None:  # None: a slide skipped as unreadable (on_slide_error: skip)
+            self.rows.append(outputs)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch, batch_idx, dataloader_idx=0) -> None:
-        self.rows.append(outputs)
+        if outputs is not None:
+            self.rows.append(outputs)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)
