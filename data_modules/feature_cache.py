@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from typing import Literal
 import h5py
 import numpy as np
 import zarr
+from filelock import FileLock
 
 from .file_names import safe_name
 
@@ -28,6 +30,7 @@ __all__ = ["FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"
 
 FeatureDtype = Literal["float16", "float32"]
 _ROWS_PER_CHUNK = 4096
+_HOST = socket.gethostname().replace("-", "_")  # in temporaries' names, where `-` separates host and pid
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped"  # the manifest's record of slides without features, beside the provenance
 
@@ -139,16 +142,30 @@ class FeatureCache:
     def writer(self, slide_id: str, n: int, dim: int, dtype: FeatureDtype, attrs: dict) -> SlideFeatureWriter:
         return SlideFeatureWriter(self._zarr(slide_id), n, dim, dtype, attrs)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the half-written slides of extractions that died (killed, out of memory) on this host; returns
+        them. Temporaries of live processes, and of other hosts sharing the folder, are left alone."""
+        removed = []
+        for tmp in self.path.rglob(".*.zarr.tmp-*"):
+            host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
+
     def _zarr(self, slide_id: str) -> Path:
         return self.path / f"{safe_name(slide_id)}.zarr"
 
 
 class SlideFeatureWriter:
-    """Rows arrive batch by batch into a temporary group; `commit` renames it into place once all N are written."""
+    """Rows arrive batch by batch into a temporary group; `commit` renames it into place once all N are written.
+
+    The temporary is named by host and pid, so the next extraction can tell a dead writer's leftovers from a live
+    one's; `commit` holds the slide's lock, so two runs sharing a cache never interleave their renames."""
 
     def __init__(self, final: Path, n: int, dim: int, dtype: FeatureDtype, attrs: dict) -> None:
         self.final, self.n = final, n
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self.tmp = final.with_name(f".{final.name}.tmp-{_HOST}-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         group = zarr.open_group(self.tmp, mode="w", attributes=attrs)
         chunk = min(max(n, 1), _ROWS_PER_CHUNK)
@@ -179,8 +196,11 @@ class SlideFeatureWriter:
         if self.written != self.n:
             self.abort()
             raise RuntimeError(f"{self.final.stem}: wrote {self.written} of {self.n} patch features")
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(self.tmp, self.final)
+        locks = self.final.parent / ".locks"
+        locks.mkdir(exist_ok=True)
+        with FileLock(locks / f"{self.final.name}.lock"):
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -194,3 +214,13 @@ class SlideFeatureWriter:
         self.features[self.written : end] = features
         self.coords[self.written : end] = coords
         self.written, self._buffer, self._buffered = end, [], 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

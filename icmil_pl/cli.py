@@ -12,13 +12,14 @@ otherwise, and carries the resolved config under `cli` (see `icmil_pl.wandb_run`
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import yaml
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import ArgsType, LightningCLI
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 # Imported so that jsonargparse knows every class by its short name.
@@ -33,7 +34,10 @@ from icmil_pl.loop import ICMIL, ICMILLoop
 from . import wandb_run
 from .results import record_fit
 
-__all__ = ["ICMILCLI", "main"]
+__all__ = ["ICMILCLI", "LOG_ROOT", "main"]
+
+LOG_ROOT = "runs"  # where outputs and CSV logs go unless the config says otherwise (an ICMIL run: its run_dir)
+_NOTHING_LOGGED = {"config.yaml", "hparams.yaml"}  # what a version folder holds before the first metric
 
 
 class ICMILCLI(LightningCLI):
@@ -63,6 +67,8 @@ class ICMILCLI(LightningCLI):
             trainer = self.config[subcommand]["trainer"].as_dict()
             seed = self.config[subcommand].get("seed_everything")
             loop = ICMILLoop(self.model, self.datamodule, trainer, self.trainer.logger, seed=int(seed or 0))
+            if isinstance(loop.logger, CSVLogger) and Path(loop.logger.save_dir) == Path(LOG_ROOT):
+                loop.logger = CSVLogger(loop.run_dir.root, name="logs")  # nobody chose: the run keeps its own logs
             if subcommand == "fit":
                 parser = self._parser(subcommand)
                 loop.run(config=parser.dump(self.config[subcommand], skip_none=False))
@@ -71,7 +77,19 @@ class ICMILCLI(LightningCLI):
             else:
                 loop.evaluate(subcommand)
             return
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._discard_empty_log_dir()
+            raise
+
+    @rank_zero_only
+    def _discard_empty_log_dir(self) -> None:
+        """A fit that failed before it logged anything leaves no `lightning_logs/version_<k>` holding only its
+        config."""
+        folder = self.trainer.log_dir
+        if folder and Path(folder).is_dir() and {p.name for p in Path(folder).iterdir()} <= _NOTHING_LOGGED:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _config(self, subcommand: str) -> dict:
         return yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False))
@@ -100,8 +118,8 @@ def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl"},
         trainer_defaults={
-            "default_root_dir": "runs",
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "default_root_dir": LOG_ROOT,
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": LOG_ROOT}},
         },
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -164,6 +164,10 @@ class ICMILLoop:
     # -- the procedure -----------------------------------------------------------------------------------------------
     def run(self, config: str | None = None) -> dict:
         """The whole procedure; `config` (the resolved config as YAML) is saved as the run's config.yaml first."""
+        with self.run_dir.lock():
+            return self._run(config)
+
+    def _run(self, config: str | None) -> dict:
         if config is not None:
             self.run_dir.save_config(config)
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -268,6 +272,10 @@ class ICMILLoop:
         without labels (`--data.init_args.labels=new.csv --data.init_args.slides=new/`): slides missing from the final
         embedder's feature cache are embedded first. Outputs (predictions.csv) go to `<run>/final/<stage>/`.
         """
+        with self.run_dir.lock():
+            return self._evaluate(stage)
+
+    def _evaluate(self, stage: Literal["validate", "test", "predict"]) -> list:
         n, done = self.icmil.iterations, self.state.done
         if phase_key(n, "bag") not in done:
             raise ValueError(

@@ -15,14 +15,18 @@ change. Nothing else builds a run path or reads `state.json`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.splits import SPLITS_FILE
@@ -165,6 +169,33 @@ class RunDir:
 
     def final_dir(self, stage: str) -> Path:
         return self.root / "final" / stage
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for this process: a second `fit` (or `test`, `predict`) on it, started meanwhile,
+        is refused with the holder named, instead of both writing the same checkpoints and last-writer-wins
+        state.json. An OS lock: released when its process dies, so a killed run leaves no stale lock. Under DDP
+        rank 0 holds it for all ranks."""
+        if rank_zero_only.rank != 0:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock, holder = FileLock(self.root / ".lock"), self.root / ".lock.json"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            who = json.loads(holder.read_text()) if holder.is_file() else {}
+            raise ValueError(
+                f"model.init_args.run_dir: {self.root} is in use by pid {who.get('pid', '?')} on "
+                f"{who.get('host', '?')} (since {who.get('since', '?')}); wait for it to end, or give another run_dir"
+            ) from None
+        try:
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            _atomic_write(holder, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
 
     def save_config(self, text: str) -> None:
         """`config.yaml`, the resolved config (as `SaveConfigCallback` writes it for a single `fit`), so `test -c

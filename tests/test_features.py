@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -52,7 +53,7 @@ def test_cache_writes_atomically_and_reads_back(tmp_path):
     np.testing.assert_array_equal(bag.features, [[1] * 3] * 2 + [[2] * 3] * 3)
     np.testing.assert_array_equal(bag.coords, [[0, 0]] * 2 + [[1, 1]] * 3)
     assert bag.attrs["backbone"] == "x"
-    assert [p.name for p in cache.path.iterdir()] == ["s1.zarr"]
+    assert [p.name for p in cache.path.iterdir() if p.name != ".locks"] == ["s1.zarr"]
 
 
 def test_incomplete_or_nan_slides_leave_nothing(tmp_path):
@@ -209,3 +210,29 @@ def test_class_names_in_the_wrong_order_are_refused(tmp_path):
         model, datamodule=data
     )
     assert model.class_labels == ["N", "T"]
+
+
+def test_a_fit_that_fails_before_logging_leaves_no_version_folder(tmp_path, monkeypatch):
+    from icmil_pl.cli import main
+
+    rows = []
+    for i in range(12):
+        _h5(tmp_path / "feats", f"s{i}", np.full((4, 8), i % 2, np.float32))
+        rows.append((f"s{i}", ["normal", "tumour"][i % 2], f"p{i}"))
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    conf = Path(__file__).parent / "conf" / "abmil.yaml"
+    with pytest.raises(ValueError, match="class_names"):
+        main(
+            [
+                "fit",
+                "-c",
+                str(conf),
+                f"--data.init_args.labels={labels}",
+                f"--data.init_args.features={tmp_path / 'feats'}",
+                "--model.init_args.aggregator.init_args.in_dim=8",
+                "--model.init_args.class_names=[tumour,normal]",
+                f"--trainer.default_root_dir={tmp_path / 'out'}",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}",
+            ]
+        )
+    assert not list((tmp_path / "out").rglob("version_*"))

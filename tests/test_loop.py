@@ -256,3 +256,13 @@ def test_run_state_names_the_slides_that_changed(tmp_path):
     del changed["s5"]
     with pytest.raises(ValueError, match=r"^labels\.csv: s1, s2, s3 and 3 more changed since the run"):
         again.check_slides(changed, "labels.csv")
+
+
+def test_an_icmil_run_keeps_its_csv_logs_in_its_run_dir(icmil_cohort, tmp_path, monkeypatch):
+    """Without a logger save_dir the logs used to go to ./runs/lightning_logs whatever run_dir said."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in icmil_args(icmil_cohort, tmp_path, "fit", "--model.init_args.iterations=0") if "logger" not in a]
+    main(args)
+    logged = _rows(next((tmp_path / "run" / "logs").rglob("metrics.csv")))
+    assert any(r.get("final/test/auroc") for r in logged)
+    assert not (tmp_path / "runs").exists()

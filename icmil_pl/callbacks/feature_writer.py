@@ -75,6 +75,7 @@ class FeatureWriter(pl.Callback):
         self._provenance = provenance(pl_module, data.tiling)
         if trainer.is_global_zero:
             self.cache.write_manifest(self._provenance)
+            self.cache.remove_stale_temporaries()
         data.setup()
         self.skipped = dict(data.skipped)
         self._sources = {s.slide_id: s.digest() for s in data.slide_patches}
