@@ -57,6 +57,7 @@ def make_splits(
         splits = _make_splits(list(labels), config)
         given = "the `split` column" if all(row.split is not None for row in labels) else None
         check_classes(splits, labels, given, config)
+        _check_patients(splits, labels)
     except ValueError as error:
         raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None
     return splits
@@ -100,6 +101,22 @@ def check_classes(
             raise ValueError(
                 f"the {name} split has no slide of class {', '.join(map(repr, missing))} ({cause} only "
                 f"{', '.join(map(repr, sorted(present)))}): {fix}"
+            )
+
+
+def _check_patients(splits: dict[str, list[str]], rows: Sequence[SlideLabel]) -> None:
+    """No patient in two splits; computed splits never do it, a `split` column may."""
+    where: dict[str, set[str]] = {}
+    patient = {row.slide_id: row.patient_id for row in rows}
+    for name, ids in splits.items():
+        for slide_id in ids:
+            where.setdefault(patient[slide_id], set()).add(name)
+    for p, names in where.items():
+        if len(names) > 1:
+            ordered = [n for n in SPLITS if n in names]
+            raise ValueError(
+                f"patient {p!r} has slides in {' and '.join(ordered)} (the `split` column): a patient's slides share "
+                "tissue, so give them one split"
             )
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pytorch_lightning import LightningDataModule, LightningModule
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -32,11 +33,17 @@ from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder,
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run
+from .callbacks import output_dir
 from .results import record_fit
+from .slide_task import SlideTask
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
 
 LOG_ROOT = "runs"  # where outputs and CSV logs go unless the config says otherwise (an ICMIL run: its run_dir)
+_EPILOG = (
+    "Sweeps: python -m icmil_pl sweep <sweep file> --count N [--key=value ...] runs a W&B sweep file without a "
+    "server (python -m icmil_pl sweep --help)."
+)
 _NOTHING_LOGGED = {"config.yaml", "hparams.yaml"}  # what a version folder holds before the first metric
 
 
@@ -54,6 +61,13 @@ class ICMILCLI(LightningCLI):
     """
 
     results_dir: Path | None = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Without a logger a command has no folder of its own (feature extraction): it saves no config.yaml, which
+        would land in the shared `runs/` and be overwritten by the next such command."""
+        if self._get(self.config_init, "trainer", default={}).get("logger") is False:
+            self.save_config_callback = None
+        return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
         self._wandb_offline_by_default = wandb_run.default_offline(self.trainer.loggers)
@@ -82,6 +96,9 @@ class ICMILCLI(LightningCLI):
         except BaseException:
             self._discard_empty_log_dir()
             raise
+        if subcommand in ("test", "predict") and isinstance(self.model, SlideTask):
+            folder = output_dir(self.trainer)  # a collective under DDP: every process asks, rank 0 prints
+            rank_zero_only(print)(f"{subcommand}: outputs in {folder} (predictions.csv, figures/)")
 
     @rank_zero_only
     def _discard_empty_log_dir(self) -> None:
@@ -116,7 +133,7 @@ def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl"},
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl", "epilog": _EPILOG},
         trainer_defaults={
             "default_root_dir": LOG_ROOT,
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": LOG_ROOT}},

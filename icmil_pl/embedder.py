@@ -126,13 +126,21 @@ def _build_backbone(name: str, truncate_after: str | None, pretrained: bool, dro
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise ValueError(f"embedder backbone {name!r} is not a timm model name (see timm.list_models())")
     kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    if truncate_after is None:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    stages = [info["module"] for info in timm.create_model(name, pretrained=False, num_classes=0).feature_info]
-    if truncate_after not in stages:
-        raise ValueError(f"truncate_after={truncate_after!r}: {name} has stages {stages}")
-    index = stages.index(truncate_after)
-    return timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(index,), **kwargs)
+    if truncate_after is not None:
+        stages = [info["module"] for info in timm.create_model(name, pretrained=False, num_classes=0).feature_info]
+        if truncate_after not in stages:
+            raise ValueError(f"truncate_after={truncate_after!r}: {name} has stages {stages}")
+        kwargs |= {"features_only": True, "out_indices": (stages.index(truncate_after),)}
+    else:
+        kwargs["num_classes"] = 0
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as error:  # huggingface_hub's "not in the local cache" errors are OSErrors
+        raise ValueError(
+            f"embedder backbone {name!r}: pretrained weights are neither in the hub cache nor downloadable "
+            f"({type(error).__name__}); offline, give a local checkpoint as `weights: <file>`, or `pretrained: false` "
+            "for random initialisation"
+        ) from error
 
 
 def _load_weights(backbone: nn.Module, path: Path) -> None:

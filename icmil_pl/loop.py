@@ -14,6 +14,7 @@ import functools
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from data_modules.patches import SlidePatchDataModule
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
-from .callbacks import EpochSeed, PhaseProgressBar, extract_features
+from .callbacks import EpochSeed, PhaseProgressBar, ProgressLog, extract_features
 from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
@@ -268,10 +269,11 @@ class ICMILLoop:
     def evaluate(self, stage: Literal["validate", "test", "predict"]) -> list:
         """`stage` with the final embedder and bag classifier of a finished run, on this config's cohort.
 
-        validate/test use the run's splits; predict scores every slide of the labels CSV, which may be new slides
-        without labels (`--data.init_args.labels=new.csv --data.init_args.slides=new/`): slides missing from the final
-        embedder's feature cache are embedded first. Outputs (predictions.csv) go to `<run>/final/<stage>/`.
-        """
+        validate/test use the run's splits, on the run's cohort only; predict scores every slide of the labels CSV,
+        which may be new slides without labels (`--data.init_args.labels=new.csv --data.init_args.slides=new/`):
+        slides missing from the final embedder's feature cache are embedded first. Outputs (predictions.csv) go to
+        `<run>/final/<stage>/`, those of another cohort than the run's to `<run>/final/predict-<labels file stem>/`,
+        so they never overwrite the run's own."""
         with self.run_dir.lock():
             return self._evaluate(stage)
 
@@ -284,14 +286,23 @@ class ICMILLoop:
             )
         self.data.prepare_data()
         self.data.setup()
+        cohort, slides = self.data.cohort, _slide_record(self.data.cohort)
+        if stage == "predict":  # any slides, labelled or not; another cohort's outputs go beside the run's own
+            other = self.state.slides is not None and slides != self.state.slides
+            root = self.run_dir.final_dir(stage, cohort.labels_path if other else None)
+        else:  # the run's splits: only on the cohort it was trained on
+            self.state.check_slides(slides, cohort.labels_path)
+            root = self.run_dir.final_dir(stage)
         embedder = self._load_embedder(self.state.output(phase_key(n - 1, "couple"))) if n else self.icmil.embedder
-        root = self.run_dir.final_dir(stage)
-        cache = self._extract(embedder, {**self._trainer("embed", n, root), "logger": False})
-        splits = None if stage == "predict" else self._splits()  # predict scores every slide, labelled or not
+        cache = self._extract(embedder, {**self._trainer("embed", n, root, f"final/{stage}/embed"), "logger": False})
+        splits = None if stage == "predict" else self._splits()
         data = self._bag_data(str(cache.path), splits)
-        trainer = pl.Trainer(**{**self._trainer("bag", n, root), "logger": False, "default_root_dir": str(root)})
+        bag_kwargs = self._trainer("bag", n, root, f"final/{stage}")
+        trainer = pl.Trainer(**{**bag_kwargs, "logger": False, "default_root_dir": str(root)})
         bag, best = copy.deepcopy(self.icmil.bag), self.state.output(phase_key(n, "bag"))
-        out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
+        with warnings.catch_warnings():  # the bag phase's checkpoint, restored in another folder: as intended
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
         _say(f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}")
         return out
 
@@ -331,14 +342,16 @@ class ICMILLoop:
         embedder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return embedder
 
-    def _trainer(self, phase: Phase, i: int, root: os.PathLike) -> dict[str, Any]:
+    def _trainer(self, phase: Phase, i: int, root: os.PathLike, label: str | None = None) -> dict[str, Any]:
+        """Trainer settings for `phase` of iteration i; `label` names it in progress (default `iter<i>/<phase>`)."""
         kwargs = {**self.trainer_kwargs, **self.icmil.phase_trainer[phase]}
         if phase == "embed":  # every slide's features, also under fast_dev_run: the bag phase needs whole bags
             kwargs = {k: v for k, v in kwargs.items() if k not in ("fast_dev_run", "limit_predict_batches")}
         kwargs.setdefault("enable_model_summary", False)
         kwargs["callbacks"] = [EpochSeed(phase_seed(self.seed, i, phase))]
-        if kwargs.get("enable_progress_bar", True):
-            kwargs["callbacks"].append(PhaseProgressBar(phase_key(i, phase)))
+        label = label or phase_key(i, phase)
+        bar = kwargs.get("enable_progress_bar", True)
+        kwargs["callbacks"].append(PhaseProgressBar(label) if bar else ProgressLog(label))
         if self.logger is not None and phase != "embed":
             kwargs["logger"] = _PhaseLogger(self.logger, phase_key(i, phase), self._step, root)
         else:

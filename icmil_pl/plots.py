@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
@@ -23,6 +24,7 @@ __all__ = [
     "iteration_figure",
     "montage_figure",
     "percentiles",
+    "prediction_title",
     "roc_figure",
     "save_png",
     "score_map",
@@ -67,6 +69,13 @@ def percentiles(scores: np.ndarray) -> np.ndarray:
     return (rankdata(scores) - 1) / (len(scores) - 1)
 
 
+def prediction_title(slide_id: str, class_names: Sequence[str], label: int | None, probs: Sequence[float]) -> str:
+    """What a slide's figures say above it: the true class beside the call, so a miss is seen at a glance."""
+    k = int(np.argmax(probs))
+    truth = "label unknown" if label is None else f"true {class_names[label]}"
+    return f"{slide_id} ({truth}): predicted {class_names[k]}, p = {probs[k]:.2f}"
+
+
 def heatmap_figure(
     thumbnail: np.ndarray,
     downsample: float,
@@ -79,7 +88,8 @@ def heatmap_figure(
     alpha: float = 0.45,
 ) -> Figure:
     """The slide thumbnail beside the same thumbnail with the per-patch scores overlaid as percentiles in the slide,
-    a colour bar and the outline of the tiled tissue on both. `downsample` = level-0 pixels per thumbnail pixel;
+    a colour bar and the outline of the tiled tissue on both (named in a legend, since a black line on a slide could
+    be an annotation). `downsample` = level-0 pixels per thumbnail pixel;
     `patch` = patch side in level-0 pixels (inferred from the grid when None)."""
     heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), percentiles(scores))
     h, w = thumbnail.shape[:2]
@@ -88,11 +98,15 @@ def heatmap_figure(
     fig = Figure(figsize=(2 * panel[0] + 1.0, panel[1] + 0.7), dpi=100, layout="constrained")
     plain, ax = fig.subplots(1, 2)
     tiled = np.isfinite(heat).astype(np.float32)
+    outlined = 0 < tiled.mean() < 1
     for a in (plain, ax):
         a.imshow(thumbnail)
-        if 0 < tiled.mean() < 1:
+        if outlined:
             a.contour(tiled, levels=[0.5], colors="black", linewidths=0.6)
         a.set_axis_off()
+    if outlined:
+        outline = Line2D([], [], color="black", linewidth=0.6, label="tiled tissue")
+        plain.legend(handles=[outline], loc="lower left", fontsize=8, framealpha=0.8)
     image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
     fig.suptitle(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)

@@ -29,6 +29,7 @@ import yaml
 from filelock import FileLock, Timeout
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_modules.file_names import safe_name
 from data_modules.splits import SPLITS_FILE
 
 from .results import RESULTS_FILE
@@ -167,8 +168,10 @@ class RunDir:
         """E_i, the embedder of iteration i >= 1 (written by the couple phase of iteration i - 1)."""
         return self.root / f"iter{iteration}" / "embedder.pt"
 
-    def final_dir(self, stage: str) -> Path:
-        return self.root / "final" / stage
+    def final_dir(self, stage: str, cohort: os.PathLike | None = None) -> Path:
+        """Outputs of `stage` with the final model; `cohort`: the labels file of slides other than the run's, whose
+        outputs get their own folder (`predict-<file stem>`)."""
+        return self.root / "final" / (stage if cohort is None else f"{stage}-{safe_name(Path(cohort).stem)}")
 
     @contextlib.contextmanager
     def lock(self):

@@ -1,4 +1,5 @@
-"""Offline W&B sweeps: `python -m icmil_pl sweep experiments/sweeps/<x>.yaml --count N [--out DIR] [--seed S]`.
+"""Offline W&B sweeps: `python -m icmil_pl sweep experiments/sweeps/<x>.yaml --count N [--out DIR] [--seed S]
+[--key=value ...]`.
 
 `wandb sweep` needs a server and hospital clusters are often air-gapped, so this runs the same sweep file locally.
 W&B's own open-source engine (`sweeps`) proposes each trial from the trials so far (random, grid, bayes); the
@@ -6,11 +7,13 @@ W&B's own open-source engine (`sweeps`) proposes each trial from the trials so f
 under `<out>/trial-<k>/`. The metric is read back from the trial's results.json: `final/<stage>/<name>` is the last
 iteration's `<stage>` `<name>` (`icmil_pl.results.FINAL_METRICS`), the value every fit also logs under that name.
 
-    <out>/state.json   the sweep, the seed and every trial (parameters, status, metric, error), rewritten after each
+    <out>/state.json   the sweep, seed, overrides and every trial (parameters, status, metric, error), rewritten
     <out>/trials.csv   trial, status, metric, every parameter and error, best first
 
-Re-running the same command continues: finished and failed trials are kept, an unfinished (killed) one is run again
-with its parameters, and the sweep stops at `--count` trials in all, or when a grid is exhausted.
+Trailing `--key=value` overrides go to every trial after its parameters (e.g. `--trainer.max_epochs=2` for a quick
+try); they are part of the sweep's identity, like the sweep file and the seed. Re-running the same command
+continues: finished and failed trials are kept, an unfinished (killed) one is run again with its parameters, and the
+sweep stops at `--count` trials in all, or when a grid is exhausted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import random
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Literal, TypedDict, get_args
@@ -41,7 +45,17 @@ with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1
     warnings.simplefilter("ignore")
     import sweeps
 
-__all__ = ["Trial", "expand_command", "load_sweep", "main", "resolve_config", "run_sweep", "run_trial", "trial_argv"]
+__all__ = [
+    "Trial",
+    "check_overrides",
+    "expand_command",
+    "load_sweep",
+    "main",
+    "resolve_config",
+    "run_sweep",
+    "run_trial",
+    "trial_argv",
+]
 
 Method = Literal["random", "grid", "bayes"]
 Goal = Literal["maximize", "minimize"]
@@ -132,10 +146,22 @@ def expand_command(command: list, params: dict[str, Any], program: str | None = 
     return argv
 
 
-def trial_argv(sweep: dict, params: dict[str, Any]) -> list[str]:
-    """The `python -m icmil_pl` arguments of one trial (from `fit` on), as the agent would run them."""
+def trial_argv(sweep: dict, params: dict[str, Any], overrides: Sequence[str] = ()) -> list[str]:
+    """The `python -m icmil_pl` arguments of one trial (from `fit` on), as the agent would run them, then
+    `overrides`."""
     command = expand_command(sweep["command"], params, sweep.get("program"))
-    return command[_module_at(command) + 2 :]
+    return [*command[_module_at(command) + 2 :], *overrides]
+
+
+def check_overrides(overrides: Sequence[str], sweep: dict) -> list[str]:
+    """`overrides` as given, if each is `--key=value` and leaves the swept parameters to the sweep."""
+    for override in overrides:
+        key, equals, _ = override.removeprefix("--").partition("=")
+        if not override.startswith("--") or not equals or not _KEY.fullmatch(key):
+            raise ValueError(f"{override!r}: an override for every trial is written --key=value")
+        if key in sweep["parameters"]:
+            raise ValueError(f"{override}: {key} is a parameter of the sweep, which sets it per trial")
+    return list(overrides)
 
 
 def resolve_config(argv: list[str]) -> dict:
@@ -172,15 +198,24 @@ def run_trial(argv: list[str], root: Path) -> dict:
     return read_results(results)
 
 
-def run_sweep(path: str | os.PathLike, count: int, out: str | os.PathLike | None = None, seed: int = 0) -> list[Trial]:
-    """Run (or continue) the sweep in `path` up to `count` trials; returns the trials, best first."""
+def run_sweep(
+    path: str | os.PathLike,
+    count: int,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> list[Trial]:
+    """Run (or continue) the sweep in `path` up to `count` trials, each with `overrides` (`--key=value`) after its
+    parameters; returns the trials, best first."""
     sweep = load_sweep(path)
+    overrides = check_overrides(overrides, sweep)
     folder = Path(out or Path("runs/sweeps") / Path(path).stem)
     state_path = folder / "state.json"
-    identity = {"sweep": json.loads(json.dumps(sweep)), "seed": seed}
+    identity = {"sweep": json.loads(json.dumps(sweep)), "seed": seed, "overrides": overrides}
     state = json.loads(state_path.read_text()) if state_path.is_file() else {**identity, "trials": []}
+    state.setdefault("overrides", [])  # a sweep started before overrides existed had none
     if {key: state[key] for key in identity} != identity:
-        raise ValueError(f"{folder}: holds another sweep or seed (state.json); pass another --out")
+        raise ValueError(f"{folder}: holds another sweep, seed or overrides (state.json); pass another --out")
     trials: list[Trial] = state["trials"]
     names = _short_names(list(sweep["parameters"]))
     while sum(t["status"] != "running" for t in trials) < count:
@@ -198,7 +233,7 @@ def run_sweep(path: str | os.PathLike, count: int, out: str | os.PathLike | None
             + " ".join(f"{name}={_format(trial['params'].get(key))}" for key, name in names.items())
         )
         try:
-            results = run_trial(trial_argv(sweep, trial["params"]), folder / f"trial-{trial['trial']}")
+            results = run_trial(trial_argv(sweep, trial["params"], overrides), folder / f"trial-{trial['trial']}")
             stage, metric = FINAL_METRICS[sweep["metric"]["name"]]
             trial.update(status="finished", metric=float(results["iterations"][-1][stage][metric]))
         except (Exception, SystemExit) as error:  # a failed trial is a result: record it, the sweep goes on
@@ -326,16 +361,18 @@ def _print_table(trials: list[Trial], sweep: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m icmil_pl sweep ...` (see the module docstring); a bad sweep file exits with one line."""
     parser = argparse.ArgumentParser(
-        prog="python -m icmil_pl sweep", description="Run a W&B sweep file without a W&B server."
+        prog="python -m icmil_pl sweep",
+        description="Run a W&B sweep file without a W&B server.",
+        epilog="Further --key=value arguments go to every trial, e.g. --trainer.max_epochs=2.",
     )
     parser.add_argument("sweep", help="W&B sweep file, e.g. experiments/sweeps/demo.yaml")
     parser.add_argument("--count", type=int, required=True, help="trials in all, those of earlier runs included")
     parser.add_argument("--out", help="output folder (default: runs/sweeps/<sweep file name>)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the proposals (default: 0)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # no server: a WandbLogger in the command logs to disk
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the trials' argv, not sys.argv
     try:
-        run_sweep(args.sweep, args.count, args.out, args.seed)
+        run_sweep(args.sweep, args.count, args.out, args.seed, overrides)
     except ValueError as error:  # a bad sweep file or --out: one line, no traceback
         raise SystemExit(f"error: {error}") from None

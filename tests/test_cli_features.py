@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,17 @@ def _slides(cache: Path) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
-def test_second_extraction_skips_finished_slides(cohort, features):
+def test_second_extraction_skips_finished_slides(cohort, features, capsys):
     cache = next(p for p in (features / "features").iterdir() if p.is_dir())
     before = _slides(cache)
     assert len(before) == 18
-    _extract(cohort, features)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _extract(cohort, features)
+    assert not [w for w in caught if "DataLoader" in str(w.message)]  # nothing to embed is expected, not warned
+    assert f"features: {cache}" in capsys.readouterr().out  # says where they are
+    assert not (features / "config.yaml").exists()  # no logger, no folder of its own: no config.yaml in runs/
     after = _slides(cache)
     assert after.keys() == before.keys()
     for slide, (mtime, feats, coords) in before.items():  # not rewritten: same file, same arrays
@@ -84,7 +91,7 @@ def test_second_extraction_skips_finished_slides(cohort, features):
         np.testing.assert_array_equal(after[slide][2], coords)
 
 
-def test_fit_test_predict(cohort, features, tmp_path):
+def test_fit_test_predict(cohort, features, tmp_path, capsys):
     args = [
         "-c",
         str(CONF / "abmil.yaml"),
@@ -106,7 +113,9 @@ def test_fit_test_predict(cohort, features, tmp_path):
     best = entry["checkpoint"]
     assert Path(best).is_file()
     (run / "predictions.csv").unlink()
+    capsys.readouterr()
     main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
+    assert f"test: outputs in {run.parent / 'version_1'}" in capsys.readouterr().out
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_1/predictions.csv")))))
     assert len(rows) == len(splits["test"]) and {"slide_id", "label", "predicted", "prob_1"} <= set(rows[0])
     assert (run.parent / "version_1" / "figures" / "test_roc.png").is_file()

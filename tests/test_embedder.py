@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -32,6 +33,16 @@ def test_local_weights_load_and_change_the_fingerprint(tmp_path):
     assert torch.equal(loaded(images), source(images))
     with pytest.raises(ValueError, match="no such file"):
         PatchEmbedder("resnet18", truncate_after="layer1", weights=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_weights_offline_say_how_to_go_on(tmp_path, monkeypatch):
+    """The experiments ship `pretrained: true`; on a machine without internet the error names the two ways out."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever is here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pattern = r"embedder backbone 'resnet18': pretrained weights .* `weights: <file>`, or `pretrained: false`"
+    for truncate_after in (None, "layer2"):
+        with pytest.raises(ValueError, match=pattern):
+            PatchEmbedder("resnet18", truncate_after=truncate_after, pretrained=True)
 
 
 def test_frozen_batchnorm_survives_train_and_mode_restores():

@@ -1,8 +1,11 @@
 """Every config under experiments/ parses, resolves its interpolations and names only known classes and keys; every
-aggregator and coupling fragment composes with the ICMIL experiments and keeps their feature size."""
+aggregator and coupling fragment composes with the ICMIL experiments and keeps their feature size; every command the
+README shows parses as written."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,25 @@ ROOT = Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(ROOT.glob("*.yaml"))
 FRAGMENTS = sorted([*ROOT.glob("aggregators/*.yaml"), *ROOT.glob("coupling/*.yaml")])
 ICMIL_EXPERIMENTS = [ROOT / "demo.yaml", ROOT / "camelyon.yaml"]
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _readme_commands() -> list[list[str]]:
+    """The `python -m icmil_pl` commands of the README's code blocks whose configs are in the repository (those of
+    a finished run, under runs/, are left out), continuation lines joined, comments dropped, `$VARIABLE`s 0;
+    `my_cohort.yaml` is the copy of camelyon.yaml that the README tells the reader to make."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            words = shlex.split(re.sub(r"\$\w+", "0", line.partition("#")[0]))
+            if "icmil_pl" not in words:
+                continue
+            args = words[words.index("icmil_pl") + 1 :]
+            args = ["experiments/camelyon.yaml" if a == "my_cohort.yaml" else a for a in args]
+            configs = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
+            if args[0] != "sweep" and all(not c.startswith("runs/") for c in configs):
+                commands.append(args)
+    return commands
 
 
 def _print_config(capsys, subcommand: str, *configs: Path) -> dict:
@@ -42,3 +64,16 @@ def test_fragment_composes(experiment, fragment, capsys):
         assert aggregator["init_args"]["in_dim"] == base["bag"]["init_args"]["aggregator"]["init_args"]["in_dim"]
     else:
         assert merged["coupling"]["class_path"].endswith("." + wanted["coupling"]["class_path"])
+
+
+@pytest.mark.parametrize("command", _readme_commands(), ids=" ".join)
+def test_a_readme_command_parses(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+
+
+def test_help_names_the_sweep_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "python -m icmil_pl sweep" in capsys.readouterr().out

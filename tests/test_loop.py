@@ -80,10 +80,18 @@ def test_test_and_predict_use_the_final_embedder_and_bag_classifier(icmil_cohort
     new = out / "new.csv"
     new.write_text("slide_id\n" + "".join(f"{r['slide_id']}\n" for r in tested[:2]))
     main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={new}"])  # the run's saved config
-    unlabelled = _rows(run / "final" / "predict" / "predictions.csv")
+    unlabelled = _rows(run / "final" / "predict-new" / "predictions.csv")  # beside the run's own predictions
     assert [r["slide_id"] for r in unlabelled] == [r["slide_id"] for r in tested[:2]]
     assert all(r["label"] == "" and r["predicted"] in ("0", "1") for r in unlabelled)
     assert unlabelled[0]["prob_1"] == tested[0]["prob_1"]
+    assert _rows(run / "final" / "predict" / "predictions.csv") == predicted  # not overwritten
+    # test scores the run's splits: on an edited cohort it is refused, naming the slide
+    edited = out / "edited.csv"
+    rows = _rows(icmil_cohort / "labels.csv")
+    rows[0]["label"] = str(1 - int(rows[0]["label"]))
+    write_labels(edited, [list(r.values()) for r in rows], list(rows[0]))
+    with pytest.raises(ValueError, match=rf"edited\.csv: {rows[0]['slide_id']} changed since the run"):
+        main(["test", "-c", str(run / "config.yaml"), f"--data.init_args.labels={edited}"])
 
 
 def test_a_killed_couple_phase_resumes_to_the_same_results(icmil_cohort, finished, tmp_path, monkeypatch):

@@ -67,6 +67,21 @@ def test_a_given_split_without_every_class_is_refused(tmp_path, splits, message)
         make_splits(read_labels(path), path=path)
 
 
+@pytest.mark.parametrize("second", ["train", ""], ids=["every split given", "only test marked"])
+def test_a_patient_in_two_given_splits_is_refused(tmp_path, second):
+    """Slides of one patient share tissue: a `split` column that puts them apart leaks the test set."""
+    header = ("slide_id", "label", "patient_id", "split")
+    rows = [(f"s{i}", str(i % 2), f"p{i}", ("train", "train", "val", "val", "test", "test")[i]) for i in range(6)]
+    rows += [("s6", "0", "p4", second), ("s7", "1", "p7", second)]
+    if not second:  # only the test slides marked: the rest are carved into train and val
+        rows = [(*r[:3], "test" if r[3] == "test" else "") for r in rows] + [
+            (f"t{i}", str(i % 2), f"q{i}", "") for i in range(8)
+        ]
+    path = write_labels(tmp_path / "l.csv", rows, header)
+    with pytest.raises(ValueError, match=rf"^{path}: patient 'p4' has slides in (train|val) and test \(the `split`"):
+        make_splits(read_labels(path), SplitConfig(val_fraction=0.25), path=path)
+
+
 def test_computed_splits_without_every_class_are_refused(tmp_path):
     rows = read_labels(write_labels(tmp_path / "l.csv", [(f"s{i}", "1" if i < 2 else "0", f"p{i}") for i in range(8)]))
     with pytest.raises(ValueError, match=r"the (train|val|test) split has no slide of class '1' .*another seed"):

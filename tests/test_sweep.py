@@ -220,9 +220,33 @@ def test_offline_sweep_ranks_its_trials(method, tmp_path, monkeypatch):
     if method == "grid":  # exhausted: asking for more runs nothing
         assert len(run_sweep(path, 5, out)) == 3 and len(calls) == 3
         assert {float(r[LR]) for r in rows} == {1e-2, 1e-3, 1e-4}
-        with pytest.raises(ValueError, match="holds another sweep or seed"):
+        with pytest.raises(ValueError, match="holds another sweep, seed or overrides"):
             run_sweep(path, 3, out, seed=1)
     assert sorted(calls) == ["trial-1", "trial-2", "trial-3"]
+
+
+def test_overrides_reach_every_trial_and_belong_to_the_sweep(tmp_path, monkeypatch):
+    path, out = _digits_sweep(tmp_path, "grid", {LR: {"values": [1e-2, 1e-3]}}), tmp_path / "out"
+    seen = []
+
+    def run_trial(argv, root):
+        seen.append(argv)
+        return {"iterations": [{"val": {"auroc": 0.5}, "test": {"auroc": 0.5}}]}
+
+    monkeypatch.setattr(sweep_module, "run_trial", run_trial)
+    sweep_module.main([str(path), "--count", "2", "--out", str(out), "--trainer.max_epochs=1"])
+    assert len(seen) == 2 and all(argv[-1] == "--trainer.max_epochs=1" for argv in seen)
+    assert {argv[-2] for argv in seen} == {f"--{LR}=0.01", f"--{LR}=0.001"}  # the trial's own parameter before
+    with pytest.raises(ValueError, match="holds another sweep, seed or overrides"):
+        run_sweep(path, 2, out)  # the same sweep without the override is another experiment
+    for bad, why in [
+        ("trainer.max_epochs=1", "is written --key=value"),
+        ("--trainer.max_epochs", "is written --key=value"),
+        (f"--{LR}=0.1", f"{LR} is a parameter of the sweep"),
+    ]:
+        with pytest.raises(SystemExit, match=why):
+            sweep_module.main([str(path), "--count", "2", "--out", str(tmp_path / "other"), bad])
+    assert not (tmp_path / "other").exists()
 
 
 class _Killed(BaseException):

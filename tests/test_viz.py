@@ -35,6 +35,7 @@ from icmil_pl.plots import (
     iteration_figure,
     montage_figure,
     percentiles,
+    prediction_title,
     roc_figure,
     save_png,
     score_map,
@@ -139,11 +140,19 @@ def test_heatmap_shows_the_thumbnail_beside_the_score_percentiles():
     np.testing.assert_allclose(heat.filled(np.nan), expected)  # lowest score 0, highest 1, ties alike
     for a in (plain, ax):
         assert any(isinstance(c, ContourSet) for c in a.collections)  # the outline of the tiled area on both
+    assert [t.get_text() for t in plain.get_legend().get_texts()] == ["tiled tissue"]  # and what the line is
 
     flat = heatmap_figure(thumbnail, 4.0, coords, np.ones(6), "flat").axes[1].images[1].get_array()
     np.testing.assert_allclose(flat.compressed(), 0.5)  # no contrast: mid colour, not a division by zero
     full = heatmap_figure(thumbnail[:8, :16], 4.0, _grid(2, 1, 32), np.array([1.0, 2.0]), "all tiled")
     assert not any(isinstance(c, ContourSet) for a in full.axes for c in a.collections)  # nothing untiled to outline
+    assert full.axes[0].get_legend() is None
+
+
+def test_a_slide_title_names_the_true_class_beside_the_call():
+    names = ["normal", "tumour"]
+    assert prediction_title("s1", names, 0, [0.22, 0.78]) == "s1 (true normal): predicted tumour, p = 0.78"
+    assert prediction_title("s2", names, None, [0.9, 0.1]) == "s2 (label unknown): predicted normal, p = 0.90"
 
 
 def test_montage_shows_top_and_bottom_patches_with_their_scores():

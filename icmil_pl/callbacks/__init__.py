@@ -1,11 +1,11 @@
 """Lightning callbacks, one job each: feature extraction into the cache, predictions.csv, figures, phase-labelled
-progress bars, epoch seeds; and `output_dir`, where a Trainer's outputs go."""
+progress bars and lines, epoch seeds; and `output_dir`, where a Trainer's outputs go."""
 
 from .epoch_seed import EpochSeed
 from .feature_writer import FeatureWriter, extract_features
 from .figure_writer import FigureWriter, resolve_figures
 from .outputs import output_dir
-from .phase_progress import PhaseProgressBar
+from .phase_progress import PhaseProgressBar, ProgressLog
 from .prediction_writer import PredictionWriter
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "FigureWriter",
     "PhaseProgressBar",
     "PredictionWriter",
+    "ProgressLog",
     "extract_features",
     "output_dir",
     "resolve_figures",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -64,6 +65,7 @@ class FeatureWriter(pl.Callback):
         self._open: dict[str, SlideFeatureWriter] = {}
         self._bar: tqdm | None = None
         self.skipped: dict[str, str] = {}  # slide id -> why it has no features
+        self._warning_filters: list | None = None  # the filters to restore after a run with nothing to embed
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -83,6 +85,15 @@ class FeatureWriter(pl.Callback):
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
         self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
+        if not self._sizes:  # a complete cache: Lightning runs no predict loop, and its warning is expected
+            self._warning_filters = warnings.filters[:]
+            warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero")
+            self._report(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._warning_filters is not None:
+            warnings.filters[:] = self._warning_filters
+            self._warning_filters = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = getattr(trainer.predict_dataloaders, "sampler", None)  # under DDP: this process's share
@@ -122,6 +133,9 @@ class FeatureWriter(pl.Callback):
             parts: list[dict] = [{} for _ in range(trainer.world_size)]
             torch.distributed.all_gather_object(parts, self.skipped)
             self.skipped = {k: v for part in parts for k, v in part.items()}
+        self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             self.cache.record_skipped(self.skipped)
             print(f"features: {self.cache.path}")

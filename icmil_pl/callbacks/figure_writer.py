@@ -24,7 +24,15 @@ from data_modules.cohort import find_slide
 from data_modules.file_names import safe_name
 from data_modules.slides import open_slide
 
-from ..plots import confusion_figure, grid_step, heatmap_figure, montage_figure, roc_figure, save_png
+from ..plots import (
+    confusion_figure,
+    grid_step,
+    heatmap_figure,
+    montage_figure,
+    prediction_title,
+    roc_figure,
+    save_png,
+)
 from .outputs import output_dir
 from .prediction_writer import PredictionWriter
 
@@ -97,10 +105,7 @@ class FigureWriter(pl.Callback):
         path = self._slide_path(trainer, slide_id)
         if path is None:
             return
-        names = pl_module.class_labels
-        probs = outputs["probs"]
-        k = int(probs.argmax())
-        title = f"{slide_id}: {names[k]} (p = {float(probs[k]):.2f})"
+        title = prediction_title(slide_id, pl_module.class_labels, outputs["label"], outputs["probs"].tolist())
         side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
         with open_slide(path) as slide:
             w0, h0 = slide.dimensions
