@@ -27,7 +27,7 @@ test: lint
 test-all: install
 	$(PY) -m pytest -q -m ''
 
-# ICMIL, 2 iterations, on a synthetic cohort written under data/demo on first use (5-10 minutes on 2 CPU cores).
+# ICMIL, 2 iterations, on a synthetic cohort written under data/demo on first use (4-10 minutes on 2 CPU cores).
 demo: install
 	$(PY) -m icmil_pl fit -c experiments/demo.yaml
 
