@@ -297,7 +297,8 @@ def _train(root: Path) -> types.SimpleNamespace:
     with labels.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["slide_id", "label", "patient_id", "split"])
-        writer.writerows([r["slide_id"], r["label"], r["patient_id"], split.get(r["slide_id"], "train")] for r in rows)
+        # one patient per slide: the generated patients span slides, and a given split may not part a patient
+        writer.writerows([r["slide_id"], r["label"], r["slide_id"], split.get(r["slide_id"], "train")] for r in rows)
     predict = root / "predict.csv"  # the held-out slides, unlabelled, as new slides come to a trained model
     predict.write_text(f"slide_id\n{tumour[0]}\n{normal[0]}\n")
 
