@@ -74,10 +74,11 @@ def _make_splits(rows: list[SlideLabel], config: SplitConfig) -> dict[str, list[
         rest = [row for row in rows if row.split != "test"]
     else:
         what = f"the test folds (splits.folds={config.folds})"
-        rest, test = _grouped_split(rows, config.folds, config.fold, config.seed, what)
+        rest, test = _grouped_split(rows, config.folds, config.fold, config.seed, what, "use fewer folds")
     n_val = max(1, round(1 / config.val_fraction)) if config.val_fraction > 0 else 0
     what = f"the validation carve-out (splits.val_fraction={config.val_fraction}: 1 fold in {n_val} of the rest)"
-    train, val = _grouped_split(rest, n_val, 0, config.seed + 1, what) if n_val > 1 else (rest, [])
+    fix = "use a larger val_fraction, or 0 for no validation"
+    train, val = _grouped_split(rest, n_val, 0, config.seed + 1, what, fix) if n_val > 1 else (rest, [])
     return {"train": _ids(train), "val": _ids(val), "test": _ids(test)}
 
 
@@ -145,18 +146,23 @@ def hold_out(
     return [s for i, s in enumerate(slide_ids) if i not in val], [s for i, s in enumerate(slide_ids) if i in val]
 
 
-def _grouped_split(rows: list[SlideLabel], n_splits: int, index: int, seed: int, what: str) -> tuple[list, list]:
-    """(rest, held-out): fold `index` of a stratified, patient-grouped `n_splits`-fold split, for `what`."""
+def _grouped_split(
+    rows: list[SlideLabel], n_splits: int, index: int, seed: int, what: str, fix: str
+) -> tuple[list, list]:
+    """(rest, held-out): fold `index` of a stratified, patient-grouped `n_splits`-fold split, for `what`; errors end
+    with `fix`, what to change."""
     labels = np.array([row.label for row in rows])
     groups = np.array([row.patient_id for row in rows])
     n_groups = len(set(groups))
     if n_groups < n_splits:
-        raise ValueError(f"{what} needs {n_splits} folds, but there are {n_groups} patients; use fewer folds")
+        raise ValueError(f"{what} needs {n_splits} folds, but there are {n_groups} patients; {fix}")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     try:
         rest_idx, held_idx = list(splitter.split(np.zeros(len(rows)), labels, groups))[index]
     except ValueError as exc:
-        raise ValueError(f"{what}: cannot split {len(rows)} slides into {n_splits} stratified folds ({exc})") from None
+        raise ValueError(
+            f"{what}: cannot split {len(rows)} slides into {n_splits} stratified folds ({exc}); {fix}"
+        ) from None
     return [rows[i] for i in rest_idx], [rows[i] for i in held_idx]
 
 

@@ -113,6 +113,12 @@ def test_too_few_patients_for_the_folds(tmp_path):
     )
     with pytest.raises(ValueError, match=r"the test folds \(splits.folds=3\) needs 3 folds, but there are 2 patients"):
         make_splits(rows, SplitConfig(folds=3))
+    # abmil_features.yaml's 5 folds and val_fraction 0.1 on a small cohort: it is the validation carve-out that cannot
+    # be cut, and the message says so and what to change
+    rows = read_labels(write_labels(tmp_path / "m.csv", [(f"s{i}", str(i % 2), f"p{i}") for i in range(12)]))
+    pattern = r"^the validation carve-out \(splits.val_fraction=0.1: 1 fold in 10 of the rest\) .*; use a larger val"
+    with pytest.raises(ValueError, match=pattern):
+        make_splits(rows, SplitConfig(folds=5, val_fraction=0.1))
 
 
 def test_hold_out_is_stratified_seeded_and_keeps_the_order():
