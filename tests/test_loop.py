@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,27 @@ def test_two_iterations_write_every_output(finished):
     assert float(final["final/test/auroc"]) == pytest.approx(results["iterations"][-1]["test"]["auroc"])
     assert {"iter0/bag/val/auroc", "iter1/bag/test/auroc", "iter0/couple/train/loss"} <= set(logged[0])
     assert (run / "figures" / "auroc_by_iteration.png").is_file()
+
+
+BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+def test_a_rerun_beside_a_cpu_bound_process_gives_the_same_results_to_the_last_digit(icmil_cohort, finished, tmp_path):
+    """Reproducibility on one machine: the thread scheduling a busy CPU changes must not reach a single metric."""
+    busy = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        again = _run(icmil_cohort, tmp_path)
+    finally:
+        busy.kill()
+        busy.wait()
+
+    def metrics(results: dict) -> list:
+        return [({k: v for k, v in it.items() if k not in ("seconds", "checkpoint")}) for it in results["iterations"]]
+
+    assert metrics(again) == metrics(finished[1])
+    assert [Path(it["checkpoint"]).name for it in again["iterations"]] == [
+        Path(it["checkpoint"]).name for it in finished[1]["iterations"]
+    ]
 
 
 def test_test_and_predict_use_the_final_embedder_and_bag_classifier(icmil_cohort, finished):
