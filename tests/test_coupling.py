@@ -70,12 +70,32 @@ def test_distillation_loss_equals_hand_computation():
 
 
 def test_confidence_weights():
-    attention = torch.tensor([0.1, 0.2, 0.3])  # a = [0, 0.5, 1]
-    torch.testing.assert_close(confidence_weights(attention, 2.0), torch.tensor([1.0, 0.0, 1.0]))
-    attention = torch.tensor([0.1, 0.15, 0.3, 0.25])  # a = [0, 0.25, 1, 0.75] -> |2a - 1| = [1, 0.5, 1, 0.5]
-    torch.testing.assert_close(confidence_weights(attention, 6.0), torch.tensor([1.0, 0.5**6, 1.0, 0.5**6]))
-    torch.testing.assert_close(confidence_weights(attention, None), torch.ones(4))
+    scores = torch.tensor([-1.0, 0.5, 2.0])  # a = [0, 0.5, 1]
+    torch.testing.assert_close(confidence_weights(scores, 2.0), torch.tensor([1.0, 0.0, 1.0]))
+    scores = torch.tensor([0.0, 1.0, 4.0, 3.0])  # a = [0, 0.25, 1, 0.75] -> |2a - 1| = [1, 0.5, 1, 0.5]
+    torch.testing.assert_close(confidence_weights(scores, 6.0), torch.tensor([1.0, 0.5**6, 1.0, 0.5**6]))
+    torch.testing.assert_close(confidence_weights(scores, None), torch.ones(4))
     torch.testing.assert_close(confidence_weights(torch.full((3,), 1 / 3), 6.0), torch.ones(3))  # no information
+
+
+def test_confidence_weights_come_from_the_raw_attention_scores():
+    """TMI ICMIL min-maxes the teacher's scores before the softmax (ABMIL isNorm=False); the softmax is not a
+    rescaling, so weights of softmaxed attention differ, and are near 1 for most patches."""
+    torch.manual_seed(0)
+    head = ABMIL(8, hidden_dim=16, attention_dim=4)
+    h = torch.randn(100, 8)
+    scores = head.attention_scores(h)
+    assert scores.shape == (100,)
+    torch.testing.assert_close(torch.softmax(scores, 0), head(h).attention)  # the scores the bag's softmax takes
+    a = (scores - scores.min()) / (scores.max() - scores.min())  # the hand computation, beta 6
+    torch.testing.assert_close(confidence_weights(scores, 6.0), (2 * a - 1).abs() ** 6)
+    softmaxed = confidence_weights(head(h).attention, 6.0)
+    assert not torch.allclose(softmaxed, confidence_weights(scores, 6.0))
+    _, bag = _models(ABMIL(8, hidden_dim=16, attention_dim=4))
+    standardized = StandardizedHead(bag, frozen=True)  # the teacher: standardisation folded in
+    expected = bag.aggregator.attention_scores((h - bag.feature_mean) / bag.feature_std)
+    torch.testing.assert_close(standardized.attention_scores(h), expected)
+    assert DSMIL(8).attention_scores(h) is None
 
 
 def test_flip_resized_crop():
@@ -280,3 +300,6 @@ def test_bad_configuration(cohort, tmp_path):
         )
     with pytest.raises(ValueError, match="^train: expected at least one training slide"):
         Distillation().fit(embedder, bag, [], trainer_kwargs={}, root=tmp_path, seed=0)
+    embedder, bag = _models(DSMIL(64, query_dim=16))
+    with pytest.raises(ValueError, match=r"^confidence_beta: needs an aggregator with raw attention scores"):
+        Distillation(confidence_beta=6.0).fit(embedder, bag, slides[:1], trainer_kwargs={}, root=tmp_path, seed=0)

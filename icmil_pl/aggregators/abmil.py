@@ -42,6 +42,9 @@ class ABMIL(Aggregator):
     def _instance_logits(self, h: Tensor) -> Tensor:
         return self.classifier(self.embed(h))
 
+    def _attention_scores(self, h: Tensor) -> Tensor:
+        return self.attention(self.embed(h))
+
 
 _CLAM_ATTENTION_DIM = {"small": 256, "big": 384}
 

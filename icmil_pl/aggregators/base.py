@@ -44,6 +44,15 @@ class Aggregator(nn.Module, ABC):
         """
         return self._instance_logits(self._check_bag(h))
 
+    def attention_scores(self, h: Tensor) -> Tensor | None:
+        """(N,): each instance's raw attention score, before the bag's softmax (ABMIL with `isNorm=False` in the ICMIL
+        authors' code), or None for heads without one. ICMIL's TMI confidence weights are computed from these: the
+        softmax over a bag is not a rescaling, and min-max of softmaxed scores weighs nearly every patch 1."""
+        return self._attention_scores(self._check_bag(h))
+
+    def _attention_scores(self, h: Tensor) -> Tensor | None:
+        return None
+
     @abstractmethod
     def _forward(self, h: Tensor) -> MILOutput: ...
 

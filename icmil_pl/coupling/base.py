@@ -104,6 +104,9 @@ class StandardizedHead(Aggregator):
     def _instance_logits(self, h: Tensor) -> Tensor:
         return self.head.instance_logits(self.normalize(h))
 
+    def _attention_scores(self, h: Tensor) -> Tensor | None:
+        return self.head.attention_scores(self.normalize(h))
+
     def reduced_features(self, h: Tensor) -> Tensor | None:
         """`reduced_features` of the head, standardisation included."""
         return reduced_features(self.head, self.normalize(self._check_bag(h)))

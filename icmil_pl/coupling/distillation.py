@@ -80,19 +80,20 @@ def distillation_loss(
     return DistillationLoss(instance + head_weight * head + feature_weight * feature, instance, head, feature)
 
 
-def confidence_weights(attention: Tensor, beta: float | None) -> Tensor:
-    """|2a - 1|^beta with a = `attention` min-max normalised over the batch (TMI ICMIL's confidence weighting).
+def confidence_weights(scores: Tensor, beta: float | None) -> Tensor:
+    """|2a - 1|^beta with a = the teacher's raw attention `scores` min-max normalised over the batch (TMI ICMIL's
+    confidence weighting; `Aggregator.attention_scores`, before any softmax).
 
-    Patches the teacher attends to least or most count fully; middling ones, whose pseudo-labels are least
-    trustworthy, fade out. beta None, or attention that is equal on every patch, weighs every patch 1.
+    Patches the teacher scores lowest or highest count fully; middling ones, whose pseudo-labels are least
+    trustworthy, fade out. beta None, or scores equal on every patch, weigh every patch 1.
     """
-    attention = attention.detach().float()
+    scores = scores.detach().float()
     if beta is None:
-        return torch.ones_like(attention)
-    span = attention.max() - attention.min()
+        return torch.ones_like(scores)
+    span = scores.max() - scores.min()
     if span <= 0:
-        return torch.ones_like(attention)
-    a = (attention - attention.min()) / span
+        return torch.ones_like(scores)
+    a = (scores - scores.min()) / span
     return (2 * a - 1).abs().pow(beta)
 
 
@@ -136,7 +137,8 @@ class DistillationModule(pl.LightningModule):
             t_hidden = self.teacher_head.reduced_features(t_features) if self.cfg.feature_weight else None
             weights = None
             if self.cfg.confidence_beta is not None:
-                weights = confidence_weights(self.teacher_head(t_features).attention, self.cfg.confidence_beta)
+                scores = self.teacher_head.attention_scores(t_features)
+                weights = confidence_weights(scores, self.cfg.confidence_beta)
         s_features = self.student(random_flip_resized_crop(images, self.cfg.crop_scale))
         loss = distillation_loss(
             t_logits,
@@ -176,10 +178,10 @@ class Distillation(CouplingStrategy):
 
     Teacher: frozen E_i + the frozen bag head applied per instance (`BagClassifier.instance_logits`, standardisation
     included), on clean patches. Student: trainable copies of E_i and of the head, on augmented patches (random
-    flips, random resized crop with `crop_scale`). Loss: `distillation_loss`. With `confidence_beta` (6 for ABMIL,
-    2 for DTFD-MIL in the paper) the first term is weighted by `confidence_weights` of the teacher's attention, taken
-    by running the bag head on the batch as if it were a bag (the paper weighs by slide attention; a batch of random
-    patches from many slides is what is at hand per step, and min-max normalisation makes the scale irrelevant).
+    flips, random resized crop with `crop_scale`). Loss: `distillation_loss`. With `confidence_beta` (6 for ABMIL in
+    the TMI paper) the first term is weighted by `confidence_weights` of the teacher's raw attention scores of the
+    batch's patches, min-max normalised within the batch, as the authors' code does. Heads without raw scores
+    (DTFD-MIL, whose "dual" weights are not built yet, TransMIL, DSMIL) refuse `confidence_beta`.
 
     Only training-split slides are used. `val_fraction` of their patches (fixed, seeded) is held out; when
     `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
@@ -277,7 +279,8 @@ class Distillation(CouplingStrategy):
                     "the feature term (feature_weight) is 0",
                     stacklevel=3,
                 )
-            if self.confidence_beta is not None and head(probe).attention is None:
+            if self.confidence_beta is not None and head.attention_scores(probe) is None:
                 raise ValueError(
-                    f"confidence_beta: needs an aggregator with attention, {type(head.head).__name__} gives none"
+                    f"confidence_beta: needs an aggregator with raw attention scores (ABMIL, CLAMSB); "
+                    f"{type(head.head).__name__} gives none"
                 )
