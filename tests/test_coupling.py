@@ -26,6 +26,7 @@ from icmil_pl.coupling import (
     distillation_loss,
     reduced_features,
 )
+from icmil_pl.coupling.distillation import DistillationModule
 from icmil_pl.embedder import PatchEmbedder
 
 # ---------------------------------------------------------------------------------------------------- pure functions
@@ -67,6 +68,38 @@ def test_distillation_loss_equals_hand_computation():
     assert weighted.total.item() == pytest.approx(0.27082455, rel=1e-5)  # (k1 . [1, 0.25]) / 2 + the same others
     no_features = distillation_loss(t, s, u, head_weight=2.0)
     assert no_features.total.item() == pytest.approx(k1.mean() + 2.0 * k2.mean(), rel=1e-5)
+
+
+def test_the_authors_reduction_is_the_mean_over_every_element():
+    """KLDivLoss(reduction="none")(...).mean(), as the authors' code: the logit terms over B x C elements, the feature
+    term over B x D."""
+    k1, k2, k3 = _kl(_softmax(T), _softmax(S)), _kl(_softmax(T), _softmax(U)), _kl(_softmax(ZT), _softmax(ZS))
+    t, s, u, zt, zs = (torch.tensor(x, dtype=torch.float32) for x in (T, S, U, ZT, ZS))
+    loss = distillation_loss(t, s, u, zt, zs, reduction="mean", weights=torch.tensor([1.0, 0.25]))
+    assert loss.instance.item() == pytest.approx((k1 * [1.0, 0.25]).sum() / (2 * 2), rel=1e-5)
+    assert loss.head.item() == pytest.approx(k2.sum() / (2 * 2), rel=1e-5)
+    assert loss.feature.item() == pytest.approx(k3.sum() / (2 * 3), rel=1e-5)
+    assert loss.total.item() == pytest.approx(loss.instance.item() + 0.5 * (loss.head + loss.feature).item(), rel=1e-6)
+    elementwise = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").mean()
+    assert loss.feature.item() == pytest.approx(elementwise.item(), rel=1e-6)  # what the authors' code computes
+
+
+@pytest.mark.parametrize("feature_input, reaches", [("teacher", False), ("student", True)])
+def test_the_feature_term_reaches_the_embedder_only_on_student_features(feature_input, reaches):
+    """The authors' feature term reduces the teacher's features with the student head: it trains the head, never the
+    embedder. Ours reduces the student's augmented features, so it trains the embedder too."""
+    embedder, bag = _models()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+
+    def embedder_grad(feature_weight: float) -> torch.Tensor:
+        cfg = Distillation(head_weight=0.0, feature_weight=feature_weight, feature_input=feature_input)
+        module = DistillationModule(embedder, bag, cfg, seed=0)
+        torch.manual_seed(1)  # the same augmented view in both calls
+        with pytest.warns(UserWarning, match="self.log"):  # no Trainer here: nothing is logged
+            module.training_step({"image": images}, 0).backward()
+        return torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None])
+
+    assert torch.equal(embedder_grad(0.5), embedder_grad(0.0)) is not reaches
 
 
 def test_confidence_weights():
@@ -272,6 +305,8 @@ def test_bad_configuration(cohort, tmp_path):
         ({"crop_scale": (0.0, 1.0)}, "crop_scale"),
         ({"crop_scale": (0.8, 0.5)}, "crop_scale"),
         ({"max_epochs": 0}, "max_epochs"),
+        ({"reduction": "sum"}, "reduction"),
+        ({"feature_input": "both"}, "feature_input"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}: expected"):
             Distillation(**kwargs)

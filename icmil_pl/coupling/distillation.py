@@ -8,7 +8,7 @@ import copy
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -25,14 +25,25 @@ from ..bag_classifier import BagClassifier
 from ..embedder import PatchEmbedder
 from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
 
-__all__ = ["Distillation", "DistillationLoss", "DistillationModule", "confidence_weights", "distillation_loss"]
+__all__ = [
+    "Distillation",
+    "DistillationLoss",
+    "DistillationModule",
+    "FeatureInput",
+    "Reduction",
+    "confidence_weights",
+    "distillation_loss",
+]
+
+Reduction = Literal["batchmean", "mean"]  # per patch (ours), or per element as the authors' code (see the loss)
+FeatureInput = Literal["student", "teacher"]  # whose features the student head reduces in the feature term
 
 
 class DistillationLoss(NamedTuple):
     total: Tensor
     instance: Tensor  # KL(teacher || student on augmented patches), confidence-weighted
     head: Tensor  # KL(teacher || student head on the teacher's features)
-    feature: Tensor  # KL between the softmax of reduced features
+    feature: Tensor  # KL between the softmax of teacher and student reduced features
 
 
 def _kl_rows(target_logits: Tensor, logits: Tensor) -> Tensor:
@@ -52,6 +63,7 @@ def distillation_loss(
     head_weight: float = 0.5,
     feature_weight: float = 0.5,
     weights: Tensor | None = None,
+    reduction: Reduction = "batchmean",
 ) -> DistillationLoss:
     """ICMIL's teacher-student loss on a batch of B patches.
 
@@ -63,20 +75,28 @@ def distillation_loss(
 
     t = teacher instance logits (clean patches), s = student head on student features (augmented patches), u =
     student head on the teacher's features, zt / zs = teacher / student reduced features (softmax over feature
-    dimensions). Each term is `F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True,
-    reduction="batchmean")`; `weights` w (default 1) only scale the first term's rows. Without reduced features the
-    third term is 0.
+    dimensions; which features the student reduces is the caller's `FeatureInput`). `weights` w (default 1) only
+    scale the first term's rows. Without reduced features the third term is 0.
+
+    `reduction="batchmean"` (ours) is `F.kl_div(..., reduction="batchmean")`, the KL per patch, as written above.
+    `"mean"` is the authors' code, `KLDivLoss(reduction="none")(...).mean()`: the mean over every element, which
+    divides the two logit terms by the number of classes C and the feature term by the feature width D, so the
+    feature term weighs C/D of what it weighs under batchmean.
     """
     b = teacher_logits.shape[0]
+
+    def per(logits: Tensor) -> int:
+        return b if reduction == "batchmean" else b * logits.shape[-1]
+
     instance_kl = _kl_rows(teacher_logits, student_logits)
     if weights is not None:
         instance_kl = instance_kl * weights.to(instance_kl.dtype)
-    instance = instance_kl.sum() / b
-    head = _kl_rows(teacher_logits, student_head_on_teacher_logits).sum() / b
+    instance = instance_kl.sum() / per(teacher_logits)
+    head = _kl_rows(teacher_logits, student_head_on_teacher_logits).sum() / per(teacher_logits)
     if teacher_hidden is None or student_hidden is None:
         feature = instance.new_zeros(())
     else:
-        feature = _kl_rows(teacher_hidden, student_hidden).sum() / b
+        feature = _kl_rows(teacher_hidden, student_hidden).sum() / per(teacher_hidden)
     return DistillationLoss(instance + head_weight * head + feature_weight * feature, instance, head, feature)
 
 
@@ -140,15 +160,17 @@ class DistillationModule(pl.LightningModule):
                 scores = self.teacher_head.attention_scores(t_features)
                 weights = confidence_weights(scores, self.cfg.confidence_beta)
         s_features = self.student(random_flip_resized_crop(images, self.cfg.crop_scale))
+        reduced = s_features if self.cfg.feature_input == "student" else t_features
         loss = distillation_loss(
             t_logits,
             self.student_head.instance_logits(s_features),
             self.student_head.instance_logits(t_features),
             t_hidden,
-            self.student_head.reduced_features(s_features) if t_hidden is not None else None,
+            self.student_head.reduced_features(reduced) if t_hidden is not None else None,
             head_weight=self.cfg.head_weight,
             feature_weight=self.cfg.feature_weight,
             weights=weights,
+            reduction=self.cfg.reduction,
         )
         n = images.shape[0]
         self.log("train/loss", loss.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
@@ -178,10 +200,14 @@ class Distillation(CouplingStrategy):
 
     Teacher: frozen E_i + the frozen bag head applied per instance (`BagClassifier.instance_logits`, standardisation
     included), on clean patches. Student: trainable copies of E_i and of the head, on augmented patches (random
-    flips, random resized crop with `crop_scale`). Loss: `distillation_loss`. With `confidence_beta` (6 for ABMIL in
-    the TMI paper) the first term is weighted by `confidence_weights` of the teacher's raw attention scores of the
-    batch's patches, min-max normalised within the batch, as the authors' code does. Heads without raw scores
-    (DTFD-MIL, whose "dual" weights are not built yet, TransMIL, DSMIL) refuse `confidence_beta`.
+    flips, random resized crop with `crop_scale`). Loss: `distillation_loss`, with `reduction` ("mean": the authors'
+    per-element mean; "batchmean": ours, per patch) and `feature_input`: the student head's reduction of the
+    teacher's features in the feature term ("teacher", the authors' code: only the instance term then reaches the
+    embedder), or of the student's augmented features ("student", ours: the feature term trains the embedder too).
+    With `confidence_beta` (6 for ABMIL in the TMI paper) the first term is weighted by `confidence_weights` of the
+    teacher's raw attention scores of the batch's patches, min-max normalised within the batch, as the authors' code
+    does. Heads without raw scores (DTFD-MIL, whose "dual" weights are not built yet, TransMIL, DSMIL) refuse
+    `confidence_beta`.
 
     Only training-split slides are used. `val_fraction` of their patches (fixed, seeded) is held out; when
     `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
@@ -203,6 +229,8 @@ class Distillation(CouplingStrategy):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         num_workers: int = 2,
         max_epochs: int = 10,
+        reduction: Reduction = "batchmean",
+        feature_input: FeatureInput = "student",
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
@@ -225,6 +253,8 @@ class Distillation(CouplingStrategy):
             crop_scale,
         )
         check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
+        check("reduction", reduction in ("batchmean", "mean"), "'batchmean' or 'mean'", reduction)
+        check("feature_input", feature_input in ("student", "teacher"), "'student' or 'teacher'", feature_input)
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -236,6 +266,8 @@ class Distillation(CouplingStrategy):
         self.crop_scale = tuple(crop_scale)
         self.num_workers = num_workers
         self.max_epochs = max_epochs
+        self.reduction = reduction
+        self.feature_input = feature_input
 
     def _fit(
         self,
