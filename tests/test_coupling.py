@@ -253,6 +253,32 @@ def test_distillation_fit(cohort, tmp_path):
     assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in student.state_dict().items())
 
 
+def test_distillation_can_select_the_epoch_by_the_authors_mae(cohort, tmp_path):
+    slides, _ = cohort
+    embedder, bag = _models()
+    strategy = Distillation(lr=1e-3, batch_size=16, patches_per_epoch=64, num_workers=0, max_epochs=2, select_by="mae")
+    strategy.fit(embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path, seed=0)
+    with (tmp_path / "log" / "version_0" / "metrics.csv").open() as fh:
+        mae = [float(r["val/mae"]) for r in csv.DictReader(fh) if r.get("val/mae")]
+    assert len(mae) == 2 and all(0.0 <= m <= 1.0 for m in mae)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert checkpoint.name == f"best-epoch={int(np.argmin(mae))}.ckpt"  # the lowest error wins
+
+
+def test_head_clipping_touches_the_student_head_only():
+    embedder, bag = _models()
+    module = DistillationModule(embedder, bag, Distillation(head_clip_norm=1e-3), seed=0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="self.log"):
+        module.training_step({"image": images}, 0).backward()
+    before = [p.grad.clone() for p in module.student.parameters() if p.grad is not None]
+    module.on_before_optimizer_step(None)
+    head = torch.cat([p.grad.flatten() for p in module.student_head.parameters() if p.grad is not None])
+    assert head.norm().item() == pytest.approx(1e-3, rel=1e-3)  # clipped down to the norm
+    after = [p.grad for p in module.student.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the embedder's as they were
+
+
 def test_distillation_without_reduced_features_warns(cohort, tmp_path):
     slides, _ = cohort
     embedder, bag = _models(DSMIL(64, query_dim=16))
@@ -307,6 +333,8 @@ def test_bad_configuration(cohort, tmp_path):
         ({"max_epochs": 0}, "max_epochs"),
         ({"reduction": "sum"}, "reduction"),
         ({"feature_input": "both"}, "feature_input"),
+        ({"select_by": "loss"}, "select_by"),
+        ({"head_clip_norm": 0.0}, "head_clip_norm"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}: expected"):
             Distillation(**kwargs)

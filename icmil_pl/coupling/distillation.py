@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MulticlassAccuracy
 
 from data_modules.augment import random_flip_resized_crop
@@ -37,6 +38,7 @@ __all__ = [
 
 Reduction = Literal["batchmean", "mean"]  # per patch (ours), or per element as the authors' code (see the loss)
 FeatureInput = Literal["student", "teacher"]  # whose features the student head reduces in the feature term
+SelectBy = Literal["agreement", "mae"]  # the held-out criterion of the best epoch (see Distillation)
 
 
 class DistillationLoss(NamedTuple):
@@ -129,6 +131,7 @@ class DistillationModule(pl.LightningModule):
         self.cfg = cfg  # the strategy: its settings (lr, loss weights, crops) as plain attributes
         self.seed = seed
         self.agreement = MulticlassAccuracy(num_classes=bag.aggregator.num_classes, average="micro")
+        self.mae = MeanAbsoluteError()
         self._freeze_what_the_loss_cannot_reach()
 
     def _freeze_what_the_loss_cannot_reach(self) -> None:
@@ -185,10 +188,19 @@ class DistillationModule(pl.LightningModule):
         view = random_flip_resized_crop(
             images, self.cfg.crop_scale, generator=torch.Generator().manual_seed(self.seed * 100_003 + batch_idx)
         )
-        teacher = self.teacher_head.instance_logits(self.teacher(images)).argmax(-1)
-        student = self.student_head.instance_logits(self.student(view)).argmax(-1)
-        self.agreement.update(student, teacher)
-        self.log("val/agreement", self.agreement, on_epoch=True, batch_size=images.shape[0], prog_bar=True)
+        teacher = self.teacher_head.instance_logits(self.teacher(images)).float().softmax(-1)
+        student = self.student_head.instance_logits(self.student(view)).float().softmax(-1)
+        self.agreement.update(student.argmax(-1), teacher.argmax(-1))
+        self.mae.update(student, teacher)
+        n = images.shape[0]
+        self.log("val/agreement", self.agreement, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log("val/mae", self.mae, on_epoch=True, batch_size=n)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The authors clip the student head's gradients (norm 5), not the embedder's."""
+        if self.cfg.head_clip_norm is not None:
+            params = [p for p in self.student_head.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.head_clip_norm)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [*self.student.parameters(), *self.student_head.parameters()]
@@ -212,7 +224,10 @@ class Distillation(CouplingStrategy):
     Only training-split slides are used. `val_fraction` of their patches (fixed, seeded) is held out; when
     `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
     work validates. Criterion: `val/agreement`, the fraction of those patches whose student prediction (on a fixed
-    augmented view) equals the teacher's on the clean patch; the best epoch wins. BatchNorm of both stays as the
+    augmented view) equals the teacher's on the clean patch, or with `select_by="mae"` (the authors' criterion) the
+    lowest mean absolute error between the student's class probabilities on that view and the teacher's on the clean
+    patch; the best epoch wins. `head_clip_norm` clips the student head's gradients only (5 in the authors' code;
+    None, ours, leaves them to the trainer's `gradient_clip_val`). BatchNorm of both stays as the
     embedder has it (frozen by default for `PatchEmbedder`); the teacher is always in eval mode.
     """
 
@@ -231,6 +246,8 @@ class Distillation(CouplingStrategy):
         max_epochs: int = 10,
         reduction: Reduction = "batchmean",
         feature_input: FeatureInput = "student",
+        select_by: SelectBy = "agreement",
+        head_clip_norm: float | None = None,
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
@@ -255,6 +272,8 @@ class Distillation(CouplingStrategy):
         check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
         check("reduction", reduction in ("batchmean", "mean"), "'batchmean' or 'mean'", reduction)
         check("feature_input", feature_input in ("student", "teacher"), "'student' or 'teacher'", feature_input)
+        check("select_by", select_by in ("agreement", "mae"), "'agreement' or 'mae'", select_by)
+        check("head_clip_norm", head_clip_norm is None or head_clip_norm > 0, "a float > 0 or null", head_clip_norm)
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -268,6 +287,8 @@ class Distillation(CouplingStrategy):
         self.max_epochs = max_epochs
         self.reduction = reduction
         self.feature_input = feature_input
+        self.select_by = select_by
+        self.head_clip_norm = head_clip_norm
 
     def _fit(
         self,
@@ -289,7 +310,7 @@ class Distillation(CouplingStrategy):
             num_workers=self.num_workers,
             seed=seed,
         )
-        checkpoint = best_checkpoint(root, "val/agreement", "max")
+        checkpoint = best_checkpoint(root, f"val/{self.select_by}", "max" if self.select_by == "agreement" else "min")
         fit_best(
             module,
             data,
