@@ -188,10 +188,10 @@ class DistillationModule(pl.LightningModule):
         view = random_flip_resized_crop(
             images, self.cfg.crop_scale, generator=torch.Generator().manual_seed(self.seed * 100_003 + batch_idx)
         )
-        teacher = self.teacher_head.instance_logits(self.teacher(images)).float().softmax(-1)
-        student = self.student_head.instance_logits(self.student(view)).float().softmax(-1)
+        teacher = self.teacher_head.instance_logits(self.teacher(images)).float()
+        student = self.student_head.instance_logits(self.student(view)).float()
         self.agreement.update(student.argmax(-1), teacher.argmax(-1))
-        self.mae.update(student, teacher)
+        self.mae.update(student.softmax(-1), teacher.softmax(-1))
         n = images.shape[0]
         self.log("val/agreement", self.agreement, on_epoch=True, batch_size=n, prog_bar=True)
         self.log("val/mae", self.mae, on_epoch=True, batch_size=n)
