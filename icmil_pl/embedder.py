@@ -122,6 +122,15 @@ def freeze_batchnorm(module: nn.Module) -> None:
             child.__class__ = frozen
 
 
+def thaw_batchnorm(module: nn.Module) -> None:
+    """Undo `freeze_batchnorm` in place: the layers follow `.train()` again and update their running statistics."""
+    plain = {frozen: base for base, frozen in _FROZEN.items()}
+    for child in module.modules():
+        if type(child) in plain:
+            child.__class__ = plain[type(child)]
+            child.train(module.training)
+
+
 def _build_backbone(name: str, truncate_after: str | None, pretrained: bool, drop_path_rate: float) -> nn.Module:
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise ValueError(f"embedder backbone {name!r} is not a timm model name (see timm.list_models())")

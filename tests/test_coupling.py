@@ -279,6 +279,19 @@ def test_head_clipping_touches_the_student_head_only():
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the embedder's as they were
 
 
+@pytest.mark.parametrize("student_batchnorm, adapts", [("as_embedder", False), ("train", True)])
+def test_the_students_batchnorm_adapts_only_when_asked(student_batchnorm, adapts):
+    embedder, bag = _models()
+    module = DistillationModule(embedder, bag, Distillation(student_batchnorm=student_batchnorm), seed=0).train()
+    statistics = {k: v.clone() for k, v in module.state_dict().items() if k.endswith("running_mean")}
+    with pytest.warns(UserWarning, match="self.log"):
+        module.training_step({"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}, 0)
+    after = module.state_dict()
+    changed = {k for k, v in statistics.items() if not torch.equal(v, after[k])}
+    assert bool(changed) is adapts and all(k.startswith("student.") for k in changed)  # never the teacher's
+    assert not module.teacher.training and module.student.training
+
+
 def test_distillation_without_reduced_features_warns(cohort, tmp_path):
     slides, _ = cohort
     embedder, bag = _models(DSMIL(64, query_dim=16))
@@ -335,6 +348,7 @@ def test_bad_configuration(cohort, tmp_path):
         ({"feature_input": "both"}, "feature_input"),
         ({"select_by": "loss"}, "select_by"),
         ({"head_clip_norm": 0.0}, "head_clip_norm"),
+        ({"student_batchnorm": "frozen"}, "student_batchnorm"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}: expected"):
             Distillation(**kwargs)

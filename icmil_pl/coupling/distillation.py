@@ -23,7 +23,7 @@ from data_modules.patches import PatchSampleDataModule
 from data_modules.tiling import SlidePatches
 
 from ..bag_classifier import BagClassifier
-from ..embedder import PatchEmbedder
+from ..embedder import PatchEmbedder, thaw_batchnorm
 from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
 Reduction = Literal["batchmean", "mean"]  # per patch (ours), or per element as the authors' code (see the loss)
 FeatureInput = Literal["student", "teacher"]  # whose features the student head reduces in the feature term
 SelectBy = Literal["agreement", "mae"]  # the held-out criterion of the best epoch (see Distillation)
+StudentBatchNorm = Literal["as_embedder", "train"]  # the student's BatchNorm statistics: as E_i has them, or adapting
 
 
 class DistillationLoss(NamedTuple):
@@ -127,6 +128,8 @@ class DistillationModule(pl.LightningModule):
         self.teacher = copy.deepcopy(embedder).requires_grad_(False).eval()
         self.teacher_head = StandardizedHead(bag, frozen=True)
         self.student = trainable_copy(embedder)
+        if cfg.student_batchnorm == "train":
+            thaw_batchnorm(self.student)
         self.student_head = StandardizedHead(bag, frozen=False)
         self.cfg = cfg  # the strategy: its settings (lr, loss weights, crops) as plain attributes
         self.seed = seed
@@ -227,8 +230,10 @@ class Distillation(CouplingStrategy):
     augmented view) equals the teacher's on the clean patch, or with `select_by="mae"` (the authors' criterion) the
     lowest mean absolute error between the student's class probabilities on that view and the teacher's on the clean
     patch; the best epoch wins. `head_clip_norm` clips the student head's gradients only (5 in the authors' code;
-    None, ours, leaves them to the trainer's `gradient_clip_val`). BatchNorm of both stays as the
-    embedder has it (frozen by default for `PatchEmbedder`); the teacher is always in eval mode.
+    None, ours, leaves them to the trainer's `gradient_clip_val`). The student's BatchNorm stays as the
+    embedder has it (frozen by default for `PatchEmbedder`) or, with `student_batchnorm="train"` (the authors' code),
+    normalises with batch statistics and updates its running statistics, which the coupled embedder keeps; the
+    teacher is always in eval mode.
     """
 
     def __init__(
@@ -248,6 +253,7 @@ class Distillation(CouplingStrategy):
         feature_input: FeatureInput = "student",
         select_by: SelectBy = "agreement",
         head_clip_norm: float | None = None,
+        student_batchnorm: StudentBatchNorm = "as_embedder",
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
@@ -273,6 +279,12 @@ class Distillation(CouplingStrategy):
         check("reduction", reduction in ("batchmean", "mean"), "'batchmean' or 'mean'", reduction)
         check("feature_input", feature_input in ("student", "teacher"), "'student' or 'teacher'", feature_input)
         check("select_by", select_by in ("agreement", "mae"), "'agreement' or 'mae'", select_by)
+        check(
+            "student_batchnorm",
+            student_batchnorm in ("as_embedder", "train"),
+            "'as_embedder' or 'train'",
+            student_batchnorm,
+        )
         check("head_clip_norm", head_clip_norm is None or head_clip_norm > 0, "a float > 0 or null", head_clip_norm)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -289,6 +301,7 @@ class Distillation(CouplingStrategy):
         self.feature_input = feature_input
         self.select_by = select_by
         self.head_clip_norm = head_clip_norm
+        self.student_batchnorm = student_batchnorm
 
     def _fit(
         self,
