@@ -146,11 +146,13 @@ class FeatureCache:
         """Delete the half-written slides of extractions that died (killed, out of memory) on this host; returns
         them. Temporaries of live processes, and of other hosts sharing the folder, are left alone."""
         removed = []
-        for tmp in self.path.rglob(".*.zarr.tmp-*"):
-            host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
-            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(tmp)
+        for folder, dirs, _ in os.walk(self.path):  # never into slides' groups: a cache holds many files per slide
+            for name in [d for d in dirs if ".zarr.tmp-" in d]:
+                host, _, pid = name.rpartition(".tmp-")[2].rpartition("-")
+                if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(Path(folder, name), ignore_errors=True)
+                    removed.append(Path(folder, name))
+            dirs[:] = [d for d in dirs if not d.endswith(".zarr") and ".zarr.tmp-" not in d]
         return removed
 
     def _zarr(self, slide_id: str) -> Path:

@@ -41,8 +41,7 @@ class PhaseProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        epochs = "" if trainer.max_epochs in (None, -1) else f"/{trainer.max_epochs}"
-        self.train_progress_bar.set_description(f"{self.prefix} epoch {trainer.current_epoch + 1}{epochs}")
+        self.train_progress_bar.set_description(f"{self.prefix} {_epoch(trainer)}")
 
 
 class ProgressLog(pl.Callback):
@@ -76,8 +75,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epochs = "" if trainer.max_epochs in (None, -1) else f"/{trainer.max_epochs}"
-        self._report(trainer, f"training: epoch {trainer.current_epoch + 1}{epochs}")
+        self._report(trainer, f"training: {_epoch(trainer)}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "training")
@@ -99,6 +97,12 @@ class ProgressLog(pl.Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "predicting")
+
+
+def _epoch(trainer: pl.Trainer) -> str:
+    """`epoch k/n`, the running epoch (1-based) of the trainer's budget, or `epoch k` without one."""
+    epochs = "" if trainer.max_epochs in (None, -1) else f"/{trainer.max_epochs}"
+    return f"epoch {trainer.current_epoch + 1}{epochs}"
 
 
 def _duration(seconds: float) -> str:
