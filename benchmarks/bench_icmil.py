@@ -1,11 +1,15 @@
-"""ICMIL on the demo cohort: what one coupling iteration costs against the two-stage baseline, and test AUROC per
-iteration for the Distillation and BagGradient couplings, with end-to-end training (same cohort, splits, embedder
-and head) for reference.
+"""ICMIL on the demo cohort over seeds: per iteration, slide-level test AUROC and two patch-level measurements against
+the generator's tumour masks (`icmil_pl.patch_probes`), each as a mean with its 95 % interval and as the paired
+difference to iteration 0 of the same seed; plus what one coupling iteration costs against the two-stage baseline.
 
-    python benchmarks/bench_icmil.py [--out runs/bench_icmil] [--e2e-epochs 6]
+    python benchmarks/bench_icmil.py [--seeds 5] [--out runs/bench_icmil] [--e2e-epochs 6] [--resume]
 
-Cost of iteration i >= 1 = couple(i-1) + embed(i) + bag(i); baseline = embed(0) + bag(0) (extract features once,
-train the bag classifier), all measured in the same run on this machine.
+Methods: ICMIL with BagGradient (`experiments/demo.yaml`), with the paper's Distillation as the authors' code runs it
+(`experiments/coupling/distillation.yaml`, MICCAI 2023) and with its TMI confidence weights (beta 6), and end-to-end
+training (`experiments/demo_e2e.yaml`; compared with the two-stage baseline, iteration 0, of the same seed). Seed s
+sets `seed_everything` (embedder init, training order) and the split seed (which patients are test), so the
+intervals cover both. Cost of iteration i >= 1 = couple(i-1) + embed(i) + bag(i), baseline = embed(0) + bag(0), in
+the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes on where it stopped).
 """
 
 from __future__ import annotations
@@ -22,69 +26,128 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from icmil_pl.cli import main as cli  # noqa: E402
+from icmil_pl.patch_probes import probe_run  # noqa: E402
+from icmil_pl.statistics import mean_interval  # noqa: E402
 
 DEMO = ROOT / "experiments" / "demo.yaml"
-COUPLINGS = {"BagGradient": [], "Distillation": ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]}
+DISTILLATION = ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]
+METHODS = {
+    "BagGradient": [],
+    "Distillation": DISTILLATION,
+    "Distillation TMI": [*DISTILLATION, "--model.init_args.coupling.init_args.confidence_beta=6"],
+}
+MEASURES = {"test": "slide test AUROC", "probe": "linear-probe patch AUROC", "instance": "bag-head patch AUROC"}
 
 
-def icmil(out: Path, name: str, extra: list[str]) -> dict:
-    run = out / name
-    cli(
-        [
-            "fit",
-            "-c",
-            str(DEMO),
-            *extra,
-            f"--model.init_args.run_dir={run}",
-            f"--trainer.logger.init_args.save_dir={out / 'logs'}",
-        ]
-    )
-    return json.loads((run / "results.json").read_text())
+def icmil(run: Path, logs: Path, seed: int, extra: list[str], resume: bool) -> dict:
+    """One ICMIL run's per-iteration figures, with the patch probes; cached beside the run as bench.json."""
+    cached = run / "bench.json"
+    if resume and cached.is_file():
+        return json.loads(cached.read_text())
+    shutil.rmtree(run, ignore_errors=True)
+    args = [
+        "-c",
+        str(DEMO),
+        *extra,
+        f"--seed_everything={seed}",
+        f"--model.init_args.splits.seed={seed}",
+        f"--model.init_args.run_dir={run}",
+        f"--trainer.logger.init_args.save_dir={logs}",
+    ]
+    cli(["fit", *args])
+    config = cli(args, run=False)  # the same config, instantiated: the bag classifier's architecture for the probes
+    probes = probe_run(run, config.model.bag, config.datamodule.root)
+    its = json.loads((run / "results.json").read_text())["iterations"]
+    baseline = its[0]["seconds"]["embed"] + its[0]["seconds"]["bag"]
+    rows = []
+    for it, probe in zip(its, probes, strict=True):
+        i, s = it["iteration"], it["seconds"]
+        cost = baseline if i == 0 else its[i - 1]["seconds"]["couple"] + s["embed"] + s["bag"]
+        rows.append(
+            {
+                "iteration": i,
+                "val": it["val"]["auroc"],
+                "test": it["test"]["auroc"],
+                "probe": probe["probe_auroc"],
+                "instance": probe["instance_auroc"],
+                "seconds": cost,
+                "cost": cost / baseline,
+            }
+        )
+    cached.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
-def end_to_end(out: Path, epochs: int) -> dict:
-    root = out / "end_to_end"
+def end_to_end(root: Path, seed: int, epochs: int, resume: bool) -> dict:
+    cached = root / "bench.json"
+    if resume and cached.is_file():
+        return json.loads(cached.read_text())
+    shutil.rmtree(root, ignore_errors=True)
     cli(
         [
             "fit",
             "-c",
             str(ROOT / "experiments" / "demo_e2e.yaml"),
+            f"--seed_everything={seed}",
+            f"--data.init_args.splits.seed={seed}",
             f"--trainer.max_epochs={epochs}",
             f"--trainer.default_root_dir={root}",
             f"--trainer.logger.init_args.save_dir={root}",
         ]
     )
-    return json.loads(next(root.rglob("results.json")).read_text())
+    it = json.loads(next(root.rglob("results.json")).read_text())["iterations"][0]
+    row = {"val": it["val"]["auroc"], "test": it["test"]["auroc"], "seconds": it["seconds"]["fit"]}
+    cached.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def report(runs: dict[str, list[list[dict]]], e2e: list[dict], epochs: int) -> None:
+    """Per method and iteration: each measure's mean [95 % interval] over seeds, and the paired difference to
+    iteration 0 of the same seed; then every seed's slide test AUROC."""
+    n = len(e2e)
+    print(f"\n{n} seeds; mean [95 % interval]; d = paired difference to iteration 0 of the same seed")
+    header = f"{'method':<17s} {'iter':>4s}"
+    for name in MEASURES:
+        header += f" {name + ' AUROC':>22s} {'d ' + name:>23s}"
+    print(header + f" {'x baseline':>10s}")
+    for method, seeds in runs.items():
+        for i in range(len(seeds[0])):
+            line = f"{method:<17s} {i:4d}"
+            for name in MEASURES:
+                values = [s[i][name] for s in seeds]
+                diffs = [s[i][name] - s[0][name] for s in seeds]
+                line += f" {mean_interval(values)!s:>22s} {(mean_interval(diffs) if i else '-')!s:>23s}"
+            print(line + f" {mean_interval([s[i]['cost'] for s in seeds]).mean:10.2f}")
+    baselines = [s[0] for s in runs["BagGradient"]]
+    cost = [e["seconds"] / (b["seconds"]) for e, b in zip(e2e, baselines, strict=True)]
+    diffs = [e["test"] - b["test"] for e, b in zip(e2e, baselines, strict=True)]
+    print(
+        f"{'end-to-end':<17s} {'-':>4s} {mean_interval([e['test'] for e in e2e])!s:>22s} "
+        f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {sum(cost) / n:.2f}x baseline)"
+    )
+    print("\nslide test AUROC per seed (iterations 0 / 1 / 2)")
+    for method, seeds in runs.items():
+        print(f"{method:<17s} " + "  ".join(" / ".join(f"{it['test']:.3f}" for it in s) for s in seeds))
+    print(f"{'end-to-end':<17s} " + "  ".join(f"{e['test']:.3f}" for e in e2e))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_icmil")
     parser.add_argument("--e2e-epochs", type=int, default=6)
+    parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    results = {name: icmil(args.out, name, extra) for name, extra in COUPLINGS.items()}
-    e2e = end_to_end(args.out, args.e2e_epochs)["iterations"][0]
-
-    print(f"\n{'coupling':<13s} {'iter':>4s} {'val AUROC':>9s} {'test AUROC':>10s} {'seconds':>8s} {'x baseline':>10s}")
-    for name, result in results.items():
-        its = result["iterations"]
-        baseline = its[0]["seconds"]["embed"] + its[0]["seconds"]["bag"]
-        for i, it in enumerate(its):
-            s = it["seconds"]
-            cost = baseline if i == 0 else its[i - 1]["seconds"]["couple"] + s["embed"] + s["bag"]
-            print(
-                f"{name:<13s} {i:4d} {it['val']['auroc']:9.3f} {it['test']['auroc']:10.3f} {cost:8.1f} "
-                f"{cost / baseline:10.2f}"
-            )
-    fit = e2e["seconds"]["fit"]  # against the faster of the two-stage baselines (the first run pays warm-up)
-    ratio = fit / min(
-        r["iterations"][0]["seconds"]["embed"] + r["iterations"][0]["seconds"]["bag"] for r in results.values()
-    )
-    print(
-        f"{'end-to-end':<13s} {'-':>4s} {e2e['val']['auroc']:9.3f} {e2e['test']['auroc']:10.3f} {fit:8.1f} "
-        f"{ratio:10.2f}   ({args.e2e_epochs} epochs, chunked)"
-    )
+    if not args.resume:
+        shutil.rmtree(args.out, ignore_errors=True)
+    runs: dict[str, list[list[dict]]] = {method: [] for method in METHODS}
+    e2e = []
+    for seed in range(args.seeds):
+        for method, extra in METHODS.items():
+            run = args.out / f"seed{seed}" / method.replace(" ", "_")
+            runs[method].append(icmil(run, args.out / "logs", seed, extra, args.resume))
+        e2e.append(end_to_end(args.out / f"seed{seed}" / "end_to_end", seed, args.e2e_epochs, args.resume))
+    report(runs, e2e, args.e2e_epochs)
 
 
 if __name__ == "__main__":

@@ -239,19 +239,24 @@ class ICMILLoop:
     ) -> tuple[str, None]:
         bag = copy.deepcopy(self.icmil.bag)
         bag.load_state_dict(torch.load(best_bag, map_location="cpu", weights_only=False)["state_dict"])
-        train_ids = set(splits["train"]) - set(FeatureCache(cache).skipped())  # unreadable slides stay out
-        train = [s for s in self.data.slide_patches if s.slide_id in train_ids]
+        skipped = set(FeatureCache(cache).skipped())  # unreadable slides stay out
+
+        def slides(split: str) -> list:
+            ids = set(splits[split]) - skipped
+            return [s for s in self.data.slide_patches if s.slide_id in ids]
+
         class_index = self.data.class_index
         labels = {row.slide_id: class_index[row.label] for row in self.data.cohort.rows}
         root = self.run_dir.couple_dir(i)
         coupled = self.icmil.coupling.fit(
             embedder,
             bag,
-            train,
+            slides("train"),
             trainer_kwargs=self._trainer("couple", i, root),
             root=root,
             seed=phase_seed(self.seed, i, "couple"),
             labels=labels,
+            val=slides("val"),
         )
         path = self.run_dir.embedder_path(i + 1)
 

@@ -16,13 +16,14 @@ from pytorch_lightning.loggers import CSVLogger
 from data_modules.augment import random_flip_resized_crop
 from data_modules.synthetic import CohortSpec, make_cohort
 from data_modules.tiling import SlidePatches, TissueParams, patch_grid
-from icmil_pl.aggregators import ABMIL, DSMIL
+from icmil_pl.aggregators import ABMIL, DSMIL, DTFDMIL
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.coupling import (
     BagGradient,
     Distillation,
     StandardizedHead,
     confidence_weights,
+    distillation,
     distillation_loss,
     reduced_features,
 )
@@ -129,6 +130,40 @@ def test_confidence_weights_come_from_the_raw_attention_scores():
     expected = bag.aggregator.attention_scores((h - bag.feature_mean) / bag.feature_std)
     torch.testing.assert_close(standardized.attention_scores(h), expected)
     assert DSMIL(8).attention_scores(h) is None
+
+
+def test_dtfd_dual_confidence_weights_by_hand():
+    """The authors' DTFD "dual" weights: each tier's attention softmaxed over the batch (their default isNorm),
+    min-max normalised, multiplied, then |2a - 1|^beta."""
+    scores = torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0], [3.0, 3.0]])  # (N, 2): tier 1, tier 2
+    e1, e2 = np.exp([0.0, 1.0, 2.0, 3.0]), np.exp([0.0, 2.0, 1.0, 3.0])  # min-max of a softmax = of exp(score)
+    a = (e1 - e1.min()) / (e1.max() - e1.min()) * (e2 - e2.min()) / (e2.max() - e2.min())
+    np.testing.assert_allclose(a, [0.0, 0.03013855, 0.03013855, 1.0], rtol=1e-6)  # the numbers, written out
+    torch.testing.assert_close(confidence_weights(scores, 2.0), torch.tensor(np.abs(2 * a - 1) ** 2).float())
+    torch.testing.assert_close(confidence_weights(scores[:, 0], 2.0), torch.tensor([1.0, 1 / 9, 1 / 9, 1.0]))
+    flat = torch.tensor([[0.0, 1.0], [0.0, 2.0]])  # tier 1 says nothing
+    torch.testing.assert_close(confidence_weights(flat, 2.0), torch.ones(2))
+
+    torch.manual_seed(0)
+    head = DTFDMIL(8, hidden_dim=16, attention_dim=4)
+    h = torch.randn(5, 8)
+    z = head.reduce(h)
+    expected = torch.stack([head.tier1_attention(z), head.tier2_attention(z)], dim=1)
+    torch.testing.assert_close(head.attention_scores(h), expected)
+    torch.testing.assert_close(head.tier1_instance_logits(h), head.tier1_classifier(z))
+
+
+def test_dtfd_teacher_mixes_the_tiers():
+    """TMI's DTFD teacher: 0.7 x tier-2 + 0.3 x tier-1 classifier on each patch's reduced feature."""
+    torch.manual_seed(0)
+    embedder, bag = _models(DTFDMIL(64, hidden_dim=16, attention_dim=4))
+    module = DistillationModule(embedder, bag, Distillation(tier1_weight=0.3, confidence_beta=2.0), seed=0)
+    features = torch.randn(6, 64)
+    z = bag.aggregator.reduce((features - bag.feature_mean) / bag.feature_std)
+    expected = 0.7 * bag.aggregator.tier2_classifier(z) + 0.3 * bag.aggregator.tier1_classifier(z)
+    torch.testing.assert_close(module.teacher_logits(features), expected)
+    plain = DistillationModule(embedder, bag, Distillation(), seed=0)
+    torch.testing.assert_close(plain.teacher_logits(features), bag.aggregator.tier2_classifier(z))
 
 
 def test_flip_resized_crop():
@@ -253,6 +288,32 @@ def test_distillation_fit(cohort, tmp_path):
     assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in student.state_dict().items())
 
 
+@pytest.mark.parametrize("pool", ["train", "train+val"])
+def test_distillation_patch_pool(cohort, tmp_path, monkeypatch, pool):
+    """The authors distil every patch of their training folder: with "train+val" the bag phase's validation slides
+    join the pool; patches_per_epoch null is a full pass over the pool's training part each epoch."""
+    slides, _ = cohort
+    embedder, bag = _models()
+    seen = {}
+    real = distillation.PatchSampleDataModule
+
+    def spy(pool_slides, **kwargs):
+        data = real(pool_slides, **kwargs)
+        seen.update(ids=[s.slide_id for s in pool_slides], data=data)
+        return data
+
+    monkeypatch.setattr(distillation, "PatchSampleDataModule", spy)
+    strategy = Distillation(batch_size=16, patches_per_epoch=None, num_workers=0, max_epochs=1, patch_pool=pool)
+    probe = _Probe("teacher,teacher_head")
+    kwargs = _trainer_kwargs(tmp_path, probe)
+    strategy.fit(embedder, bag, slides[:2], val=slides[2:], trainer_kwargs=kwargs, root=tmp_path, seed=0)
+    used = slides if pool == "train+val" else slides[:2]
+    assert seen["ids"] == [s.slide_id for s in used]
+    n = sum(len(s.grid) for s in used)
+    n_train = n - round(0.1 * n)
+    assert len(seen["data"].pool) == n_train and probe.steps == -(-n_train // 16)  # every training patch once
+
+
 def test_distillation_can_select_the_epoch_by_the_authors_mae(cohort, tmp_path):
     slides, _ = cohort
     embedder, bag = _models()
@@ -349,6 +410,8 @@ def test_bad_configuration(cohort, tmp_path):
         ({"select_by": "loss"}, "select_by"),
         ({"head_clip_norm": 0.0}, "head_clip_norm"),
         ({"student_batchnorm": "frozen"}, "student_batchnorm"),
+        ({"tier1_weight": 1.5}, "tier1_weight"),
+        ({"patch_pool": "all"}, "patch_pool"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}: expected"):
             Distillation(**kwargs)
@@ -378,5 +441,8 @@ def test_bad_configuration(cohort, tmp_path):
     with pytest.raises(ValueError, match="^train: expected at least one training slide"):
         Distillation().fit(embedder, bag, [], trainer_kwargs={}, root=tmp_path, seed=0)
     embedder, bag = _models(DSMIL(64, query_dim=16))
-    with pytest.raises(ValueError, match=r"^confidence_beta: needs an aggregator with raw attention scores"):
+    with pytest.raises(ValueError, match=r"^confidence_beta: needs an aggregator with attention scores"):
         Distillation(confidence_beta=6.0).fit(embedder, bag, slides[:1], trainer_kwargs={}, root=tmp_path, seed=0)
+    embedder, bag = _models()
+    with pytest.raises(ValueError, match=r"^tier1_weight: mixes DTFD-MIL's tier-1 classifier"):
+        Distillation(tier1_weight=0.3).fit(embedder, bag, slides[:1], trainer_kwargs={}, root=tmp_path, seed=0)

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from data_modules.feature_cache import FeatureCache
 from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
 from icmil_pl.coupling.distillation import DistillationModule
+from icmil_pl.patch_probes import linear_probe_auroc, probe_run
 from icmil_pl.run_dir import RESUMABLE_SETTINGS, RunState, changed_settings
 
 METRICS = {"auroc", "accuracy", "f1", "balanced_accuracy"}
@@ -297,3 +300,26 @@ def test_an_icmil_run_keeps_its_csv_logs_in_its_run_dir(icmil_cohort, tmp_path, 
     logged = _rows(next((tmp_path / "run" / "logs").rglob("metrics.csv")))
     assert any(r.get("final/test/auroc") for r in logged)
     assert not (tmp_path / "runs").exists()
+
+
+def test_patch_probes_measure_every_iteration_against_the_tumour_masks(icmil_cohort, finished):
+    """`probe_run`: per iteration, a linear probe of E_i's features and the bag head per patch, both against the
+    generator's masks on the run's test slides; the patch counts are those of the test slides' bags."""
+    out, results = finished
+    config = main(icmil_args(icmil_cohort, out, "fit")[1:], run=False)
+    probes = probe_run(out / "run", config.model.bag, icmil_cohort)
+    assert [p["iteration"] for p in probes] == [it["iteration"] for it in results["iterations"]] == [0, 1]
+    splits = json.loads((out / "run" / "splits.json").read_text())
+    cache = FeatureCache(RunState(out / "run" / "state.json").output("iter0/embed"))
+    assert probes[0]["test_patches"] == sum(len(cache.read(s)) for s in splits["test"])
+    assert all(0 < p["test_tumour_patches"] < p["test_patches"] for p in probes)
+    assert all(0.5 < p["probe_auroc"] <= 1 and 0 <= p["instance_auroc"] <= 1 for p in probes)  # contrast 1.0
+
+
+def test_linear_probe_auroc():
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.3
+    x = rng.normal(size=(400, 8))
+    assert abs(linear_probe_auroc(x[:200], y[:200], x[200:], y[200:]) - 0.5) < 0.1  # features that know nothing
+    x[:, 3] += 4 * y
+    assert linear_probe_auroc(x[:200], y[:200], x[200:], y[200:]) > 0.99

@@ -18,7 +18,15 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from data_modules import synthetic
-from data_modules.synthetic import CohortSpec, make_cohort, render_region, tissue_mask, tumour_mask, write_slide
+from data_modules.synthetic import (
+    CohortSpec,
+    make_cohort,
+    patch_tumour_fraction,
+    render_region,
+    tissue_mask,
+    tumour_mask,
+    write_slide,
+)
 from data_modules.synthetic.__main__ import main as command_line
 from data_modules.synthetic.scene import Scene, cached_scene
 
@@ -423,3 +431,17 @@ def test_synthetic_cohort_data_module_writes_once_then_reads(tmp_path):
     assert (tmp_path / "c" / "labels.csv").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other parameters"):
         module(5).prepare_data()
+
+
+def test_patch_tumour_fraction_is_the_mask_mean_over_each_patch(tmp_path):
+    info = write_slide(
+        tmp_path / "s.tif", CohortSpec(size=(1024, 1024), tumour_area=(0.15, 0.25)), seed=1, tumour=True, levels=1
+    )
+    coords = np.array([(x, y) for y in range(0, 1024, 128) for x in range(0, 1024, 128)])
+    mask = tumour_mask(info, 4)
+    expected = [mask[y // 4 : y // 4 + 32, x // 4 : x // 4 + 32].mean() for x, y in coords]
+    fractions = patch_tumour_fraction(info, coords, 128)
+    np.testing.assert_allclose(fractions, expected)
+    assert (fractions == 0).any() and (fractions > 0.5).any()
+    edge = patch_tumour_fraction(info, np.array([[1000, 1000]]), 128)  # a patch past the edge counts what is inside
+    assert 0 <= edge[0] <= 1

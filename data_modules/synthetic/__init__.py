@@ -21,7 +21,7 @@ Importing this package loads no torch: the data module is imported on first use.
 from importlib import import_module
 
 from .cohort import load_cohort, make_cohort
-from .scene import SlideInfo, TumourRegion, render_region, tissue_mask, tumour_mask
+from .scene import SlideInfo, TumourRegion, patch_tumour_fraction, render_region, tissue_mask, tumour_mask
 from .spec import CLASSES, EXTENSIONS, CohortSpec, Compression, Flavour
 from .tiff import write_slide
 
@@ -37,6 +37,7 @@ __all__ = [
     "load_cohort",
     "make_cohort",
     "render_region",
+    "patch_tumour_fraction",
     "tissue_mask",
     "tumour_mask",
     "write_slide",

@@ -39,6 +39,7 @@ __all__ = [
     "TumourRegion",
     "area4",
     "cached_scene",
+    "patch_tumour_fraction",
     "render_region",
     "scene_of",
     "tissue_mask",
@@ -365,6 +366,20 @@ def tumour_mask(info: SlideInfo, downsample: float) -> np.ndarray:
     xs, ys = _centres(info.dimensions, _check_downsample(downsample))
     mask = _tumour(info.tumour_regions, xs, ys)
     return np.zeros((len(ys), len(xs)), bool) if mask is None else mask
+
+
+def patch_tumour_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
+    """(N,): the fraction of each square patch (level-0 top-left `coords`, `side` level-0 pixels) inside the tumour,
+    on the `tumour_mask` grid at `downsample`; at most one mask pixel of error along each edge."""
+    mask = tumour_mask(info, downsample)
+    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # sums over any box in O(1)
+    h, w = mask.shape
+    cell = max(1, round(side / downsample))
+    x0 = np.clip(np.asarray(coords[:, 0]) // downsample, 0, w).astype(int)
+    y0 = np.clip(np.asarray(coords[:, 1]) // downsample, 0, h).astype(int)
+    x1, y1 = np.minimum(x0 + cell, w), np.minimum(y0 + cell, h)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / (cell * cell)
 
 
 def _check_downsample(downsample: float) -> float:

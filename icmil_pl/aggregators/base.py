@@ -46,7 +46,8 @@ class Aggregator(nn.Module, ABC):
 
     def attention_scores(self, h: Tensor) -> Tensor | None:
         """(N,): each instance's raw attention score, before the bag's softmax (ABMIL with `isNorm=False` in the ICMIL
-        authors' code), or None for heads without one. ICMIL's TMI confidence weights are computed from these: the
+        authors' code); (N, T) for a head with T attention tiers (DTFD-MIL: tier 1 and tier 2 on each instance's
+        reduced feature); None for heads without one. ICMIL's TMI confidence weights are computed from these: the
         softmax over a bag is not a rescaling, and min-max of softmaxed scores weighs nearly every patch 1."""
         return self._attention_scores(self._check_bag(h))
 

@@ -25,7 +25,8 @@ class DTFDMIL(Aggregator):
     two optimisers), so bag-level gradients reach tier 1 and the features through `aux_logits` alone.
     `attention` is each instance's total weight in the tier-2 pooled feature (sums to 1).
     `instance_logits` is exact in closed form: a one-instance bag distils to its own reduced feature with weight 1 in
-    both tiers, so it is the tier-2 classifier on the reduced features.
+    both tiers, so it is the tier-2 classifier on the reduced features; `tier1_instance_logits` is the tier-1
+    classifier on them. `attention_scores` gives both tiers' raw scores of each reduced feature, (N, 2).
     """
 
     def __init__(
@@ -105,3 +106,11 @@ class DTFDMIL(Aggregator):
 
     def _instance_logits(self, h: Tensor) -> Tensor:
         return self.tier2_classifier(self.reduce(h))
+
+    def tier1_instance_logits(self, h: Tensor) -> Tensor:
+        """(N, num_classes): the tier-1 classifier on each instance's reduced feature (a one-instance pseudo-bag)."""
+        return self.tier1_classifier(self.reduce(self._check_bag(h)))
+
+    def _attention_scores(self, h: Tensor) -> Tensor:
+        z = self.reduce(h)
+        return torch.stack([self.tier1_attention(z), self.tier2_attention(z)], dim=1)

@@ -87,6 +87,7 @@ class BagGradient(CouplingStrategy):
         root: Path,
         seed: int,
         labels: Mapping[str, int] | None,
+        val: list[SlidePatches],
     ) -> PatchEmbedder:
         clip = trainer_kwargs.pop("gradient_clip_val", None)
         algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)

@@ -49,13 +49,15 @@ class CouplingStrategy(ABC):
         root: str | os.PathLike,
         seed: int,
         labels: Mapping[str, int] | None = None,
+        val: Sequence[SlidePatches] = (),
     ) -> PatchEmbedder:
         """Fine-tune a copy of `embedder` (the one passed in is never modified) on the slides `train`, with the bag
         classifier frozen; select the best epoch by the strategy's own validation criterion and return the fine-tuned
         embedder with those weights. `trainer_kwargs` are `pl.Trainer` kwargs (accelerator, devices, precision,
         logger, callbacks, ...); the strategy's own `max_epochs` overrides theirs. Checkpoints go under
         `root / "checkpoints"`, and a killed fit continues from its last epoch. `labels` (slide id -> class index) is
-        needed by strategies that use slide labels (`needs_labels`)."""
+        needed by strategies that use slide labels (`needs_labels`). `val` are the bag phase's validation slides, which
+        a strategy that uses no slide label may learn from too (`Distillation.patch_pool`)."""
         check("train", len(train) > 0, "at least one training slide", len(train))
         if self.needs_labels:
             missing = [s.slide_id for s in train if labels is None or s.slide_id not in labels]
@@ -63,7 +65,7 @@ class CouplingStrategy(ABC):
             classes = bag.aggregator.num_classes
             bad = {k: v for k, v in labels.items() if not 0 <= int(v) < classes}
             check("labels", not bad, f"class indices in [0, {classes})", bad)
-        return self._fit(embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels)
+        return self._fit(embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val))
 
     @abstractmethod
     def _fit(
@@ -75,6 +77,7 @@ class CouplingStrategy(ABC):
         root: Path,
         seed: int,
         labels: Mapping[str, int] | None,
+        val: list[SlidePatches],
     ) -> PatchEmbedder:
         """`fit` on checked arguments."""
 

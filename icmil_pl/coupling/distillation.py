@@ -22,6 +22,7 @@ from data_modules.checks import check
 from data_modules.patches import PatchSampleDataModule
 from data_modules.tiling import SlidePatches
 
+from ..aggregators import DTFDMIL
 from ..bag_classifier import BagClassifier
 from ..embedder import PatchEmbedder, thaw_batchnorm
 from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
@@ -39,6 +40,7 @@ __all__ = [
 Reduction = Literal["batchmean", "mean"]  # per patch (ours), or per element as the authors' code (see the loss)
 FeatureInput = Literal["student", "teacher"]  # whose features the student head reduces in the feature term
 SelectBy = Literal["agreement", "mae"]  # the held-out criterion of the best epoch (see Distillation)
+PatchPool = Literal["train", "train+val"]  # the slides whose patches distil: the bag phase's train, or train and val
 StudentBatchNorm = Literal["as_embedder", "train"]  # the student's BatchNorm statistics: as E_i has them, or adapting
 
 
@@ -104,19 +106,25 @@ def distillation_loss(
 
 
 def confidence_weights(scores: Tensor, beta: float | None) -> Tensor:
-    """|2a - 1|^beta with a = the teacher's raw attention `scores` min-max normalised over the batch (TMI ICMIL's
-    confidence weighting; `Aggregator.attention_scores`, before any softmax).
+    """|2a - 1|^beta per patch, TMI ICMIL's confidence weighting, from the teacher's attention `scores` of a batch's
+    patches (`Aggregator.attention_scores`).
 
+    (N,) raw scores (ABMIL, CLAM-SB; beta 6 in the paper): a = the scores min-max normalised over the batch, as the
+    authors' ABMIL code (`isNorm=False`). (N, T) tiered scores (DTFD-MIL, the authors' "dual" code, beta 2): a = the
+    product over tiers of each tier's softmax over the batch, min-max normalised; their DTFD script calls the
+    attention with its default softmax, and min-max of a softmax is min-max of exp(score), not of the score.
     Patches the teacher scores lowest or highest count fully; middling ones, whose pseudo-labels are least
-    trustworthy, fade out. beta None, or scores equal on every patch, weigh every patch 1.
+    trustworthy, fade out. beta None, or a tier equal on every patch, weigh every patch 1.
     """
     scores = scores.detach().float()
+    n = scores.shape[0]
     if beta is None:
-        return torch.ones_like(scores)
-    span = scores.max() - scores.min()
-    if span <= 0:
-        return torch.ones_like(scores)
-    a = (scores - scores.min()) / span
+        return scores.new_ones(n)
+    tiers = scores.unsqueeze(1) if scores.ndim == 1 else scores.softmax(dim=0)
+    span = tiers.amax(0) - tiers.amin(0)
+    if (span <= 0).any():
+        return scores.new_ones(n)
+    a = ((tiers - tiers.amin(0)) / span).prod(dim=1)
     return (2 * a - 1).abs().pow(beta)
 
 
@@ -155,11 +163,20 @@ class DistillationModule(pl.LightningModule):
         self.teacher.eval()
         return self
 
+    def teacher_logits(self, features: Tensor) -> Tensor:
+        """The frozen head per instance; for DTFD-MIL with `tier1_weight` w, (1 - w) x tier 2 + w x tier 1."""
+        logits = self.teacher_head.instance_logits(features)
+        w = self.cfg.tier1_weight
+        if w:
+            tier1 = self.teacher_head.head.tier1_instance_logits(self.teacher_head.normalize(features))
+            logits = (1 - w) * logits + w * tier1
+        return logits
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
         with torch.no_grad():
             t_features = self.teacher(images)
-            t_logits = self.teacher_head.instance_logits(t_features)
+            t_logits = self.teacher_logits(t_features)
             t_hidden = self.teacher_head.reduced_features(t_features) if self.cfg.feature_weight else None
             weights = None
             if self.cfg.confidence_beta is not None:
@@ -191,7 +208,7 @@ class DistillationModule(pl.LightningModule):
         view = random_flip_resized_crop(
             images, self.cfg.crop_scale, generator=torch.Generator().manual_seed(self.seed * 100_003 + batch_idx)
         )
-        teacher = self.teacher_head.instance_logits(self.teacher(images)).float()
+        teacher = self.teacher_logits(self.teacher(images)).float()
         student = self.student_head.instance_logits(self.student(view)).float()
         self.agreement.update(student.argmax(-1), teacher.argmax(-1))
         self.mae.update(student.softmax(-1), teacher.softmax(-1))
@@ -219,12 +236,16 @@ class Distillation(CouplingStrategy):
     per-element mean; "batchmean": ours, per patch) and `feature_input`: the student head's reduction of the
     teacher's features in the feature term ("teacher", the authors' code: only the instance term then reaches the
     embedder), or of the student's augmented features ("student", ours: the feature term trains the embedder too).
-    With `confidence_beta` (6 for ABMIL in the TMI paper) the first term is weighted by `confidence_weights` of the
-    teacher's raw attention scores of the batch's patches, min-max normalised within the batch, as the authors' code
-    does. Heads without raw scores (DTFD-MIL, whose "dual" weights are not built yet, TransMIL, DSMIL) refuse
-    `confidence_beta`.
+    With `confidence_beta` (6 for ABMIL, 2 for DTFD-MIL in the TMI code) the first term is weighted by
+    `confidence_weights` of the teacher's attention scores of the batch's patches (ABMIL, CLAM-SB: raw scores;
+    DTFD-MIL: the "dual" product of both tiers' attentions); heads without attention scores (TransMIL, DSMIL) refuse
+    it. `tier1_weight` (DTFD-MIL only; 0.3 in the TMI code, 0 in the MICCAI code) mixes the tier-1 classifier into the
+    teacher's logits, in training and validation alike (the authors' DTFD script validates against tier 2 alone).
 
-    Only training-split slides are used. `val_fraction` of their patches (fixed, seeded) is held out; when
+    `patch_pool` names the slides whose patches distil: "train" (ours: the bag phase's training split) or
+    "train+val" (the authors' code: their whole training folder, the bag phase's validation slides included; the
+    pseudo-labels use no slide label, and test slides are never used). `val_fraction` of the pool's patches (fixed,
+    seeded) is held out; when
     `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
     work validates. Criterion: `val/agreement`, the fraction of those patches whose student prediction (on a fixed
     augmented view) equals the teacher's on the clean patch, or with `select_by="mae"` (the authors' criterion) the
@@ -254,6 +275,8 @@ class Distillation(CouplingStrategy):
         select_by: SelectBy = "agreement",
         head_clip_norm: float | None = None,
         student_batchnorm: StudentBatchNorm = "as_embedder",
+        tier1_weight: float = 0.0,
+        patch_pool: PatchPool = "train",
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
@@ -286,6 +309,8 @@ class Distillation(CouplingStrategy):
             student_batchnorm,
         )
         check("head_clip_norm", head_clip_norm is None or head_clip_norm > 0, "a float > 0 or null", head_clip_norm)
+        check("tier1_weight", 0 <= tier1_weight <= 1, "a float in [0, 1]", tier1_weight)
+        check("patch_pool", patch_pool in ("train", "train+val"), "'train' or 'train+val'", patch_pool)
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -302,6 +327,8 @@ class Distillation(CouplingStrategy):
         self.select_by = select_by
         self.head_clip_norm = head_clip_norm
         self.student_batchnorm = student_batchnorm
+        self.tier1_weight = tier1_weight
+        self.patch_pool = patch_pool
 
     def _fit(
         self,
@@ -312,11 +339,12 @@ class Distillation(CouplingStrategy):
         root: Path,
         seed: int,
         labels: Mapping[str, int] | None,
+        val: list[SlidePatches],
     ) -> PatchEmbedder:
         module = DistillationModule(embedder, bag, self, seed)
         self._check_head(module.teacher_head)
         data = PatchSampleDataModule(
-            train,
+            train + val if self.patch_pool == "train+val" else train,
             patches_per_epoch=self.patches_per_epoch,
             val_fraction=self.val_fraction,
             batch_size=self.batch_size,
@@ -347,6 +375,11 @@ class Distillation(CouplingStrategy):
                 )
             if self.confidence_beta is not None and head.attention_scores(probe) is None:
                 raise ValueError(
-                    f"confidence_beta: needs an aggregator with raw attention scores (ABMIL, CLAMSB); "
+                    f"confidence_beta: needs an aggregator with attention scores (ABMIL, CLAMSB, DTFDMIL); "
                     f"{type(head.head).__name__} gives none"
                 )
+        if self.tier1_weight and not isinstance(head.head, DTFDMIL):
+            raise ValueError(
+                f"tier1_weight: mixes DTFD-MIL's tier-1 classifier into the teacher; {type(head.head).__name__} has "
+                "no tiers (use 0)"
+            )
