@@ -3,6 +3,8 @@ the generator's tumour masks (`icmil_pl.patch_probes`), each as a mean with its 
 difference to iteration 0 of the same seed; plus what one coupling iteration costs against the two-stage baseline.
 
     python benchmarks/bench_icmil.py [--seeds 5] [--out runs/bench_icmil] [--e2e-epochs 6] [--resume]
+        [--methods BagGradient Distillation ...] [--weights runs/ssl/embedder.pt] [--iterations 2]
+        [--compare runs/bench_icmil]
 
 Methods: ICMIL with BagGradient (`experiments/demo.yaml`), with the paper's Distillation as the authors' code runs it
 (`experiments/coupling/distillation.yaml`, MICCAI 2023) and with its TMI confidence weights (beta 6), and end-to-end
@@ -10,6 +12,11 @@ training (`experiments/demo_e2e.yaml`; compared with the two-stage baseline, ite
 sets `seed_everything` (embedder init, training order) and the split seed (which patients are test), so the
 intervals cover both. Cost of iteration i >= 1 = couple(i-1) + embed(i) + bag(i), baseline = embed(0) + bag(0), in
 the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes on where it stopped).
+
+`--weights` starts every method's embedder from a weights file (`experiments/pretrain_ssl.yaml` writes one; end to
+end too), `--methods` picks methods, `--iterations` sets the ICMIL iterations, and `--compare <other --out>` adds
+the paired difference, seed by seed, to the same method and iteration of another benchmark run (e.g. a pretrained
+start against random init).
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def icmil(run: Path, logs: Path, seed: int, extra: list[str], resume: bool) -> d
     return rows
 
 
-def end_to_end(root: Path, seed: int, epochs: int, resume: bool) -> dict:
+def end_to_end(root: Path, seed: int, epochs: int, resume: bool, extra: list[str]) -> dict:
     cached = root / "bench.json"
     if resume and cached.is_file():
         return json.loads(cached.read_text())
@@ -93,6 +100,7 @@ def end_to_end(root: Path, seed: int, epochs: int, resume: bool) -> dict:
             f"--trainer.max_epochs={epochs}",
             f"--trainer.default_root_dir={root}",
             f"--trainer.logger.init_args.save_dir={root}",
+            *extra,
         ]
     )
     it = json.loads(next(root.rglob("results.json")).read_text())["iterations"][0]
@@ -104,7 +112,7 @@ def end_to_end(root: Path, seed: int, epochs: int, resume: bool) -> dict:
 def report(runs: dict[str, list[list[dict]]], e2e: list[dict], epochs: int) -> None:
     """Per method and iteration: each measure's mean [95 % interval] over seeds, and the paired difference to
     iteration 0 of the same seed; then every seed's slide test AUROC."""
-    n = len(e2e)
+    n = len(next(iter(runs.values())))
     print(f"\n{n} seeds; mean [95 % interval]; d = paired difference to iteration 0 of the same seed")
     header = f"{'method':<17s} {'iter':>4s}"
     for name in MEASURES:
@@ -118,17 +126,36 @@ def report(runs: dict[str, list[list[dict]]], e2e: list[dict], epochs: int) -> N
                 diffs = [s[i][name] - s[0][name] for s in seeds]
                 line += f" {mean_interval(values)!s:>22s} {(mean_interval(diffs) if i else '-')!s:>23s}"
             print(line + f" {mean_interval([s[i]['cost'] for s in seeds]).mean:10.2f}")
-    baselines = [s[0] for s in runs["BagGradient"]]
-    cost = [e["seconds"] / (b["seconds"]) for e, b in zip(e2e, baselines, strict=True)]
-    diffs = [e["test"] - b["test"] for e, b in zip(e2e, baselines, strict=True)]
-    print(
-        f"{'end-to-end':<17s} {'-':>4s} {mean_interval([e['test'] for e in e2e])!s:>22s} "
-        f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {sum(cost) / n:.2f}x baseline)"
-    )
-    print("\nslide test AUROC per seed (iterations 0 / 1 / 2)")
+    baselines = [s[0] for s in next(iter(runs.values()))]
+    if e2e:
+        cost = [e["seconds"] / (b["seconds"]) for e, b in zip(e2e, baselines, strict=True)]
+        diffs = [e["test"] - b["test"] for e, b in zip(e2e, baselines, strict=True)]
+        print(
+            f"{'end-to-end':<17s} {'-':>4s} {mean_interval([e['test'] for e in e2e])!s:>22s} "
+            f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {sum(cost) / n:.2f}x "
+            "baseline)"
+        )
+    print("\nslide test AUROC per seed (iterations 0 / 1 / ...)")
     for method, seeds in runs.items():
         print(f"{method:<17s} " + "  ".join(" / ".join(f"{it['test']:.3f}" for it in s) for s in seeds))
-    print(f"{'end-to-end':<17s} " + "  ".join(f"{e['test']:.3f}" for e in e2e))
+    if e2e:
+        print(f"{'end-to-end':<17s} " + "  ".join(f"{e['test']:.3f}" for e in e2e))
+
+
+def compare(runs: dict[str, list[list[dict]]], other: Path) -> None:
+    """Paired differences, seed by seed, to the same method and iteration of the benchmark run in `other`."""
+    print(f"\npaired difference to {other} (same method, seed and iteration): mean [95 % interval]")
+    print(f"{'method':<17s} {'iter':>4s}" + "".join(f" {'d ' + name:>23s}" for name in MEASURES))
+    for method, seeds in runs.items():
+        base = [
+            json.loads((other / f"seed{k}" / method.replace(" ", "_") / "bench.json").read_text())
+            for k in range(len(seeds))
+        ]
+        for i in range(len(seeds[0])):
+            line = f"{method:<17s} {i:4d}"
+            for name in MEASURES:
+                line += f" {mean_interval([s[i][name] - b[i][name] for s, b in zip(seeds, base, strict=True)])!s:>23s}"
+            print(line)
 
 
 def main() -> None:
@@ -137,17 +164,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_icmil")
     parser.add_argument("--e2e-epochs", type=int, default=6)
     parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "end-to-end"], default=[*METHODS, "end-to-end"])
+    parser.add_argument("--weights", type=Path, help="the embedder's starting weights (default: random init)")
+    parser.add_argument("--iterations", type=int, help="ICMIL iterations (default: the demo's)")
+    parser.add_argument("--compare", type=Path, help="another benchmark's --out: paired differences to it")
     args = parser.parse_args()
+    if not set(args.methods) & set(METHODS):
+        parser.error("--methods: name at least one ICMIL method (end-to-end is compared with its iteration 0)")
     if not args.resume:
         shutil.rmtree(args.out, ignore_errors=True)
-    runs: dict[str, list[list[dict]]] = {method: [] for method in METHODS}
+    start = [f"--model.init_args.embedder.init_args.weights={args.weights.resolve()}"] if args.weights else []
+    if args.iterations is not None:
+        start.append(f"--model.init_args.iterations={args.iterations}")
+    runs: dict[str, list[list[dict]]] = {method: [] for method in METHODS if method in args.methods}
     e2e = []
     for seed in range(args.seeds):
-        for method, extra in METHODS.items():
+        for method in runs:
             run = args.out / f"seed{seed}" / method.replace(" ", "_")
-            runs[method].append(icmil(run, args.out / "logs", seed, extra, args.resume))
-        e2e.append(end_to_end(args.out / f"seed{seed}" / "end_to_end", seed, args.e2e_epochs, args.resume))
+            runs[method].append(icmil(run, args.out / "logs", seed, [*METHODS[method], *start], args.resume))
+        if "end-to-end" in args.methods:
+            weights = start[:1] if args.weights else []
+            e2e.append(end_to_end(args.out / f"seed{seed}" / "end_to_end", seed, args.e2e_epochs, args.resume, weights))
     report(runs, e2e, args.e2e_epochs)
+    if args.compare:
+        compare(runs, args.compare)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from data_modules.synthetic import load_cohort, tumour_mask
-
-DOWNSAMPLE = 4  # level-0 pixels per mask pixel: a 128 px demo patch is 32 x 32 mask pixels
-
-
-def tumour_patches(mask: np.ndarray, coords: np.ndarray, side: int) -> np.ndarray:
-    """Whether at least half of each patch (level-0 top-left `coords`, `side` px) lies in `mask`."""
-    cell = side // DOWNSAMPLE
-    fractions = [
-        mask[y // DOWNSAMPLE : y // DOWNSAMPLE + cell, x // DOWNSAMPLE : x // DOWNSAMPLE + cell].mean()
-        for x, y in coords
-    ]
-    return np.array(fractions) >= 0.5
+from data_modules.synthetic import slide_infos, tumour_patches
 
 
 def main() -> None:
@@ -41,13 +29,13 @@ def main() -> None:
     scores = zarr.open_group(str(args.run / "final" / "predict" / "scores.zarr"), mode="r")
     with (args.run / "final" / "predict" / "predictions.csv").open() as fh:
         predicted = {row["slide_id"]: row["predicted"] for row in csv.DictReader(fh)}
-    infos = {info.path.name.split(".")[0]: info for info in load_cohort(args.cohort)}
+    infos = slide_infos(args.cohort)
     print(f"{'slide':10s} {'predicted':>9s} {'n':>4s} {'k':>4s} {'top-k hits':>10s} {'chance':>6s}")
     hits_total = chance_total = 0.0
     for slide_id in sorted(s for s in test if infos[s].tumour):
         coords, attention = scores[slide_id]["coords"][:], scores[slide_id]["scores"][:]
         side = int(np.diff(np.unique(coords[:, 0])).min())
-        truth = tumour_patches(tumour_mask(infos[slide_id], DOWNSAMPLE), coords, side)
+        truth = tumour_patches(infos[slide_id], coords, side)
         n, k = len(truth), int(truth.sum())
         hits = int(truth[np.argsort(-attention, kind="stable")[:k]].sum())
         hits_total, chance_total = hits_total + hits, chance_total + k * k / n

@@ -7,7 +7,7 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,7 +29,8 @@ class PatchDataset(Dataset):
     Holds only paths and coordinates, so it pickles cheaply into DataLoader workers; each process opens a slide the
     first time it needs it (handles are never shared across processes). Normalisation is the embedder's job. With
     `skip_errors`, a patch that cannot be read (a broken tile) comes back blank with its `SlideError` message in
-    `error` (empty for every good patch), so the consumer can drop its slide and go on.
+    `error` (empty for every good patch), so the consumer can drop its slide and go on. `views` (e.g. lightly's
+    `SimCLRTransform`) adds `views`, its list of augmented views of the patch, computed in the loader's workers.
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class PatchDataset(Dataset):
         resample: Resample = "bilinear",
         max_open_slides: int = 8,
         skip_errors: bool = False,
+        views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
         self.slides = list(slides)
+        self.views = views
         self.resample = resample
         self.max_open_slides = max_open_slides
         self.skip_errors = skip_errors
@@ -54,9 +57,9 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"patch index {index} out of range for {len(self)} patches")
-        slide_idx = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        slide_idx, local = (int(v[0]) for v in self.locate(np.array([index])))
         entry = self.slides[slide_idx]
-        x, y = (int(v) for v in entry.grid.coords[index - self._offsets[slide_idx]])
+        x, y = (int(v) for v in entry.grid.coords[local])
         size = entry.grid.patch_size
         item = {"slide_id": entry.slide_id, "coords": torch.tensor([x, y], dtype=torch.int32)}
         try:
@@ -66,7 +69,14 @@ class PatchDataset(Dataset):
                 raise
             return {**item, "image": torch.zeros(3, size, size, dtype=torch.uint8), "error": str(error)}
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        if self.views is not None:
+            item["views"] = self.views(image)
         return {**item, "image": image, **({"error": ""} if self.skip_errors else {})}
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slide index, patch index within its slide) of each dataset index."""
+        slide = np.searchsorted(self._offsets, indices, side="right") - 1
+        return slide, np.asarray(indices) - self._offsets[slide]
 
     def slide_ranges(self) -> list[tuple[str, int, int]]:
         """(slide id, first, end) index ranges, for samplers and writers that work slide by slide."""
@@ -173,7 +183,7 @@ class PatchSampleDataModule(pl.LightningDataModule):
     draw of `patches_per_epoch` of the rest (the Trainer reloads the train loader every epoch).
 
     With `patches_per_epoch`, validation costs what it would with full epochs: the held-out part is cut to
-    `val_fraction` of an epoch's work."""
+    `val_fraction` of an epoch's work. `views` is `PatchDataset`'s."""
 
     def __init__(
         self,
@@ -184,9 +194,10 @@ class PatchSampleDataModule(pl.LightningDataModule):
         batch_size: int,
         num_workers: int,
         seed: int,
+        views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
-        self.dataset = PatchDataset(slides)
+        self.dataset = PatchDataset(slides, views=views)
         n = len(self.dataset)
         n_val = max(1, round(val_fraction * n))
         check("train", n - n_val >= 1, f"slides with at least 2 patches in all (val_fraction={val_fraction})", n)

@@ -29,7 +29,8 @@ import data_modules.feature_bags  # noqa: F401
 import data_modules.patches  # noqa: F401
 import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
-from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end  # noqa: F401
+import data_modules.unlabelled_patches  # noqa: F401
+from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain  # noqa: F401
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run
@@ -120,7 +121,9 @@ class ICMILCLI(LightningCLI):
         self._fit_start = time.perf_counter()
 
     def after_fit(self) -> None:
-        if not self.trainer.fast_dev_run:
+        """A slide model's best checkpoint is validated and tested into results.json; other models (SSLPretrain)
+        write their own outputs."""
+        if isinstance(self.model, SlideTask) and not self.trainer.fast_dev_run:
             fit_seconds = time.perf_counter() - self._fit_start
             self.results_dir = record_fit(self.trainer, self.model, self.datamodule, fit_seconds)
             self._print_wandb_locations()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +21,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from data_modules.feature_cache import FeatureCache
-from data_modules.synthetic import load_cohort, patch_tumour_fraction
+from data_modules.synthetic import slide_infos, tumour_patches
 
 from .bag_classifier import BagClassifier
 from .run_dir import RunDir, RunState, phase_key
 
-__all__ = ["TUMOUR_FRACTION", "instance_auroc", "linear_probe_auroc", "probe_run"]
-
-TUMOUR_FRACTION = 0.5  # a patch is a tumour patch when at least half of it lies inside the tumour mask
+__all__ = ["instance_auroc", "linear_probe_auroc", "probe_run"]
 
 
 def linear_probe_auroc(
@@ -57,7 +54,7 @@ def _patches(cache: FeatureCache, slide_ids: list[str], infos: dict) -> tuple[np
         bag = cache.read(slide_id)
         side = float(bag.attrs["level0_patch_size"])
         features.append(np.asarray(bag.features, np.float32))
-        truth.append(patch_tumour_fraction(infos[slide_id], bag.coords, side) >= TUMOUR_FRACTION)
+        truth.append(tumour_patches(infos[slide_id], bag.coords, side))
     return np.concatenate(features), np.concatenate(truth)
 
 
@@ -68,7 +65,7 @@ def probe_run(run_dir: str | os.PathLike, bag: BagClassifier, cohort_root: str |
     run = RunDir(run_dir)
     state = RunState(run.state_path)
     splits = json.loads(run.splits_path.read_text())
-    infos = {Path(info.path).name.split(".")[0]: info for info in load_cohort(cohort_root)}
+    infos = slide_infos(cohort_root)
     missing = sorted((set(splits["train"]) | set(splits["test"])) - set(infos))
     if missing:
         raise ValueError(f"cohort_root: {cohort_root} has no ground truth for slides {missing[:3]} of {run.root}")

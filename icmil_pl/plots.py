@@ -25,6 +25,7 @@ __all__ = [
     "montage_figure",
     "percentiles",
     "prediction_title",
+    "probe_figure",
     "roc_figure",
     "save_png",
     "score_map",
@@ -186,6 +187,17 @@ def iteration_figure(iterations: Sequence[dict], metric: str = "auroc") -> Figur
         ax.plot(its, [r[stage][metric] for r in iterations], marker="o", label=stage)
     ax.set(xlabel="ICMIL iteration", ylabel=name, xticks=its, title=f"{name} by ICMIL iteration")
     ax.legend()
+    return fig
+
+
+def probe_figure(aurocs: Sequence[float]) -> Figure:
+    """Linear-probe patch AUROC by pretraining epoch, from -1 (the initial weights)."""
+    fig = Figure(figsize=(4.5, 3.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    epochs = list(range(-1, len(aurocs) - 1))
+    ax.plot(epochs, aurocs, marker="o")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="epoch (-1 = initial weights)", ylabel="patch AUROC", title="Linear probe of the embedder")
     return fig
 
 

@@ -314,6 +314,17 @@ def test_distillation_patch_pool(cohort, tmp_path, monkeypatch, pool):
     assert len(seen["data"].pool) == n_train and probe.steps == -(-n_train // 16)  # every training patch once
 
 
+def test_distillation_fits_with_dtfd_dual_weights(cohort, tmp_path):
+    """The TMI DTFD-MIL setting end to end: dual confidence weights (beta 2) and the 0.7 / 0.3 tier-mixed teacher."""
+    slides, _ = cohort
+    embedder, bag = _models(DTFDMIL(64, hidden_dim=16, attention_dim=8))
+    strategy = Distillation(
+        lr=1e-3, batch_size=16, patches_per_epoch=32, num_workers=0, max_epochs=1, confidence_beta=2.0, tier1_weight=0.3
+    )
+    student = strategy.fit(embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path, seed=0)
+    assert student.weights_hash() != embedder.weights_hash()
+
+
 def test_distillation_can_select_the_epoch_by_the_authors_mae(cohort, tmp_path):
     slides, _ = cohort
     embedder, bag = _models()

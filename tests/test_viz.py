@@ -22,7 +22,7 @@ from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
 from data_modules.slides import open_slide
-from data_modules.synthetic import CohortSpec, load_cohort, make_cohort, tumour_mask
+from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, tumour_mask
 from data_modules.tiling import TilingConfig
 from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
@@ -332,7 +332,7 @@ def _train(root: Path) -> types.SimpleNamespace:
         enable_model_summary=False,
         default_root_dir=str(root / "fit"),
     ).fit(model, bags)
-    infos = {info.path.name.split(".")[0]: info for info in load_cohort(cohort)}
+    infos = slide_infos(cohort)
     return types.SimpleNamespace(
         root=root,
         cohort=cohort,

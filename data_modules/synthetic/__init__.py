@@ -11,7 +11,7 @@ sets how much of the tissue each focus covers, i.e. the MIL witness rate.
     textures.py    stroma and nuclei textures, the stain palette
     scene.py       the procedural slide: tissue, tumour foci, pixels at any level; the ground truth (SlideInfo)
     tiff.py        write_slide: one slide as SVS, generic TIFF or OME-TIFF, tile by tile in bounded memory
-    cohort.py      make_cohort / load_cohort: slides, labels.csv and cohort.json under one root
+    cohort.py      make_cohort / load_cohort / slide_infos: slides, labels.csv and cohort.json under one root
     datamodule.py  SyntheticCohortDataModule: a cohort written on first use, then read like any other
     __main__.py    python -m data_modules.synthetic ROOT [--n-slides ...] (options generated from CohortSpec)
 
@@ -20,8 +20,16 @@ Importing this package loads no torch: the data module is imported on first use.
 
 from importlib import import_module
 
-from .cohort import load_cohort, make_cohort
-from .scene import SlideInfo, TumourRegion, patch_tumour_fraction, render_region, tissue_mask, tumour_mask
+from .cohort import load_cohort, make_cohort, slide_infos
+from .scene import (
+    SlideInfo,
+    TumourRegion,
+    patch_tumour_fraction,
+    render_region,
+    tissue_mask,
+    tumour_mask,
+    tumour_patches,
+)
 from .spec import CLASSES, EXTENSIONS, CohortSpec, Compression, Flavour
 from .tiff import write_slide
 
@@ -37,9 +45,11 @@ __all__ = [
     "load_cohort",
     "make_cohort",
     "render_region",
+    "slide_infos",
     "patch_tumour_fraction",
     "tissue_mask",
     "tumour_mask",
+    "tumour_patches",
     "write_slide",
 ]
 

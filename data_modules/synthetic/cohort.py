@@ -17,7 +17,7 @@ from .scene import SlideInfo
 from .spec import CLASSES, EXTENSIONS, CohortSpec
 from .tiff import write_slide
 
-__all__ = ["load_cohort", "make_cohort"]
+__all__ = ["load_cohort", "make_cohort", "slide_infos"]
 
 
 def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
@@ -76,6 +76,11 @@ def load_cohort(root: str | os.PathLike) -> list[SlideInfo]:
     if not manifest.exists():
         raise ValueError(f"root: no cohort.json in {root}; run make_cohort first")
     return [SlideInfo.from_dict(s, root) for s in json.loads(manifest.read_text())["slides"]]
+
+
+def slide_infos(root: str | os.PathLike) -> dict[str, SlideInfo]:
+    """`load_cohort` by slide id (labels.csv's `slide_id`: the file name without its extensions)."""
+    return {info.path.name.split(".")[0]: info for info in load_cohort(root)}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "scene_of",
     "tissue_mask",
     "tumour_mask",
+    "tumour_patches",
 ]
 
 _FIELD_MARGIN = 1024  # px beyond the slide's right and bottom edges where the tissue field still varies
@@ -380,6 +381,11 @@ def patch_tumour_fraction(info: SlideInfo, coords: np.ndarray, side: float, down
     x1, y1 = np.minimum(x0 + cell, w), np.minimum(y0 + cell, h)
     inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return inside / (cell * cell)
+
+
+def tumour_patches(info: SlideInfo, coords: np.ndarray, side: float) -> np.ndarray:
+    """(N,) bool: the patches at least half inside the tumour, the patch-level truth every measurement uses."""
+    return patch_tumour_fraction(info, coords, side) >= 0.5
 
 
 def _check_downsample(downsample: float) -> float:
