@@ -4,7 +4,7 @@ difference to iteration 0 of the same seed; plus what one coupling iteration cos
 
     python benchmarks/bench_icmil.py [--seeds 5] [--out runs/bench_icmil] [--e2e-epochs 6] [--resume]
         [--methods BagGradient Distillation ...] [--weights runs/ssl/embedder.pt] [--iterations 2]
-        [--compare runs/bench_icmil]
+        [--compare runs/bench_icmil] [--report]
 
 Methods: ICMIL with BagGradient (`experiments/demo.yaml`), with the paper's Distillation as the authors' code runs it
 (`experiments/coupling/distillation.yaml`, MICCAI 2023) and with its TMI confidence weights (beta 6), and end-to-end
@@ -16,7 +16,8 @@ the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes
 `--weights` starts every method's embedder from a weights file (`experiments/pretrain_ssl.yaml` writes one; end to
 end too), `--methods` picks methods, `--iterations` sets the ICMIL iterations, and `--compare <other --out>` adds
 the paired difference, seed by seed, to the same method and iteration of another benchmark run (e.g. a pretrained
-start against random init).
+start against random init). `--seeds 3 4` runs those seeds only (to split a benchmark over processes), and
+`--report` prints the table of the finished runs in `--out`, each method over the seeds it has.
 """
 
 from __future__ import annotations
@@ -109,61 +110,67 @@ def end_to_end(root: Path, seed: int, epochs: int, resume: bool, extra: list[str
     return row
 
 
-def report(runs: dict[str, list[list[dict]]], e2e: list[dict], epochs: int) -> None:
-    """Per method and iteration: each measure's mean [95 % interval] over seeds, and the paired difference to
-    iteration 0 of the same seed; then every seed's slide test AUROC."""
-    n = len(next(iter(runs.values())))
-    print(f"\n{n} seeds; mean [95 % interval]; d = paired difference to iteration 0 of the same seed")
-    header = f"{'method':<17s} {'iter':>4s}"
+Runs = dict[str, dict[int, list[dict]]]  # method -> seed -> per-iteration rows
+
+
+def report(runs: Runs, e2e: dict[int, dict], epochs: int) -> None:
+    """Per method and iteration: each measure's mean [95 % interval] over the method's seeds, and the paired
+    difference to iteration 0 of the same seed; then every seed's slide test AUROC."""
+    print("\nmean [95 % interval] over seeds; d = paired difference to iteration 0 of the same seed")
+    header = f"{'method':<17s} {'seeds':>5s} {'iter':>4s}"
     for name in MEASURES:
         header += f" {name + ' AUROC':>22s} {'d ' + name:>23s}"
     print(header + f" {'x baseline':>10s}")
-    for method, seeds in runs.items():
-        for i in range(len(seeds[0])):
-            line = f"{method:<17s} {i:4d}"
+    for method, by_seed in runs.items():
+        seeds = list(by_seed.values())
+        for i in range(min(len(s) for s in seeds)):
+            line = f"{method:<17s} {len(seeds):5d} {i:4d}"
             for name in MEASURES:
                 values = [s[i][name] for s in seeds]
                 diffs = [s[i][name] - s[0][name] for s in seeds]
                 line += f" {mean_interval(values)!s:>22s} {(mean_interval(diffs) if i else '-')!s:>23s}"
             print(line + f" {mean_interval([s[i]['cost'] for s in seeds]).mean:10.2f}")
-    baselines = [s[0] for s in next(iter(runs.values()))]
+    baselines = {seed: rows[0] for by_seed in runs.values() for seed, rows in by_seed.items()}  # iteration 0
     if e2e:
-        cost = [e["seconds"] / (b["seconds"]) for e, b in zip(e2e, baselines, strict=True)]
-        diffs = [e["test"] - b["test"] for e, b in zip(e2e, baselines, strict=True)]
+        pairs = [(e, baselines[seed]) for seed, e in e2e.items()]
+        diffs = [e["test"] - b["test"] for e, b in pairs]
+        cost = sum(e["seconds"] / b["seconds"] for e, b in pairs) / len(pairs)
         print(
-            f"{'end-to-end':<17s} {'-':>4s} {mean_interval([e['test'] for e in e2e])!s:>22s} "
-            f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {sum(cost) / n:.2f}x "
-            "baseline)"
+            f"{'end-to-end':<17s} {len(e2e):5d} {'-':>4s} {mean_interval([e['test'] for e in e2e.values()])!s:>22s} "
+            f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {cost:.2f}x baseline)"
         )
     print("\nslide test AUROC per seed (iterations 0 / 1 / ...)")
-    for method, seeds in runs.items():
-        print(f"{method:<17s} " + "  ".join(" / ".join(f"{it['test']:.3f}" for it in s) for s in seeds))
+    for method, by_seed in runs.items():
+        print(
+            f"{method:<17s} "
+            + "  ".join(f"s{k}: " + " / ".join(f"{it['test']:.3f}" for it in s) for k, s in by_seed.items())
+        )
     if e2e:
-        print(f"{'end-to-end':<17s} " + "  ".join(f"{e['test']:.3f}" for e in e2e))
+        print(f"{'end-to-end':<17s} " + "  ".join(f"s{k}: {e['test']:.3f}" for k, e in e2e.items()))
 
 
-def compare(runs: dict[str, list[list[dict]]], other: Path) -> None:
+def compare(runs: Runs, other: Path) -> None:
     """Paired differences, seed by seed, to the same method and iteration of the benchmark run in `other`."""
     print(f"\npaired difference to {other} (same method, seed and iteration): mean [95 % interval]")
     print(f"{'method':<17s} {'iter':>4s}" + "".join(f" {'d ' + name:>23s}" for name in MEASURES))
-    for method, seeds in runs.items():
-        base = [
-            json.loads((other / f"seed{k}" / method.replace(" ", "_") / "bench.json").read_text())
-            for k in range(len(seeds))
-        ]
-        for i in range(len(seeds[0])):
+    for method, by_seed in runs.items():
+        base = {
+            k: json.loads((other / f"seed{k}" / method.replace(" ", "_") / "bench.json").read_text()) for k in by_seed
+        }
+        for i in range(min(len(s) for s in by_seed.values())):
             line = f"{method:<17s} {i:4d}"
             for name in MEASURES:
-                line += f" {mean_interval([s[i][name] - b[i][name] for s, b in zip(seeds, base, strict=True)])!s:>23s}"
+                line += f" {mean_interval([s[i][name] - base[k][i][name] for k, s in by_seed.items()])!s:>23s}"
             print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[5], help="N (seeds 0 .. N-1), or a list of seeds")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_icmil")
     parser.add_argument("--e2e-epochs", type=int, default=6)
     parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
+    parser.add_argument("--report", action="store_true", help="only print the table of the finished runs in --out")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, "end-to-end"], default=[*METHODS, "end-to-end"])
     parser.add_argument("--weights", type=Path, help="the embedder's starting weights (default: random init)")
     parser.add_argument("--iterations", type=int, help="ICMIL iterations (default: the demo's)")
@@ -171,20 +178,27 @@ def main() -> None:
     args = parser.parse_args()
     if not set(args.methods) & set(METHODS):
         parser.error("--methods: name at least one ICMIL method (end-to-end is compared with its iteration 0)")
-    if not args.resume:
+    seeds = range(args.seeds[0]) if len(args.seeds) == 1 else args.seeds
+    if not (args.resume or args.report):
         shutil.rmtree(args.out, ignore_errors=True)
     start = [f"--model.init_args.embedder.init_args.weights={args.weights.resolve()}"] if args.weights else []
     if args.iterations is not None:
         start.append(f"--model.init_args.iterations={args.iterations}")
-    runs: dict[str, list[list[dict]]] = {method: [] for method in METHODS if method in args.methods}
-    e2e = []
-    for seed in range(args.seeds):
+    runs: Runs = {method: {} for method in METHODS if method in args.methods}
+    e2e: dict[int, dict] = {}
+    for seed in seeds:
         for method in runs:
             run = args.out / f"seed{seed}" / method.replace(" ", "_")
-            runs[method].append(icmil(run, args.out / "logs", seed, [*METHODS[method], *start], args.resume))
-        if "end-to-end" in args.methods:
-            weights = start[:1] if args.weights else []
-            e2e.append(end_to_end(args.out / f"seed{seed}" / "end_to_end", seed, args.e2e_epochs, args.resume, weights))
+            if not args.report:
+                runs[method][seed] = icmil(run, args.out / "logs", seed, [*METHODS[method], *start], args.resume)
+            elif (run / "bench.json").is_file():
+                runs[method][seed] = json.loads((run / "bench.json").read_text())
+        root = args.out / f"seed{seed}" / "end_to_end"
+        if "end-to-end" in args.methods and not args.report:
+            e2e[seed] = end_to_end(root, seed, args.e2e_epochs, args.resume, start[:1] if args.weights else [])
+        elif "end-to-end" in args.methods and (root / "bench.json").is_file():
+            e2e[seed] = json.loads((root / "bench.json").read_text())
+    runs = {method: by_seed for method, by_seed in runs.items() if by_seed}
     report(runs, e2e, args.e2e_epochs)
     if args.compare:
         compare(runs, args.compare)
