@@ -47,6 +47,7 @@ class UnlabelledPatchDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.samples: PatchSampleDataModule | None = None
+        self._truth: tuple | None = None  # (val_truth(),) once computed
 
     def prepare_data(self) -> None:
         self.cohort.prepare_data()
@@ -72,7 +73,13 @@ class UnlabelledPatchDataModule(pl.LightningDataModule):
         return self.samples.val_dataloader()
 
     def val_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(tumour label, slide index) of each held-out patch in validation order, or None without ground truth."""
+        """(tumour label, slide index) of each held-out patch in validation order, or None without ground truth.
+        Computed once: the held-out patches are fixed, and the probe asks every epoch."""
+        if self._truth is None:
+            self._truth = (self._val_truth(),)
+        return self._truth[0]
+
+    def _val_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
         root = Path(self.cohort.labels).parent
         if not (root / "cohort.json").is_file():
             return None
