@@ -48,7 +48,11 @@ def test_a_long_stage_prints_its_progress_and_a_short_one_stays_quiet(capsys):
     ]
     _trainer(ProgressLog("iter0/bag", every_s=0.0)).fit(_Linear(), data)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["iter0/bag training: epoch 1/2 (0 s)", "iter0/bag training: epoch 2/2 (0 s)"]
+    assert lines[:6] == [
+        *(f"iter0/bag training: epoch 1/2, batch {k}/5 (0 s)" for k in range(1, 6)),
+        "iter0/bag training: epoch 1/2 (0 s)",
+    ]
+    assert lines[-2] == "iter0/bag training: epoch 2/2 (0 s)"
     assert lines[-1].startswith("iter0/bag training: done")
     _trainer(ProgressLog("iter0/bag")).predict(_Linear(), data)  # under 30 s: nothing to report
     assert capsys.readouterr().out == ""

@@ -46,8 +46,8 @@ class PhaseProgressBar(TQDMProgressBar):
 
 class ProgressLog(pl.Callback):
     """Progress as printed lines, for runs without a progress bar (logs of batch jobs, `enable_progress_bar: false`):
-    at most one line per `every_s` seconds per stage, and a closing line for a stage that took longer, so a long
-    predict or training phase is never silent."""
+    at most one line per `every_s` seconds per stage (within an epoch too: one SSL epoch can take minutes), and a
+    closing line for a stage that took longer, so a long predict or training phase is never silent."""
 
     def __init__(self, prefix: str, every_s: float = 30.0) -> None:
         self.prefix = prefix
@@ -63,9 +63,9 @@ class ProgressLog(pl.Callback):
             self._last = now
             print(f"{self.prefix} {what} ({_duration(now - self._start)})", flush=True)
 
-    def _batches(self, trainer: pl.Trainer, stage: str, batch_idx: int, total: int | float) -> None:
+    def _batches(self, trainer: pl.Trainer, where: str, batch_idx: int, total: int | float) -> None:
         of = "" if total in (float("inf"), 0) else f"/{int(total)}"
-        self._report(trainer, f"{stage}: batch {batch_idx + 1}{of}")
+        self._report(trainer, f"{where} batch {batch_idx + 1}{of}")
 
     def _end(self, trainer: pl.Trainer, stage: str) -> None:
         if time.monotonic() - self._start >= self.every_s:
@@ -73,6 +73,9 @@ class ProgressLog(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._begin()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches(trainer, f"training: {_epoch(trainer)},", batch_idx, trainer.num_training_batches)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, f"training: {_epoch(trainer)}")
@@ -84,7 +87,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batches(trainer, "testing", batch_idx, trainer.num_test_batches[dataloader_idx])
+        self._batches(trainer, "testing:", batch_idx, trainer.num_test_batches[dataloader_idx])
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "testing")
@@ -93,7 +96,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batches(trainer, "predicting", batch_idx, trainer.num_predict_batches[dataloader_idx])
+        self._batches(trainer, "predicting:", batch_idx, trainer.num_predict_batches[dataloader_idx])
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "predicting")
