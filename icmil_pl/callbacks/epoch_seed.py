@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader
 
 __all__ = ["EpochSeed"]
 
@@ -18,7 +20,26 @@ class EpochSeed(Callback):
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self._first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed = (self.seed * 1_000_003 + trainer.current_epoch * 7919 + trainer.global_rank) % 2**32
         pl.seed_everything(seed, workers=True, verbose=False)
+        if trainer.current_epoch > 0 and trainer.current_epoch == self._first_epoch:
+            _draw_loader_seeds(trainer)
+
+
+def _draw_loader_seeds(trainer: pl.Trainer) -> None:
+    """A resumed run's first epoch iterates a loader made before this epoch's reseed (Lightning makes it when fit
+    starts); an uninterrupted run makes epoch k's loader after it, which draws each loader's base seed from the
+    global generator. Drawing the same here keeps the epoch's dropout and augmentation those of the uninterrupted
+    run."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        if isinstance(loader, DataLoader) and loader.generator is None:
+            torch.empty((), dtype=torch.int64).random_()
