@@ -4,11 +4,11 @@ difference to iteration 0 of the same seed; plus what one coupling iteration cos
 
     python benchmarks/bench_icmil.py [--seeds 5] [--out runs/bench_icmil] [--e2e-epochs 6] [--resume]
         [--methods BagGradient Distillation ...] [--weights runs/ssl/embedder.pt] [--iterations 2]
-        [--compare runs/bench_icmil] [--report]
+        [--compare runs/bench_icmil] [--versus Distillation] [--report]
 
 Methods: ICMIL with BagGradient (`experiments/demo.yaml`), with the paper's Distillation as the authors' code runs it
-(`experiments/coupling/distillation.yaml`, MICCAI 2023) and with its TMI confidence weights (beta 6), and end-to-end
-training (`experiments/demo_e2e.yaml`; compared with the two-stage baseline, iteration 0, of the same seed). Seed s
+(`experiments/coupling/distillation.yaml`, MICCAI 2023), with its TMI confidence weights (beta 6) and as its control
+`BatchNorm only` (below), and end-to-end training (`experiments/demo_e2e.yaml`; compared with the two-stage baseline, iteration 0, of the same seed). Seed s
 sets `seed_everything` (embedder init, training order) and the split seed (which patients are test), so the
 intervals cover both. Cost of iteration i >= 1 = couple(i-1) + embed(i) + bag(i), baseline = embed(0) + bag(0), in
 the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes on where it stopped).
@@ -16,7 +16,9 @@ the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes
 `--weights` starts every method's embedder from a weights file (`experiments/pretrain_ssl.yaml` writes one; end to
 end too), `--methods` picks methods, `--iterations` sets the ICMIL iterations, and `--compare <other --out>` adds
 the paired difference, seed by seed, to the same method and iteration of another benchmark run (e.g. a pretrained
-start against random init). `--seeds 3 4` runs those seeds only (to split a benchmark over processes), and
+start against random init); `--versus <method>` the paired difference of every other method to that one in this run
+(e.g. Distillation against its control `BatchNorm only`, whose student's lr is 1e-30: nothing but the BatchNorm
+statistics moves). `--seeds 3 4` runs those seeds only (to split a benchmark over processes), and
 `--report` prints the table of the finished runs in `--out`, each method over the seeds it has.
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +46,8 @@ METHODS = {
     "BagGradient": [],
     "Distillation": DISTILLATION,
     "Distillation TMI": [*DISTILLATION, "--model.init_args.coupling.init_args.confidence_beta=6"],
+    # the control: Distillation whose student cannot move (lr 1e-30); only its BatchNorm statistics adapt
+    "BatchNorm only": [*DISTILLATION, "--model.init_args.coupling.init_args.lr=1e-30"],
 }
 MEASURES = {"test": "slide test AUROC", "probe": "linear-probe patch AUROC", "instance": "bag-head patch AUROC"}
 
@@ -151,16 +156,31 @@ def report(runs: Runs, e2e: dict[int, dict], epochs: int) -> None:
 
 def compare(runs: Runs, other: Path) -> None:
     """Paired differences, seed by seed, to the same method and iteration of the benchmark run in `other`."""
-    print(f"\npaired difference to {other} (same method, seed and iteration): mean [95 % interval]")
-    print(f"{'method':<17s} {'iter':>4s}" + "".join(f" {'d ' + name:>23s}" for name in MEASURES))
+
+    def base(method: str, seed: int) -> list[dict]:
+        return json.loads((other / f"seed{seed}" / method.replace(" ", "_") / "bench.json").read_text())
+
+    paired(runs, base, f"{other} (same method, seed and iteration)")
+
+
+def versus(runs: Runs, method: str) -> None:
+    """Paired differences of every other method to `method` of this run, over the seeds both have."""
+    if method not in runs:
+        raise SystemExit(f"--versus: no finished run of {method!r} in this benchmark")
+    others = {m: {k: s for k, s in by_seed.items() if k in runs[method]} for m, by_seed in runs.items() if m != method}
+    paired({m: by_seed for m, by_seed in others.items() if by_seed}, lambda _, k: runs[method][k], method)
+
+
+def paired(runs: Runs, base: Callable[[str, int], list[dict]], against: str) -> None:
+    """Per method and iteration, the mean [95 % interval] of each measure's difference to `base(method, seed)`."""
+    print(f"\npaired difference to {against}: mean [95 % interval] over seeds")
+    print(f"{'method':<17s} {'seeds':>5s} {'iter':>4s}" + "".join(f" {'d ' + name:>23s}" for name in MEASURES))
     for method, by_seed in runs.items():
-        base = {
-            k: json.loads((other / f"seed{k}" / method.replace(" ", "_") / "bench.json").read_text()) for k in by_seed
-        }
-        for i in range(min(len(s) for s in by_seed.values())):
-            line = f"{method:<17s} {i:4d}"
+        bases = {k: base(method, k) for k in by_seed}
+        for i in range(min(min(len(s), len(bases[k])) for k, s in by_seed.items())):
+            line = f"{method:<17s} {len(by_seed):5d} {i:4d}"
             for name in MEASURES:
-                line += f" {mean_interval([s[i][name] - base[k][i][name] for k, s in by_seed.items()])!s:>23s}"
+                line += f" {mean_interval([s[i][name] - bases[k][i][name] for k, s in by_seed.items()])!s:>23s}"
             print(line)
 
 
@@ -175,6 +195,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="the embedder's starting weights (default: random init)")
     parser.add_argument("--iterations", type=int, help="ICMIL iterations (default: the demo's)")
     parser.add_argument("--compare", type=Path, help="another benchmark's --out: paired differences to it")
+    parser.add_argument("--versus", choices=METHODS, help="paired differences of the other methods to this one")
     args = parser.parse_args()
     if not set(args.methods) & set(METHODS):
         parser.error("--methods: name at least one ICMIL method (end-to-end is compared with its iteration 0)")
@@ -202,6 +223,8 @@ def main() -> None:
     report(runs, e2e, args.e2e_epochs)
     if args.compare:
         compare(runs, args.compare)
+    if args.versus:
+        versus(runs, args.versus)
 
 
 if __name__ == "__main__":
