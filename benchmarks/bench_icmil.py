@@ -8,10 +8,11 @@ difference to iteration 0 of the same seed; plus what one coupling iteration cos
 
 Methods: ICMIL with BagGradient (`experiments/demo.yaml`), with the paper's Distillation as the authors' code runs it
 (`experiments/coupling/distillation.yaml`, MICCAI 2023), with its TMI confidence weights (beta 6) and as its control
-`BatchNorm only` (below), and end-to-end training (`experiments/demo_e2e.yaml`; compared with the two-stage baseline, iteration 0, of the same seed). Seed s
-sets `seed_everything` (embedder init, training order) and the split seed (which patients are test), so the
-intervals cover both. Cost of iteration i >= 1 = couple(i-1) + embed(i) + bag(i), baseline = embed(0) + bag(0), in
-the same run. `--resume` keeps finished runs in `--out` (a killed benchmark goes on where it stopped).
+`BatchNorm only` (below), and end-to-end training (`experiments/demo_e2e.yaml`; compared with the two-stage
+baseline, iteration 0, of the same seed). Seed s sets `seed_everything` (embedder init, training order) and the
+split seed (which patients are test), so the intervals cover both. Cost of iteration i >= 1 = couple(i-1) +
+embed(i) + bag(i), baseline = embed(0) + bag(0), in the same run (end to end: against the mean of the seed's
+iteration-0 timings). `--resume` keeps finished runs in `--out` (a killed benchmark goes on where it stopped).
 
 `--weights` starts every method's embedder from a weights file (`experiments/pretrain_ssl.yaml` writes one; end to
 end too), `--methods` picks methods, `--iterations` sets the ICMIL iterations, and `--compare <other --out>` adds
@@ -31,6 +32,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from statistics import fmean
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,11 +137,13 @@ def report(runs: Runs, e2e: dict[int, dict], epochs: int) -> None:
                 diffs = [s[i][name] - s[0][name] for s in seeds]
                 line += f" {mean_interval(values)!s:>22s} {(mean_interval(diffs) if i else '-')!s:>23s}"
             print(line + f" {mean_interval([s[i]['cost'] for s in seeds]).mean:10.2f}")
-    baselines = {seed: rows[0] for by_seed in runs.values() for seed, rows in by_seed.items()}  # iteration 0
+    iteration0: dict[int, list[dict]] = {}  # every method's iteration 0 of a seed: one config, timed once per method
+    for by_seed in runs.values():
+        for seed, rows in by_seed.items():
+            iteration0.setdefault(seed, []).append(rows[0])
     if e2e:
-        pairs = [(e, baselines[seed]) for seed, e in e2e.items()]
-        diffs = [e["test"] - b["test"] for e, b in pairs]
-        cost = sum(e["seconds"] / b["seconds"] for e, b in pairs) / len(pairs)
+        diffs = [e["test"] - iteration0[seed][0]["test"] for seed, e in e2e.items()]
+        cost = fmean(e["seconds"] / fmean(b["seconds"] for b in iteration0[seed]) for seed, e in e2e.items())
         print(
             f"{'end-to-end':<17s} {len(e2e):5d} {'-':>4s} {mean_interval([e['test'] for e in e2e.values()])!s:>22s} "
             f"{mean_interval(diffs)!s:>23s}  ({epochs} epochs, chunked; d to iteration 0; {cost:.2f}x baseline)"
