@@ -70,9 +70,9 @@ class SlideBag:
     def coords(self) -> np.ndarray:
         return self.patches.grid.coords[self.indices]
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=wait)
         if self._slide is not None:
             self._slide.close()
         self._slide = self._pool = None
@@ -81,7 +81,7 @@ class SlideBag:
         return {**self.__dict__, "_slide": None, "_pool": None}
 
     def __del__(self) -> None:
-        self.close()
+        self.close(wait=False)  # the collector may run this in one of the pool's own threads, which cannot join itself
 
 
 class SlideBagDataset(Dataset):

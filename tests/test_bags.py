@@ -54,6 +54,16 @@ def test_slide_bags_read_chunks_lazily(data, cohort):
         bag[3]
 
 
+def test_a_bag_collected_in_one_of_its_own_reader_threads_closes_quietly(data):
+    """The garbage collector may finalise a bag in any thread, one of its pool's included (seen in CI logs as
+    "cannot join current thread"); closing there must not wait for itself."""
+    bag = data.dataset("train")[0]["patches"]
+    bag[0:4]  # opens the slide and starts the reader threads
+    assert bag._pool is not None
+    bag._pool.submit(bag.__del__).result()
+    assert bag._slide is None and bag._pool is None
+
+
 def test_the_former_name_still_builds_the_same_data_module(cohort, tmp_path):
     old = PatchBagDataModule(str(cohort / "labels.csv"), str(cohort / "slides"), grid_cache=str(tmp_path))
     assert isinstance(old, SlideBagDataModule)
