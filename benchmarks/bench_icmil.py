@@ -137,11 +137,11 @@ def report(runs: Runs, e2e: dict[int, dict], epochs: int) -> None:
                 diffs = [s[i][name] - s[0][name] for s in seeds]
                 line += f" {mean_interval(values)!s:>22s} {(mean_interval(diffs) if i else '-')!s:>23s}"
             print(line + f" {mean_interval([s[i]['cost'] for s in seeds]).mean:10.2f}")
-    iteration0: dict[int, list[dict]] = {}  # every method's iteration 0 of a seed: one config, timed once per method
-    for by_seed in runs.values():
-        for seed, rows in by_seed.items():
-            iteration0.setdefault(seed, []).append(rows[0])
     if e2e:
+        iteration0: dict[int, list[dict]] = {}  # every method's iteration 0 of a seed: one config, timed per method
+        for by_seed in runs.values():
+            for seed, rows in by_seed.items():
+                iteration0.setdefault(seed, []).append(rows[0])
         diffs = [e["test"] - iteration0[seed][0]["test"] for seed, e in e2e.items()]
         cost = fmean(e["seconds"] / fmean(b["seconds"] for b in iteration0[seed]) for seed, e in e2e.items())
         print(

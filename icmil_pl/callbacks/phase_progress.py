@@ -63,10 +63,6 @@ class ProgressLog(pl.Callback):
             self._last = now
             print(f"{self.prefix} {what} ({_duration(now - self._start)})", flush=True)
 
-    def _batches(self, trainer: pl.Trainer, where: str, batch_idx: int, total: int | float) -> None:
-        of = "" if total in (float("inf"), 0) else f"/{int(total)}"
-        self._report(trainer, f"{where} batch {batch_idx + 1}{of}")
-
     def _end(self, trainer: pl.Trainer, stage: str) -> None:
         if time.monotonic() - self._start >= self.every_s:
             self._report(trainer, f"{stage}: done", force=True)
@@ -75,7 +71,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._batches(trainer, f"training: {_epoch(trainer)},", batch_idx, trainer.num_training_batches)
+        self._report(trainer, f"training: {_epoch(trainer)}, {_batch(batch_idx, trainer.num_training_batches)}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, f"training: {_epoch(trainer)}")
@@ -87,7 +83,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batches(trainer, "testing:", batch_idx, trainer.num_test_batches[dataloader_idx])
+        self._report(trainer, f"testing: {_batch(batch_idx, trainer.num_test_batches[dataloader_idx])}")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "testing")
@@ -96,7 +92,7 @@ class ProgressLog(pl.Callback):
         self._begin()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batches(trainer, "predicting:", batch_idx, trainer.num_predict_batches[dataloader_idx])
+        self._report(trainer, f"predicting: {_batch(batch_idx, trainer.num_predict_batches[dataloader_idx])}")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "predicting")
@@ -106,6 +102,12 @@ def _epoch(trainer: pl.Trainer) -> str:
     """`epoch k/n`, the running epoch (1-based) of the trainer's budget, or `epoch k` without one."""
     epochs = "" if trainer.max_epochs in (None, -1) else f"/{trainer.max_epochs}"
     return f"epoch {trainer.current_epoch + 1}{epochs}"
+
+
+def _batch(batch_idx: int, total: int | float) -> str:
+    """`batch k/n`, or `batch k` where the loader's length is unknown."""
+    of = "" if total in (float("inf"), 0) else f"/{int(total)}"
+    return f"batch {batch_idx + 1}{of}"
 
 
 def _duration(seconds: float) -> str:
