@@ -1,4 +1,5 @@
-"""The patch embedder: any timm backbone, optionally truncated, as a LightningModule whose `predict` is extraction."""
+"""The patch embedder: a foundation-model preset, a timm or hub backbone (CNNs optionally truncated), as a
+LightningModule whose `predict` is extraction."""
 
 from __future__ import annotations
 
@@ -6,66 +7,176 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-__all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm"]
+from .encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    EncoderPreset,
+    Interpolation,
+    Output,
+    build_backbone,
+    hub_weights,
+    load_weights,
+    weights_from_map,
+)
+from .finetune import Finetune, FullFinetune
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm"]
 
 
 class PatchEmbedder(pl.LightningModule):
-    """uint8 patches (B, 3, H, W) -> features (B, D).
+    """uint8 patches (B, 3, H, W) of any size -> features (B, D).
+
+    `backbone` is a preset name (`encoders.PRESETS`: uni, uni2-h, virchow2, ...), an `hf-hub:org/name` id or a timm
+    name; `model_kwargs` go to `timm.create_model` (over a preset's own). Preprocessing happens here, on the device,
+    so loaders ship compact uint8 tensors: the shorter side resized to `resize_size`, the centre `input_size` square
+    cut, `mean` / `std` normalisation; each left `None` takes the preset's value (timm ViTs: their own input size;
+    CNNs: no resize, ImageNet statistics). `output` picks the feature: `pooled` (timm's pooled output), `cls` or
+    `cls+mean` (the class token ++ the mean of the patch tokens, every class and register token skipped).
+    `feature_dim`, if given, is checked against the backbone's, so a config can interpolate it into the aggregator.
 
     `truncate_after` cuts a CNN after a named stage and average-pools it (ResNet50 after `layer3` = the 1024-d CLAM /
-    ICMIL standard). Normalisation happens here, on the device, so loaders ship compact uint8 tensors. With
-    `batchnorm="frozen"` BatchNorm layers always normalise with their running statistics, even in training mode
-    (their affine weights still learn; running statistics never change): small patch batches would corrupt the
-    statistics, and a chunked two-pass backward must see the same normalisation as a full-bag one. It is a property
-    of the layers, not of `.train()` calls, so no trainer or mode save/restore can undo it.
+    ICMIL standard). With `batchnorm="frozen"` BatchNorm layers always normalise with their running statistics, even in
+    training mode (their affine weights still learn; running statistics never change): small patch batches would
+    corrupt the statistics, and a chunked two-pass backward must see the same normalisation as a full-bag one. It is a
+    property of the layers, not of `.train()` calls, so no trainer or mode save/restore can undo it.
+
+    `finetune` (`finetune.Finetune`: full, LoRA, last k blocks, norms only) is what trains when a coupling or
+    end-to-end training fine-tunes this embedder (`start_finetune`); `merge_finetune` folds adapters back, so the
+    state dict of a fine-tuned embedder has the keys of the original. `grad_checkpointing` recomputes a ViT's block
+    activations in the backward pass (timm's `set_grad_checkpointing`): less memory per chunk, one more forward.
+    The recommended precision of a preset (`recommended_precision`) is the trainer's to apply (`trainer.precision`).
     """
 
     def __init__(
         self,
         backbone: str = "resnet50",
-        truncate_after: str | None = "layer3",
+        truncate_after: str | None = None,
         pretrained: bool = False,
         weights: str | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        model_kwargs: dict[str, Any] | None = None,
+        output: Output | None = None,
+        input_size: int | None = None,
+        resize_size: int | None = None,
+        interpolation: Interpolation | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        feature_dim: int | None = None,
         batchnorm: Literal["frozen", "train"] = "frozen",
         drop_path_rate: float = 0.0,
+        finetune: Finetune | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["finetune"])
+        preset = PRESETS.get(backbone)
+        if preset is not None and truncate_after is not None:
+            raise ValueError(f"truncate_after={truncate_after!r}: preset {backbone!r} is a ViT without stages to cut")
+        kwargs = {**(preset.model_kwargs if preset else {}), **(model_kwargs or {})}
+        name = preset.architecture if preset else backbone
+        from_map = weights_from_map(backbone) or (weights_from_map(preset.hub_id) if preset else None)
+        timm_pretrained = pretrained and preset is None and weights is None and from_map is None
+        self.backbone = build_backbone(name, kwargs, timm_pretrained, truncate_after, drop_path_rate)
+        self.finetune = finetune or FullFinetune()
+        self._finetuning = False
+        self.preset = backbone if preset else None
+        self.recommended_precision = preset.precision if preset else None
+        self.source = self._load(preset, pretrained, weights, from_map, truncate_after is not None)
+
+        is_vit = hasattr(self.backbone, "patch_embed") and hasattr(self.backbone, "forward_features")
+        self.output: Output = output or (preset.output if preset else "pooled")
+        if self.output != "pooled" and not (is_vit and getattr(self.backbone, "has_class_token", False)):
+            raise ValueError(f"output={self.output!r}: {backbone} has no class token; use output: pooled")
+        data = _data_config(self.backbone, backbone) if preset is None and is_vit else {}
+        self.input_size = input_size or (preset.input_size if preset else data.get("input_size"))
+        resize = resize_size or (preset.resize_size if preset else data.get("resize_size"))
+        if resize is None and self.input_size is not None:
+            resize = self.input_size
+        if self.input_size is not None and resize is not None and resize < self.input_size:
+            raise ValueError(f"resize_size={resize} is smaller than input_size={self.input_size}")
+        if is_vit:
+            _check_vit_input(self.backbone, backbone, self.input_size)
+        self.interpolation: Interpolation = interpolation or (preset.interpolation if preset else "bilinear")
+        mean = tuple(mean or (preset.mean if preset else data.get("mean", IMAGENET_MEAN)))
+        std = tuple(std or (preset.std if preset else data.get("std", IMAGENET_STD)))
         # the architecture as plain data (fingerprints, provenance): LightningCLI rewrites nested modules' hparams
         self.config = {
             "backbone": backbone,
+            "model_kwargs": {k: v if isinstance(v, str | int | float | bool) else repr(v) for k, v in kwargs.items()},
             "truncate_after": truncate_after,
+            "output": self.output,
+            "input_size": self.input_size,
+            "resize_size": resize,
+            "interpolation": self.interpolation,
             "mean": list(mean),
             "std": list(std),
             "batchnorm": batchnorm,
             "drop_path_rate": drop_path_rate,
         }
-        self.backbone = _build_backbone(backbone, truncate_after, pretrained, drop_path_rate)
-        if weights is not None:
-            _load_weights(self.backbone, Path(weights))
+        self.resize_size = resize
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         if batchnorm == "frozen":
             freeze_batchnorm(self.backbone)
+        if grad_checkpointing:
+            if not hasattr(self.backbone, "set_grad_checkpointing"):
+                raise ValueError(f"grad_checkpointing: {backbone} does not support it")
+            self.backbone.set_grad_checkpointing(True)
         info = getattr(self.backbone, "feature_info", None)
-        self.feature_dim = int(info.channels()[-1] if truncate_after else self.backbone.num_features)
+        width = int(info.channels()[-1] if truncate_after else self.backbone.num_features)
+        self.feature_dim = 2 * width if self.output == "cls+mean" else width
+        if feature_dim is not None and feature_dim != self.feature_dim:
+            raise ValueError(
+                f"feature_dim={feature_dim}: {backbone} with output {self.output} gives {self.feature_dim}-d features"
+            )
+
+    def _load(
+        self, preset: EncoderPreset | None, pretrained: bool, weights: str | None, from_map: Path | None, cut: bool
+    ) -> dict[str, Any]:
+        """Loads the weights a preset or a local file holds; returns where they came from (provenance)."""
+        source: dict[str, Any] = {"preset": self.preset, "hub_id": preset.hub_id if preset else None}
+        if weights is not None or (pretrained and from_map is not None):
+            path = Path(weights) if weights is not None else from_map
+            assert path is not None
+            load_weights(self.backbone, path, truncated=cut)
+            return source | {"weights": str(path)}
+        if pretrained and preset is not None:
+            path, revision = hub_weights(preset)
+            load_weights(self.backbone, path)
+            return source | {"weights": "hub", "hub_revision": revision}
+        if pretrained:
+            return source | {"weights": "timm pretrained", "hub_id": self.backbone.pretrained_cfg.get("hf_hub_id")}
+        return source | {"weights": "random init"}
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if self.resize_size is not None and min(x.shape[-2:]) != self.resize_size:
+            h, w = x.shape[-2:]
+            scale = self.resize_size / min(h, w)
+            size = (max(self.resize_size, round(h * scale)), max(self.resize_size, round(w * scale)))
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            top, left = (x.shape[-2] - self.input_size) // 2, (x.shape[-1] - self.input_size) // 2
+            x = x[..., top : top + self.input_size, left : left + self.input_size]
+        return (x - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        x = (x - self.mean) / self.std
+        x = self.preprocess(images)
+        if self.output != "pooled":
+            tokens = self.backbone.forward_features(x)
+            cls = tokens[:, 0]
+            if self.output == "cls":
+                return cls
+            return torch.cat([cls, tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)], dim=1)
         out = self.backbone(x)
         if isinstance(out, (list, tuple)):  # features_only: the last requested stage, pooled
             out = out[-1].mean(dim=(2, 3))
@@ -73,6 +184,20 @@ class PatchEmbedder(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch["image"])
+
+    def start_finetune(self) -> PatchEmbedder:
+        """Marks what trains by `finetune` (adapters injected), once; returns self."""
+        if not self._finetuning:
+            self.backbone = self.finetune.apply(self.backbone)
+            self._finetuning = True
+        return self
+
+    def merge_finetune(self) -> PatchEmbedder:
+        """Folds adapters into the backbone's weights (state-dict keys as before `start_finetune`); returns self."""
+        if self._finetuning:
+            self.backbone = self.finetune.merge(self.backbone)
+            self._finetuning = False
+        return self
 
     def fingerprint(self) -> str:
         """A short hash of the architecture, normalisation and current weights: feature caches are keyed by it."""
@@ -87,6 +212,43 @@ class PatchEmbedder(pl.LightningModule):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        """What a feature cache records of its embedder: the model, where its weights came from, how it reads."""
+        return {
+            **self.source,
+            "backbone": self.config["backbone"],
+            "truncate_after": self.config["truncate_after"],
+            "output": self.output,
+            "input_size": self.input_size,
+            "finetune": self.finetune.describe(),
+            "weights_hash": self.weights_hash(),
+            "feature_dim": self.feature_dim,
+        }
+
+
+def _data_config(backbone: nn.Module, name: str) -> dict[str, Any]:
+    """A timm ViT's own input size; for hub models also the resize and mean / std of their data config."""
+    if not name.startswith("hf-hub:"):
+        size = backbone.patch_embed.img_size
+        return {"input_size": int(size[0] if isinstance(size, tuple | list) else size)}
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    size = int(cfg["input_size"][-1])
+    resize = int(round(size / cfg.get("crop_pct", 1.0)))
+    return {"input_size": size, "resize_size": resize, "mean": cfg["mean"], "std": cfg["std"]}
+
+
+def _check_vit_input(backbone: nn.Module, name: str, input_size: int | None) -> None:
+    patch = backbone.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, tuple | list) else patch
+    if input_size is not None and input_size % patch:
+        raise ValueError(f"input_size={input_size}: {name} cuts {patch} px patches; use a multiple of {patch}")
+    native = backbone.patch_embed.img_size
+    native = native[0] if isinstance(native, tuple | list) else native
+    if input_size is not None and input_size != native and not getattr(backbone, "dynamic_img_size", False):
+        raise ValueError(
+            f"input_size={input_size}: {name} is built for {native} px; add model_kwargs dynamic_img_size: true"
+        )
 
 
 class _AlwaysEval:
@@ -129,40 +291,6 @@ def thaw_batchnorm(module: nn.Module) -> None:
         if type(child) in plain:
             child.__class__ = plain[type(child)]
             child.train(module.training)
-
-
-def _build_backbone(name: str, truncate_after: str | None, pretrained: bool, drop_path_rate: float) -> nn.Module:
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        raise ValueError(f"embedder backbone {name!r} is not a timm model name (see timm.list_models())")
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    if truncate_after is not None:
-        stages = [info["module"] for info in timm.create_model(name, pretrained=False, num_classes=0).feature_info]
-        if truncate_after not in stages:
-            raise ValueError(f"truncate_after={truncate_after!r}: {name} has stages {stages}")
-        kwargs |= {"features_only": True, "out_indices": (stages.index(truncate_after),)}
-    else:
-        kwargs["num_classes"] = 0
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except OSError as error:  # huggingface_hub's "not in the local cache" errors are OSErrors
-        raise ValueError(
-            f"embedder backbone {name!r}: pretrained weights are neither in the hub cache nor downloadable "
-            f"({type(error).__name__}); offline, give a local checkpoint as `weights: <file>`, or `pretrained: false` "
-            "for random initialisation"
-        ) from error
-
-
-def _load_weights(backbone: nn.Module, path: Path) -> None:
-    """A local checkpoint: a plain state dict, a Lightning checkpoint of a PatchEmbedder, or a timm file."""
-    if not path.is_file():
-        raise ValueError(f"embedder weights {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("backbone."): v for k, v in state.items()}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"embedder weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}")
-    del unexpected  # heads of a full classifier (fc.*) are fine: truncation drops them
 
 
 class LeNetEmbedder(nn.Module):

@@ -72,6 +72,8 @@ class EndToEndMIL(SlideTask):
         dim = getattr(embedder, "feature_dim", None)
         if dim is not None and dim != aggregator.in_dim:
             raise ValueError(f"aggregator in_dim={aggregator.in_dim}, but the embedder gives {dim}-d features")
+        if hasattr(embedder, "start_finetune"):  # a PatchEmbedder: its `finetune` setting says what trains
+            embedder.start_finetune()
         self.embedder = embedder
 
     # -- evaluation: chunked, no graph -------------------------------------------------------------------------------

@@ -345,6 +345,7 @@ class ICMILLoop:
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)
         embedder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        embedder.source = {**embedder.source, "weights": path}  # E_0's preset and hub revision, fine-tuned weights
         return embedder
 
     def _trainer(self, phase: Phase, i: int, root: os.PathLike, label: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ def test_truncation_gives_the_stage_width():
     assert embedder.feature_dim == 128 and out.shape == (2, 128)
     with pytest.raises(ValueError, match=r"truncate_after='layer9': resnet18 has stages"):
         PatchEmbedder("resnet18", truncate_after="layer9")
-    with pytest.raises(ValueError, match="not a timm model name"):
+    with pytest.raises(ValueError, match=r"neither a preset \(uni, .*\), an `hf-hub:org/name` id nor a timm model"):
         PatchEmbedder("no_such_net")
 
 
@@ -39,7 +39,7 @@ def test_pretrained_weights_offline_say_how_to_go_on(tmp_path, monkeypatch):
     """The experiments ship `pretrained: true`; on a machine without internet the error names the two ways out."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever is here
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    pattern = r"embedder backbone 'resnet18': pretrained weights .* `weights: <file>`, or `pretrained: false`"
+    pattern = r"resnet18: weights are neither in the hub cache nor downloadable .* `weights: <file>` .* `pretrained: f"
     for truncate_after in (None, "layer2"):
         with pytest.raises(ValueError, match=pattern):
             PatchEmbedder("resnet18", truncate_after=truncate_after, pretrained=True)

@@ -34,11 +34,10 @@ def cache_key(embedder: PatchEmbedder, tiling: TilingConfig) -> str:
 
 
 def provenance(embedder: PatchEmbedder, tiling: TilingConfig) -> dict:
+    """What the cache records of how its features were made: the embedder's `provenance` (preset, hub id and revision,
+    output mode, weights source and hash, fine-tuning) and the patch geometry."""
     return {
-        "backbone": embedder.config["backbone"],
-        "truncate_after": embedder.config["truncate_after"],
-        "weights_hash": embedder.weights_hash(),
-        "feature_dim": embedder.feature_dim,
+        **embedder.provenance(),
         "patch_size_px": tiling.patch_size,
         "patch_size_um": tiling.patch_size * tiling.mpp,
         "mpp": tiling.mpp,

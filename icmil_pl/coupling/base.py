@@ -57,7 +57,8 @@ class CouplingStrategy(ABC):
         logger, callbacks, ...); the strategy's own `max_epochs` overrides theirs. Checkpoints go under
         `root / "checkpoints"`, and a killed fit continues from its last epoch. `labels` (slide id -> class index) is
         needed by strategies that use slide labels (`needs_labels`). `val` are the bag phase's validation slides, which
-        a strategy that uses no slide label may learn from too (`Distillation.patch_pool`)."""
+        a strategy that uses no slide label may learn from too (`Distillation.patch_pool`). What trains is the
+        embedder's `finetune` setting; adapters are merged into the returned embedder's weights."""
         check("train", len(train) > 0, "at least one training slide", len(train))
         if self.needs_labels:
             missing = [s.slide_id for s in train if labels is None or s.slide_id not in labels]
@@ -65,7 +66,8 @@ class CouplingStrategy(ABC):
             classes = bag.aggregator.num_classes
             bad = {k: v for k, v in labels.items() if not 0 <= int(v) < classes}
             check("labels", not bad, f"class indices in [0, {classes})", bad)
-        return self._fit(embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val))
+        tuned = self._fit(embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val))
+        return tuned.merge_finetune()
 
     @abstractmethod
     def _fit(
@@ -136,7 +138,8 @@ def check_optimizer(lr: float, weight_decay: float, max_epochs: int) -> None:
 
 
 def trainable_copy(embedder: PatchEmbedder) -> PatchEmbedder:
-    return copy.deepcopy(embedder).requires_grad_(True).train()
+    """A copy in training mode whose `finetune` part takes gradients (adapters injected)."""
+    return copy.deepcopy(embedder).train().start_finetune()
 
 
 def best_checkpoint(root: Path, monitor: str, mode: str, **kwargs: Any) -> ModelCheckpoint:

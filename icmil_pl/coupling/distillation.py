@@ -223,7 +223,7 @@ class DistillationModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, self.cfg.head_clip_norm)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [*self.student.parameters(), *self.student_head.parameters()]
+        params = [p for p in (*self.student.parameters(), *self.student_head.parameters()) if p.requires_grad]
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
