@@ -51,6 +51,8 @@ def test_extraction_writes_one_group_per_slide(cohort, features):
     assert len(caches) == 1
     manifest = json.loads((caches[0] / "manifest.json").read_text())
     assert manifest["backbone"] == "resnet18" and manifest["feature_dim"] == 128
+    assert manifest["preset"] is None and manifest["weights"] == "random init" and manifest["output"] == "pooled"
+    assert manifest["finetune"] == {"kind": "FullFinetune"}
     assert manifest["patch_size_px"] == 64 and manifest["patch_size_um"] == pytest.approx(32.0)
     with open(cohort / "labels.csv") as fh:
         ids = [row["slide_id"] for row in csv.DictReader(fh)]

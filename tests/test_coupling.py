@@ -29,6 +29,7 @@ from icmil_pl.coupling import (
 )
 from icmil_pl.coupling.distillation import DistillationModule
 from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.finetune import LoRA
 
 # ---------------------------------------------------------------------------------------------------- pure functions
 
@@ -457,3 +458,33 @@ def test_bad_configuration(cohort, tmp_path):
     embedder, bag = _models()
     with pytest.raises(ValueError, match=r"^tier1_weight: mixes DTFD-MIL's tier-1 classifier"):
         Distillation(tier1_weight=0.3).fit(embedder, bag, slides[:1], trainer_kwargs={}, root=tmp_path, seed=0)
+
+
+@pytest.mark.parametrize("strategy", ["bag_gradient", "distillation"])
+def test_couplings_train_lora_adapters_and_return_merged_weights(cohort, tmp_path, strategy):
+    """A ViT with LoRA: only adapters (and, for Distillation, the student head) learn; E_{i+1} has E_i's keys."""
+    slides, labels = cohort
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    embedder = PatchEmbedder("vit_small_patch16_224", model_kwargs=kwargs, finetune=LoRA(rank=2, alpha=4.0))
+    bag = BagClassifier(ABMIL(32, hidden_dim=16, attention_dim=8))
+    before = copy.deepcopy(embedder)
+    probe = _Probe("aggregator" if strategy == "bag_gradient" else "teacher")
+    if strategy == "bag_gradient":
+        coupling = BagGradient(lr=1e-2, chunk_size=8, max_instances=12, read_threads=1, max_epochs=1)
+    else:
+        coupling = Distillation(lr=1e-2, batch_size=16, patches_per_epoch=32, num_workers=0, max_epochs=1)
+    tuned = coupling.fit(
+        embedder, bag, slides, labels=labels, root=tmp_path, seed=0, trainer_kwargs=_trainer_kwargs(tmp_path, probe)
+    )
+    module = probe.module
+    student = module.embedder if strategy == "bag_gradient" else module.student
+    assert probe.steps >= 1
+    optimizer = module.optimizers().optimizer
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer & {id(p) for p in student.parameters()} == {
+        id(p) for n, p in student.named_parameters() if "lora_" in n
+    }
+    assert tuned.state_dict().keys() == before.state_dict().keys() and _same(embedder, before)
+    changed = [k for k, v in tuned.backbone.state_dict().items() if not torch.equal(v, before.backbone.state_dict()[k])]
+    assert changed and all(k.endswith("weight") and k.split(".")[-2] in ("qkv", "proj", "fc1", "fc2") for k in changed)
