@@ -1,16 +1,20 @@
 """Peak memory and time per bag of the chunked bag backward against full-bag backward and per-chunk checkpointing.
 
-One training step (forward, loss, backward) of a ResNet-18 embedder (timm, random init, BatchNorm in eval mode) and a
-gated-attention ABMIL-like head on bags of 64x64 patches. Each (variant, bag size) runs in a fresh subprocess so that
-peak memory (max RSS on CPU, max allocated on CUDA) belongs to that configuration alone. Patches come from a lazy bag
-that generates them on demand (a 16384-patch float bag would be 800 MB by itself).
+One training step (forward, loss, backward) of an embedder and a gated-attention ABMIL-like head on one bag. Embedders
+(`--embedder`): `resnet18` (timm, random init, BatchNorm in eval mode) on 64x64 patches; `vit_small_lora` and
+`vit_small_full` (a `PatchEmbedder` of timm's ViT-S/16 at 224 px, random init, LoRA rank 8 on every block's qkv / proj /
+fc1 / fc2, or every weight trained; `--grad-checkpointing` recomputes block activations) on uint8 224x224 patches,
+with the trainable parameters and Adam's state bytes of both fine-tuning modes. Each (variant, bag size) runs in a
+fresh subprocess so that peak memory (max RSS on CPU, max allocated on CUDA) belongs to that configuration alone.
+Patches come from a lazy bag that generates them on demand (a 16384-patch float bag would be 800 MB by itself).
 
 Full-bag backward is run only while its estimated peak (its growth above the model's baseline, extrapolated linearly
 from the largest size measured so far) fits --budget-gb; the worker also caps its address space on CPU, so a
 misestimate reports OOM instead of taking the machine down. Timings are the fastest of --steps steps after one
-warm-up step (bags larger than --large warm up on a 256-patch bag and are timed once), over --rounds rounds.
+warm-up step (bags larger than --large warm up on a --warmup-size bag and are timed once), over --rounds rounds.
 
     python benchmarks/bench_chunked.py [--sizes 256 1024 4096 16384] [--device cpu|cuda] [--precision 32|bf16]
+    python benchmarks/bench_chunked.py --embedder vit_small_lora --chunk-size 32 --sizes 64 128 256 1024 8192
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 VARIANTS = ("chunked", "full", "checkpoint")
-PATCH = 64
+EMBEDDERS = ("resnet18", "vit_small_lora", "vit_small_full")
+PATCH = {"resnet18": 64, "vit_small_lora": 224, "vit_small_full": 224}
 GB = 1024**3
 
 
 class SyntheticBag:
-    """Deterministic patches generated on read: smooth per-patch patterns, no storage beyond one chunk."""
+    """Deterministic patches generated on read: smooth per-patch patterns, no storage beyond one chunk (float in
+    [-1, 1], or uint8 as slides are read)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        c, y, x = torch.meshgrid(torch.arange(3.0), torch.arange(PATCH * 1.0), torch.arange(PATCH * 1.0), indexing="ij")
+    def __init__(self, n: int, patch: int = 64, uint8: bool = False) -> None:
+        self.n, self.uint8 = n, uint8
+        c, y, x = torch.meshgrid(torch.arange(3.0), torch.arange(patch * 1.0), torch.arange(patch * 1.0), indexing="ij")
         self.grid = 1.3 * c + 0.11 * y + 0.07 * x
 
     def __len__(self) -> int:
@@ -47,7 +53,39 @@ class SyntheticBag:
 
     def __getitem__(self, index: slice) -> torch.Tensor:
         ids = torch.arange(*index.indices(self.n), dtype=torch.float32)
-        return torch.sin(self.grid + 0.37 * ids[:, None, None, None])
+        patches = torch.sin(self.grid + 0.37 * ids[:, None, None, None])
+        return ((patches + 1) * 127.5).to(torch.uint8) if self.uint8 else patches
+
+
+def make_embedder(name: str, grad_checkpointing: bool = False) -> nn.Module:
+    import timm
+
+    if name == "resnet18":
+        return timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    from icmil_pl.embedder import PatchEmbedder
+    from icmil_pl.finetune import FullFinetune, LoRA
+
+    finetune = LoRA(rank=8, alpha=16.0) if name == "vit_small_lora" else FullFinetune()
+    embedder = PatchEmbedder("vit_small_patch16_224", finetune=finetune, grad_checkpointing=grad_checkpointing)
+    return embedder.start_finetune().eval()
+
+
+def parameter_summary() -> None:
+    """Trainable parameters and Adam's state (exp_avg, exp_avg_sq, step) after one step, LoRA vs full fine-tuning."""
+    rows = {}
+    for name in ("vit_small_lora", "vit_small_full"):
+        embedder = make_embedder(name)
+        params = [p for p in embedder.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer = torch.optim.Adam(params)
+        optimizer.step()
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+        rows[name] = (sum(p.numel() for p in params), sum(p.numel() for p in embedder.parameters()), state)
+    for name, (trainable, total, state) in rows.items():
+        print(f"  {name}: {trainable:,} trainable of {total:,} parameters, Adam state {state / 2**20:.2f} MiB")
+    lora, full = rows["vit_small_lora"], rows["vit_small_full"]
+    print(f"  LoRA / full: trainable {lora[0] / full[0]:.4f}x, optimizer state {lora[2] / full[2]:.4f}x")
 
 
 class GatedAttention(nn.Module):
@@ -94,19 +132,19 @@ def rss_bytes() -> int:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    import timm
-
     device = torch.device(args.device)
     if device.type == "cpu":  # guard: an allocation past the budget raises instead of swapping the machine to death
         limit = vm_size_bytes() + int(1.5 * args.budget_gb * GB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.manual_seed(0)
-    embedder = timm.create_model("resnet18", pretrained=False, num_classes=0).to(device).eval()
-    head = GatedAttention(embedder.num_features).to(device)
+    embedder = make_embedder(args.embedder, args.grad_checkpointing).to(device)
+    head = GatedAttention(getattr(embedder, "feature_dim", None) or embedder.num_features).to(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     large = args.size > args.large
-    warmup, steps = SyntheticBag(min(256, args.size) if large else args.size), 1 if large else args.steps
+    patch, uint8 = PATCH[args.embedder], args.embedder != "resnet18"
+    warm_size = min(args.warmup_size, args.size) if large else args.size
+    warmup, steps = SyntheticBag(warm_size, patch, uint8), 1 if large else args.steps
 
     def timed(bag: SyntheticBag) -> tuple[float, float]:
         """Wall seconds, and this process's CPU seconds (less sensitive to other jobs sharing the cores)."""
@@ -123,7 +161,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     try:
         timed(warmup)
-        seconds, cpu_seconds = min(timed(SyntheticBag(args.size)) for _ in range(steps))
+        seconds, cpu_seconds = min(timed(SyntheticBag(args.size, patch, uint8)) for _ in range(steps))
     except (RuntimeError, MemoryError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
@@ -145,8 +183,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_config(args: argparse.Namespace, variant: str, size: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--size", str(size)]
-    for flag in ("device", "precision", "chunk_size", "steps", "budget_gb", "large"):
+    for flag in ("device", "precision", "chunk_size", "steps", "budget_gb", "large", "warmup_size", "embedder"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         if proc.returncode in (-9, 137):  # killed by the kernel's OOM killer
@@ -165,9 +204,12 @@ def main(args: argparse.Namespace) -> None:
     sizes = sorted(args.sizes)
     results: dict[tuple[str, int], dict] = {}
     print(
-        f"device={args.device} precision={args.precision} chunk_size={args.chunk_size} patch={PATCH}px "
-        f"threads={torch.get_num_threads()} budget={args.budget_gb} GB (full bag)"
+        f"embedder={args.embedder} device={args.device} precision={args.precision} chunk_size={args.chunk_size} "
+        f"patch={PATCH[args.embedder]}px threads={torch.get_num_threads()} budget={args.budget_gb} GB (full bag)"
+        + (" grad_checkpointing" if args.grad_checkpointing else "")
     )
+    if args.embedder != "resnet18":
+        parameter_summary()
     print(f"{'variant':<11}{'N':>7}{'peak GB':>10}{'(base)':>8}{'s/bag':>10}{'cpu s':>9}{'patch/s':>10}  note")
     largest_full: dict | None = None  # sizes ascend, so the full bag's estimate extrapolates from below
     for size in sizes:
@@ -221,9 +263,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration; the fastest is reported")
     parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per configuration; fastest kept")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="full-bag runs only while estimated to fit")
+    parser.add_argument("--embedder", choices=EMBEDDERS, default="resnet18")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="ViTs: recompute block activations")
     parser.add_argument(
-        "--large", type=int, default=4096, help="bags larger than this warm up on a 256-patch bag and are timed once"
+        "--large", type=int, default=4096, help="bags larger than this warm up on a smaller bag and are timed once"
     )
+    parser.add_argument("--warmup-size", type=int, default=256, help="the warm-up bag of bags larger than --large")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)

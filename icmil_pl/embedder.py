@@ -10,19 +10,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
 from .encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PRESETS,
     EncoderPreset,
     Interpolation,
     Output,
+    Preprocessing,
     build_backbone,
     hub_weights,
     load_weights,
@@ -90,24 +88,15 @@ class PatchEmbedder(pl.LightningModule):
         self._finetuning = False
         self.preset = backbone if preset else None
         self.recommended_precision = preset.precision if preset else None
-        self.source = self._load(preset, pretrained, weights, from_map, truncate_after is not None)
-
-        is_vit = hasattr(self.backbone, "patch_embed") and hasattr(self.backbone, "forward_features")
         self.output: Output = output or (preset.output if preset else "pooled")
-        if self.output != "pooled" and not (is_vit and getattr(self.backbone, "has_class_token", False)):
+        if self.output != "pooled" and not getattr(self.backbone, "has_class_token", False):
             raise ValueError(f"output={self.output!r}: {backbone} has no class token; use output: pooled")
-        data = _data_config(self.backbone, backbone) if preset is None and is_vit else {}
-        self.input_size = input_size or (preset.input_size if preset else data.get("input_size"))
-        resize = resize_size or (preset.resize_size if preset else data.get("resize_size"))
-        if resize is None and self.input_size is not None:
-            resize = self.input_size
-        if self.input_size is not None and resize is not None and resize < self.input_size:
-            raise ValueError(f"resize_size={resize} is smaller than input_size={self.input_size}")
-        if is_vit:
-            _check_vit_input(self.backbone, backbone, self.input_size)
-        self.interpolation: Interpolation = interpolation or (preset.interpolation if preset else "bilinear")
-        mean = tuple(mean or (preset.mean if preset else data.get("mean", IMAGENET_MEAN)))
-        std = tuple(std or (preset.std if preset else data.get("std", IMAGENET_STD)))
+        reading = Preprocessing.resolve(
+            self.backbone, backbone, preset, input_size, resize_size, interpolation, mean, std
+        )
+        self.input_size, self.resize_size, self.interpolation = reading.input_size, reading.resize_size, reading.mode
+        mean, std = reading.mean, reading.std
+        self.source = self._load(preset, pretrained, weights, from_map, truncate_after is not None)  # settings checked
         # the architecture as plain data (fingerprints, provenance): LightningCLI rewrites nested modules' hparams
         self.config = {
             "backbone": backbone,
@@ -115,14 +104,13 @@ class PatchEmbedder(pl.LightningModule):
             "truncate_after": truncate_after,
             "output": self.output,
             "input_size": self.input_size,
-            "resize_size": resize,
+            "resize_size": self.resize_size,
             "interpolation": self.interpolation,
             "mean": list(mean),
             "std": list(std),
             "batchnorm": batchnorm,
             "drop_path_rate": drop_path_rate,
         }
-        self.resize_size = resize
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         if batchnorm == "frozen":
@@ -225,30 +213,6 @@ class PatchEmbedder(pl.LightningModule):
             "weights_hash": self.weights_hash(),
             "feature_dim": self.feature_dim,
         }
-
-
-def _data_config(backbone: nn.Module, name: str) -> dict[str, Any]:
-    """A timm ViT's own input size; for hub models also the resize and mean / std of their data config."""
-    if not name.startswith("hf-hub:"):
-        size = backbone.patch_embed.img_size
-        return {"input_size": int(size[0] if isinstance(size, tuple | list) else size)}
-    cfg = timm.data.resolve_data_config({}, model=backbone)
-    size = int(cfg["input_size"][-1])
-    resize = int(round(size / cfg.get("crop_pct", 1.0)))
-    return {"input_size": size, "resize_size": resize, "mean": cfg["mean"], "std": cfg["std"]}
-
-
-def _check_vit_input(backbone: nn.Module, name: str, input_size: int | None) -> None:
-    patch = backbone.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, tuple | list) else patch
-    if input_size is not None and input_size % patch:
-        raise ValueError(f"input_size={input_size}: {name} cuts {patch} px patches; use a multiple of {patch}")
-    native = backbone.patch_embed.img_size
-    native = native[0] if isinstance(native, tuple | list) else native
-    if input_size is not None and input_size != native and not getattr(backbone, "dynamic_img_size", False):
-        raise ValueError(
-            f"input_size={input_size}: {name} is built for {native} px; add model_kwargs dynamic_img_size: true"
-        )
 
 
 class _AlwaysEval:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHTS_MAP_ENV",
     "EncoderPreset",
     "Output",
+    "Preprocessing",
     "build_backbone",
     "hub_weights",
     "load_weights",
@@ -215,6 +216,83 @@ PRESETS: dict[str, EncoderPreset] = {
         gated=False,
     ),
 }
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone reads uint8 patches: resize the shorter side to `resize_size` (None: keep), cut the centre
+    `input_size` square (None: keep), normalise with mean / std."""
+
+    input_size: int | None
+    resize_size: int | None
+    mode: Interpolation
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def resolve(
+        cls,
+        backbone: nn.Module,
+        name: str,
+        preset: EncoderPreset | None,
+        input_size: int | None = None,
+        resize_size: int | None = None,
+        interpolation: Interpolation | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> Preprocessing:
+        """The given settings over the preset's; without a preset, a ViT's own input size (and a hub model's data
+        config), and for CNNs no resize and ImageNet statistics. ViT input sizes are checked against the model."""
+        vit = hasattr(backbone, "patch_embed") and hasattr(backbone, "forward_features")
+        default = _preset_reading(preset) if preset else _vit_reading(backbone, name) if vit else {}
+        size = input_size or default.get("input_size")
+        resize = resize_size or default.get("resize_size") or size
+        if size is not None and resize is not None and resize < size:
+            raise ValueError(f"resize_size={resize} is smaller than input_size={size}")
+        if vit:
+            _check_vit_input(backbone, name, size)
+        return cls(
+            size,
+            resize,
+            interpolation or default.get("mode", "bilinear"),
+            tuple(mean or default.get("mean", IMAGENET_MEAN)),
+            tuple(std or default.get("std", IMAGENET_STD)),
+        )
+
+
+def _preset_reading(preset: EncoderPreset) -> dict[str, Any]:
+    return {
+        "input_size": preset.input_size,
+        "resize_size": preset.resize_size,
+        "mode": preset.interpolation,
+        "mean": preset.mean,
+        "std": preset.std,
+    }
+
+
+def _vit_reading(backbone: nn.Module, name: str) -> dict[str, Any]:
+    """A timm ViT's own input size; for hub models also the resize and mean / std of their data config."""
+    if not name.startswith("hf-hub:"):
+        size = backbone.patch_embed.img_size
+        return {"input_size": int(size[0] if isinstance(size, tuple | list) else size)}
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    size = int(cfg["input_size"][-1])
+    resize = int(round(size / cfg.get("crop_pct", 1.0)))
+    return {"input_size": size, "resize_size": resize, "mean": cfg["mean"], "std": cfg["std"]}
+
+
+def _check_vit_input(backbone: nn.Module, name: str, input_size: int | None) -> None:
+    patch = backbone.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, tuple | list) else patch
+    if input_size is not None and input_size % patch:
+        raise ValueError(f"input_size={input_size}: {name} cuts {patch} px patches; use a multiple of {patch}")
+    native = backbone.patch_embed.img_size
+    native = native[0] if isinstance(native, tuple | list) else native
+    if input_size is not None and input_size != native and not getattr(backbone, "dynamic_img_size", False):
+        raise ValueError(
+            f"input_size={input_size}: {name} is built for {native} px; add model_kwargs dynamic_img_size: true"
+        )
+
 
 _CLASS_VALUED = ("_layer", "_fn", "_cls")  # kwargs whose values timm wants as classes or callables
 

@@ -17,6 +17,8 @@ ROOT = Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(ROOT.glob("*.yaml"))
 FRAGMENTS = sorted([*ROOT.glob("aggregators/*.yaml"), *ROOT.glob("coupling/*.yaml")])
 ICMIL_EXPERIMENTS = [ROOT / "demo.yaml", ROOT / "camelyon.yaml"]
+ENCODERS = sorted(ROOT.glob("encoders/*.yaml"))
+EMBEDDER_EXPERIMENTS = [*ICMIL_EXPERIMENTS, ROOT / "camelyon_uni2.yaml", ROOT / "demo_e2e.yaml"]
 README = Path(__file__).parents[1] / "README.md"
 
 
@@ -64,6 +66,20 @@ def test_fragment_composes(experiment, fragment, capsys):
         assert aggregator["init_args"]["in_dim"] == base["bag"]["init_args"]["aggregator"]["init_args"]["in_dim"]
     else:
         assert merged["coupling"]["class_path"].endswith("." + wanted["coupling"]["class_path"])
+
+
+@pytest.mark.parametrize("encoder", ENCODERS, ids=[p.stem for p in ENCODERS])
+def test_encoder_fragment_carries_its_feature_dim_to_the_aggregator(encoder, capsys):
+    """Each preset's fragment composes with every experiment that has an embedder, ICMIL or end to end."""
+    from icmil_pl.encoders import PRESETS
+
+    assert encoder.stem in PRESETS
+    for experiment in EMBEDDER_EXPERIMENTS:
+        model = _print_config(capsys, "fit", experiment, encoder)["model"]["init_args"]
+        embedder = model["embedder"]["init_args"]
+        aggregator = model["bag"]["init_args"]["aggregator"] if "bag" in model else model["aggregator"]
+        assert embedder["backbone"] == encoder.stem and embedder["truncate_after"] is None, experiment.stem
+        assert aggregator["init_args"]["in_dim"] == embedder["feature_dim"] == PRESETS[encoder.stem].feature_dim
 
 
 @pytest.mark.parametrize("command", _readme_commands(), ids=" ".join)
