@@ -71,7 +71,11 @@ def make_embedder(name: str, grad_checkpointing: bool = False) -> nn.Module:
 
 
 def parameter_summary() -> None:
-    """Trainable parameters and Adam's state (exp_avg, exp_avg_sq, step) after one step, LoRA vs full fine-tuning."""
+    """Trainable parameters and Adam's state (exp_avg, exp_avg_sq, step) after one step, LoRA vs full fine-tuning;
+    for the large presets, built on the meta device, the counts and Adam's float32 state (8 bytes a parameter)."""
+    from icmil_pl.embedder import PatchEmbedder
+    from icmil_pl.finetune import LoRA, trainable_parameter_count
+
     rows = {}
     for name in ("vit_small_lora", "vit_small_full"):
         embedder = make_embedder(name)
@@ -86,6 +90,14 @@ def parameter_summary() -> None:
         print(f"  {name}: {trainable:,} trainable of {total:,} parameters, Adam state {state / 2**20:.2f} MiB")
     lora, full = rows["vit_small_lora"], rows["vit_small_full"]
     print(f"  LoRA / full: trainable {lora[0] / full[0]:.4f}x, optimizer state {lora[2] / full[2]:.4f}x")
+    for preset in ("uni", "uni2-h", "virchow2", "h-optimus-0"):
+        with torch.device("meta"):
+            base = sum(p.numel() for p in PatchEmbedder(preset).parameters())
+            lora = trainable_parameter_count(PatchEmbedder(preset, finetune=LoRA(rank=8)).start_finetune())
+        print(
+            f"  {preset} + LoRA rank 8: {lora:,} trainable of {base:,} ({lora / base:.2%}), Adam state "
+            f"{8 * lora / 2**20:.0f} MiB vs {8 * base / 2**30:.1f} GiB for full fine-tuning"
+        )
 
 
 class GatedAttention(nn.Module):
@@ -208,8 +220,10 @@ def main(args: argparse.Namespace) -> None:
         f"patch={PATCH[args.embedder]}px threads={torch.get_num_threads()} budget={args.budget_gb} GB (full bag)"
         + (" grad_checkpointing" if args.grad_checkpointing else "")
     )
-    if args.embedder != "resnet18":
+    if args.embedder != "resnet18" or args.summary_only:
         parameter_summary()
+    if args.summary_only:
+        return
     print(f"{'variant':<11}{'N':>7}{'peak GB':>10}{'(base)':>8}{'s/bag':>10}{'cpu s':>9}{'patch/s':>10}  note")
     largest_full: dict | None = None  # sizes ascend, so the full bag's estimate extrapolates from below
     for size in sizes:
@@ -265,6 +279,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-gb", type=float, default=8.0, help="full-bag runs only while estimated to fit")
     parser.add_argument("--embedder", choices=EMBEDDERS, default="resnet18")
     parser.add_argument("--grad-checkpointing", action="store_true", help="ViTs: recompute block activations")
+    parser.add_argument("--summary-only", action="store_true", help="print the fine-tuning parameter summary, exit")
     parser.add_argument(
         "--large", type=int, default=4096, help="bags larger than this warm up on a smaller bag and are timed once"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data_modules.feature_cache import FeatureCache
 from helpers import icmil_args, write_labels
@@ -323,3 +324,42 @@ def test_linear_probe_auroc():
     assert abs(linear_probe_auroc(x[:200], y[:200], x[200:], y[200:]) - 0.5) < 0.1  # features that know nothing
     x[:, 3] += 4 * y
     assert linear_probe_auroc(x[:200], y[:200], x[200:], y[200:]) > 0.99
+
+
+def test_icmil_with_a_lora_vit_extracts_the_next_iteration_with_merged_weights(icmil_cohort, tmp_path):
+    """A ViT with LoRA through the whole loop (BagGradient): iter1/embedder.pt holds plain merged weights, and the
+    iteration-1 cache records that file as its weights, with the LoRA setting."""
+    vit = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    main(
+        icmil_args(
+            icmil_cohort,
+            tmp_path,
+            "fit",
+            # as JSON: jsonargparse turns a nested `truncate_after=null` on the command line into the string 'None'
+            "--model.init_args.embedder="
+            + json.dumps(
+                {
+                    "class_path": "PatchEmbedder",
+                    "init_args": {
+                        "backbone": "vit_small_patch16_224",
+                        "truncate_after": None,
+                        "model_kwargs": vit,
+                        "output": "cls",
+                        "finetune": {"class_path": "LoRA", "init_args": {"rank": 2}},
+                    },
+                }
+            ),
+            "--model.init_args.bag.init_args.aggregator.init_args.in_dim=32",
+            '--model.init_args.coupling={"class_path": "BagGradient", "init_args": {"chunk_size": 16, '
+            '"max_instances": 24, "read_threads": 1, "max_epochs": 1, "lr": 1e-2}}',
+        )
+    )
+    run = tmp_path / "run"
+    assert len(json.loads((run / "results.json").read_text())["iterations"]) == 2
+    e1 = torch.load(run / "iter1" / "embedder.pt", weights_only=True)
+    assert e1 and not any("lora" in k for k in e1) and "backbone.blocks.0.attn.qkv.weight" in e1
+    manifests = [json.loads(p.read_text()) for p in (run / "features").glob("*/manifest.json")]
+    coupled = [m for m in manifests if m["weights"] == str(run / "iter1" / "embedder.pt")]
+    assert len(manifests) == 2 and len(coupled) == 1
+    assert coupled[0]["finetune"] == {"kind": "LoRA", "rank": 2, "alpha": 16.0, "dropout": 0.0, "target_modules": ""}
+    assert coupled[0]["output"] == "cls" and coupled[0]["feature_dim"] == 32
