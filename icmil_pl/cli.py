@@ -31,6 +31,7 @@ import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 import data_modules.unlabelled_patches  # noqa: F401
 from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain  # noqa: F401
+from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run
@@ -74,6 +75,7 @@ class ICMILCLI(LightningCLI):
         self._wandb_offline_by_default = wandb_run.default_offline(self.trainer.loggers)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        self._mention_precision()
         if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
             wandb_run.start(
                 self.trainer.loggers, self._config(subcommand), announce_offline=self._wandb_offline_by_default
@@ -111,6 +113,15 @@ class ICMILCLI(LightningCLI):
 
     def _config(self, subcommand: str) -> dict:
         return yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False))
+
+    @rank_zero_only
+    def _mention_precision(self) -> None:
+        """A foundation-model preset run at another precision than its authors': said once, never changed."""
+        model = self.model if isinstance(self.model, PatchEmbedder) else getattr(self.model, "embedder", None)
+        usual = getattr(model, "recommended_precision", None)
+        precision = str(self.trainer.precision)
+        if usual is not None and usual != precision:
+            print(f"note: {model.preset} is usually run at precision {usual}; this trainer runs {precision}")
 
     @rank_zero_only
     def _print_wandb_locations(self) -> None:

@@ -271,14 +271,16 @@ def _preset_reading(preset: EncoderPreset) -> dict[str, Any]:
 
 
 def _vit_reading(backbone: nn.Module, name: str) -> dict[str, Any]:
-    """A timm ViT's own input size; for hub models also the resize and mean / std of their data config."""
+    """A timm ViT's own input size; for hub models also the resize, interpolation and mean / std of their data
+    config."""
     if not name.startswith("hf-hub:"):
         size = backbone.patch_embed.img_size
         return {"input_size": int(size[0] if isinstance(size, tuple | list) else size)}
     cfg = timm.data.resolve_data_config({}, model=backbone)
     size = int(cfg["input_size"][-1])
     resize = int(round(size / cfg.get("crop_pct", 1.0)))
-    return {"input_size": size, "resize_size": resize, "mean": cfg["mean"], "std": cfg["std"]}
+    mode = cfg.get("interpolation") if cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear"
+    return {"input_size": size, "resize_size": resize, "mode": mode, "mean": cfg["mean"], "std": cfg["std"]}
 
 
 def _check_vit_input(backbone: nn.Module, name: str, input_size: int | None) -> None:

@@ -236,3 +236,15 @@ def test_hub_ids_take_model_kwargs(monkeypatch):
     assert seen["name"] == "hf-hub:org/model" and seen["pretrained"] and seen["mlp_layer"] is timm.layers.SwiGLUPacked
     assert embedder.feature_dim == 16 and embedder(torch.zeros(1, 3, 48, 48, dtype=torch.uint8)).shape == (1, 16)
     assert (embedder.input_size, embedder.resize_size, embedder.mean.flatten()[0]) == (32, 40, 0.5)  # its data config
+
+
+def test_the_cli_mentions_a_preset_run_at_another_precision(capsys):
+    from types import SimpleNamespace
+
+    from icmil_pl.cli import ICMILCLI
+
+    with torch.device("meta"):
+        embedder = PatchEmbedder("uni2-h")
+    for model, precision in [(embedder, "32-true"), (SimpleNamespace(embedder=embedder), "bf16-mixed")]:
+        ICMILCLI._mention_precision(SimpleNamespace(model=model, trainer=SimpleNamespace(precision=precision)))
+    assert capsys.readouterr().out == "note: uni2-h is usually run at precision bf16-mixed; this trainer runs 32-true\n"
