@@ -18,7 +18,7 @@ EXPERIMENTS = sorted(ROOT.glob("*.yaml"))
 FRAGMENTS = sorted([*ROOT.glob("aggregators/*.yaml"), *ROOT.glob("coupling/*.yaml")])
 ICMIL_EXPERIMENTS = [ROOT / "demo.yaml", ROOT / "camelyon.yaml"]
 ENCODERS = sorted(ROOT.glob("encoders/*.yaml"))
-EMBEDDER_EXPERIMENTS = [*ICMIL_EXPERIMENTS, ROOT / "camelyon_uni2.yaml", ROOT / "demo_e2e.yaml"]
+ENCODER_EXPERIMENTS = [*ICMIL_EXPERIMENTS, ROOT / "camelyon_uni2.yaml"]
 README = Path(__file__).parents[1] / "README.md"
 
 
@@ -69,16 +69,17 @@ def test_fragment_composes(experiment, fragment, capsys):
 
 
 @pytest.mark.parametrize("encoder", ENCODERS, ids=[p.stem for p in ENCODERS])
-def test_encoder_fragment_carries_its_feature_dim_to_the_aggregator(encoder, capsys):
-    """Each preset's fragment composes with every experiment that has an embedder, ICMIL or end to end."""
+def test_encoder_fragment_sets_the_embedder_and_the_aggregator_width(encoder, capsys):
+    """Each preset's fragment composes with every ICMIL experiment, also before an aggregator fragment."""
     from icmil_pl.encoders import PRESETS
 
     assert encoder.stem in PRESETS
-    for experiment in EMBEDDER_EXPERIMENTS:
-        model = _print_config(capsys, "fit", experiment, encoder)["model"]["init_args"]
-        embedder = model["embedder"]["init_args"]
-        aggregator = model["bag"]["init_args"]["aggregator"] if "bag" in model else model["aggregator"]
-        assert embedder["backbone"] == encoder.stem and embedder["truncate_after"] is None, experiment.stem
+    for configs in [(experiment, encoder) for experiment in ENCODER_EXPERIMENTS] + [
+        (ROOT / "demo.yaml", encoder, ROOT / "aggregators" / "transmil.yaml")
+    ]:
+        model = _print_config(capsys, "fit", *configs)["model"]["init_args"]
+        embedder, aggregator = model["embedder"]["init_args"], model["bag"]["init_args"]["aggregator"]
+        assert embedder["backbone"] == encoder.stem and embedder["truncate_after"] is None, configs
         assert aggregator["init_args"]["in_dim"] == embedder["feature_dim"] == PRESETS[encoder.stem].feature_dim
 
 
