@@ -40,7 +40,7 @@ class PatchEmbedder(pl.LightningModule):
     cut, `mean` / `std` normalisation; each left `None` takes the preset's value (timm ViTs: their own input size;
     CNNs: no resize, ImageNet statistics). `output` picks the feature: `pooled` (timm's pooled output), `cls` or
     `cls+mean` (the class token ++ the mean of the patch tokens, every class and register token skipped).
-    `feature_dim`, if given, is checked against the backbone's, so a config can interpolate it into the aggregator.
+    `feature_dim`, if given, is checked against the backbone's (the encoder fragments state the width they give).
 
     `truncate_after` cuts a CNN after a named stage and average-pools it (ResNet50 after `layer3` = the 1024-d CLAM /
     ICMIL standard). With `batchnorm="frozen"` BatchNorm layers always normalise with their running statistics, even in
@@ -81,7 +81,7 @@ class PatchEmbedder(pl.LightningModule):
             raise ValueError(f"truncate_after={truncate_after!r}: preset {backbone!r} is a ViT without stages to cut")
         kwargs = {**(preset.model_kwargs if preset else {}), **(model_kwargs or {})}
         name = preset.architecture if preset else backbone
-        from_map = weights_from_map(backbone) or (weights_from_map(preset.hub_id) if preset else None)
+        from_map = weights_from_map(backbone, *([preset.hub_id] if preset else []))
         timm_pretrained = pretrained and preset is None and weights is None and from_map is None
         self.backbone = build_backbone(name, kwargs, timm_pretrained, truncate_after, drop_path_rate)
         self.finetune = finetune or FullFinetune()

@@ -15,7 +15,7 @@ import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,10 +66,38 @@ class EncoderPreset:
     gated: bool = True  # the hub asks users to accept a licence before downloading
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in this order
 
-    @property
-    def licence_page(self) -> str:
-        return f"https://huggingface.co/{self.hub_id}"
 
+def licence_page(hub_id: str) -> str:
+    return f"https://huggingface.co/{hub_id}"
+
+
+def _kaiko(architecture: str, model_kwargs: dict[str, Any], feature_dim: int) -> EncoderPreset:
+    """kaiko.ai's models as timm checkpoints (1aurent's mirrors): mean / std 0.5, not gated, float32."""
+    hub_id = f"1aurent/{architecture}.kaiko_ai_towards_large_pathology_fms"
+    half = (0.5, 0.5, 0.5)
+    return EncoderPreset(
+        hub_id, architecture, model_kwargs, feature_dim, mean=half, std=half, precision="32-true", gated=False
+    )
+
+
+_VIRCHOW = EncoderPreset(
+    "paige-ai/Virchow",
+    "vit_huge_patch14_224",
+    {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", **_SWIGLU, "dynamic_img_size": True},
+    2560,
+    output="cls+mean",
+    interpolation="bicubic",
+    precision="16-mixed",
+)
+_H_OPTIMUS = EncoderPreset(
+    "bioptimus/H-optimus-0",
+    "vit_giant_patch14_reg4_dinov2",
+    {"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
+    1536,
+    mean=_HOPTIMUS_MEAN,
+    std=_HOPTIMUS_STD,
+    precision="16-mixed",
+)
 
 PRESETS: dict[str, EncoderPreset] = {
     "uni": EncoderPreset(
@@ -97,57 +125,10 @@ PRESETS: dict[str, EncoderPreset] = {
         },
         1536,
     ),
-    "virchow": EncoderPreset(
-        "paige-ai/Virchow",
-        "vit_huge_patch14_224",
-        {
-            "img_size": 224,
-            "init_values": 1e-5,
-            "mlp_ratio": 5.3375,
-            "global_pool": "",
-            **_SWIGLU,
-            "dynamic_img_size": True,
-        },
-        2560,
-        output="cls+mean",
-        interpolation="bicubic",
-        precision="16-mixed",
-    ),
-    "virchow2": EncoderPreset(
-        "paige-ai/Virchow2",
-        "vit_huge_patch14_224",
-        {
-            "img_size": 224,
-            "init_values": 1e-5,
-            "mlp_ratio": 5.3375,
-            "global_pool": "",
-            **_SWIGLU,
-            "reg_tokens": 4,
-            "dynamic_img_size": True,
-        },
-        2560,
-        output="cls+mean",
-        interpolation="bicubic",
-        precision="16-mixed",
-    ),
-    "h-optimus-0": EncoderPreset(
-        "bioptimus/H-optimus-0",
-        "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        1536,
-        mean=_HOPTIMUS_MEAN,
-        std=_HOPTIMUS_STD,
-        precision="16-mixed",
-    ),
-    "h-optimus-1": EncoderPreset(
-        "bioptimus/H-optimus-1",
-        "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        1536,
-        mean=_HOPTIMUS_MEAN,
-        std=_HOPTIMUS_STD,
-        precision="16-mixed",
-    ),
+    "virchow": _VIRCHOW,
+    "virchow2": replace(_VIRCHOW, hub_id="paige-ai/Virchow2", model_kwargs={**_VIRCHOW.model_kwargs, "reg_tokens": 4}),
+    "h-optimus-0": _H_OPTIMUS,
+    "h-optimus-1": replace(_H_OPTIMUS, hub_id="bioptimus/H-optimus-1"),
     "h0-mini": EncoderPreset(  # mlp_ratio inferred from the published 86M parameters: its hub config is not public
         "bioptimus/H0-mini",
         "vit_base_patch14_reg4_dinov2",
@@ -175,36 +156,10 @@ PRESETS: dict[str, EncoderPreset] = {
         interpolation="bicubic",
         precision="16-mixed",
     ),
-    "kaiko-vit-s16": EncoderPreset(
-        "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        "vit_small_patch16_224",
-        {"dynamic_img_size": True},
-        384,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        precision="32-true",
-        gated=False,
-    ),
-    "kaiko-vit-b16": EncoderPreset(
-        "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        "vit_base_patch16_224",
-        {"dynamic_img_size": True},
-        768,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        precision="32-true",
-        gated=False,
-    ),
-    "kaiko-vit-l14": EncoderPreset(
-        "1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms",
-        "vit_large_patch14_reg4_dinov2",
-        {"img_size": 518, "dynamic_img_size": True},  # trained at 518 px, run at 224 (dynamic size)
-        1024,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        precision="32-true",
-        gated=False,
-    ),
+    "kaiko-vit-s16": _kaiko("vit_small_patch16_224", {"dynamic_img_size": True}, 384),
+    "kaiko-vit-b16": _kaiko("vit_base_patch16_224", {"dynamic_img_size": True}, 768),
+    # trained at 518 px, run at 224 (dynamic size)
+    "kaiko-vit-l14": _kaiko("vit_large_patch14_reg4_dinov2", {"img_size": 518, "dynamic_img_size": True}, 1024),
     "lunit-dino-s8": EncoderPreset(  # Lunit's own training statistics (TRIDENT feeds ImageNet's)
         "1aurent/vit_small_patch8_224.lunit_dino",
         "vit_small_patch8_224",
@@ -320,8 +275,6 @@ def build_backbone(
     """The backbone with random (or, for timm names and `hf-hub:` ids, timm's pretrained) weights; preset weights
     are loaded by the caller (`hub_weights`, `load_weights`), so a preset's architecture never depends on the hub."""
     kwargs = resolve_kwargs(kwargs)
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = drop_path_rate
     hub = name.startswith("hf-hub:")
     if not hub and name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise ValueError(
@@ -329,8 +282,10 @@ def build_backbone(
             "timm model name (see timm.list_models())"
         )
     if truncate_after is not None:
-        with torch.device("meta"):  # the stage names only: no memory, no initialisation
-            probe = _create(name, False, {**kwargs, "num_classes": 0}, hub)
+        # Built on the CPU, not the meta device: its random initialisation draws from the global generator, so the
+        # truncated model that follows starts from the same random state as it always has, and so do a random-init
+        # E_0 and every figure trained from one.
+        probe = _create(name, False, {**kwargs, "num_classes": 0}, hub)
         info = getattr(probe, "feature_info", None)
         if hasattr(probe, "blocks") or not info:
             raise ValueError(
@@ -343,6 +298,8 @@ def build_backbone(
         kwargs |= {"features_only": True, "out_indices": (stages.index(truncate_after),)}
     else:
         kwargs["num_classes"] = 0
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
     return _create(name, pretrained, kwargs, hub)
 
 
@@ -361,21 +318,21 @@ def _hub_error(hub_id: str, error: BaseException, gated: bool) -> str:
     if isinstance(error, GatedRepoError):
         return (
             f"{hub_id} is gated on the Hugging Face hub and this account has no access: accept the licence at "
-            f"https://huggingface.co/{hub_id}, then `huggingface-cli login`; or give a local file as `weights: <file>`"
+            f"{licence_page(hub_id)}, then `huggingface-cli login`; or give a local file as `weights: <file>`"
         )
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return (
         f"{hub_id}: weights are neither in the hub cache nor downloadable{offline} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}); offline, give a local file as `weights: <file>` or map "
         f"the model in the JSON file named by ${WEIGHTS_MAP_ENV}; or `pretrained: false` for random weights"
-        + (f"; the model is gated: its licence is at https://huggingface.co/{hub_id}" if gated else "")
+        + (f"; the model is gated: its licence is at {licence_page(hub_id)}" if gated else "")
     )
 
 
 def hub_weights(preset: EncoderPreset) -> tuple[Path, str | None]:
     """Downloads (or finds in the hub cache) a preset's weights file; returns its path and the hub revision."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
+    from huggingface_hub.errors import GatedRepoError
 
     error: BaseException | None = None
     for filename in preset.hub_files:
@@ -383,7 +340,7 @@ def hub_weights(preset: EncoderPreset) -> tuple[Path, str | None]:
             path = Path(hf_hub_download(preset.hub_id, filename))
         except GatedRepoError as gated:
             raise ValueError(_hub_error(preset.hub_id, gated, True)) from gated
-        except (EntryNotFoundError, OSError) as missing:
+        except OSError as missing:  # not on the hub (EntryNotFoundError), not in the cache offline, HTTP errors
             error = missing
             continue
         revision = path.parent.name if path.parent.parent.name == "snapshots" else None
@@ -392,8 +349,8 @@ def hub_weights(preset: EncoderPreset) -> tuple[Path, str | None]:
     raise ValueError(_hub_error(preset.hub_id, error, preset.gated)) from error
 
 
-def weights_from_map(key: str) -> Path | None:
-    """The local weights file `$ICMIL_PL_WEIGHTS` maps `key` (a preset name or hub id) to, if any."""
+def weights_from_map(*keys: str) -> Path | None:
+    """The local weights file `$ICMIL_PL_WEIGHTS` maps the first of `keys` it holds (a preset name, a hub id) to."""
     source = os.environ.get(WEIGHTS_MAP_ENV)
     if not source:
         return None
@@ -406,7 +363,8 @@ def weights_from_map(key: str) -> Path | None:
         ) from error
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
         raise ValueError(f"${WEIGHTS_MAP_ENV}={source}: expected a JSON object {{name: weights file}}")
-    if key not in table:
+    key = next((k for k in keys if k in table), None)
+    if key is None:
         return None
     file = Path(table[key]).expanduser()
     return file if file.is_absolute() else path.parent / file

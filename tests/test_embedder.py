@@ -57,3 +57,17 @@ def test_frozen_batchnorm_survives_train_and_mode_restores():
     assert not isinstance(
         PatchEmbedder("resnet18", truncate_after="layer1", batchnorm="train").backbone.bn1, FrozenBatchNorm2d
     )
+
+
+def test_a_truncated_random_init_draws_the_random_stream_as_before():
+    """The stage probe is a CPU model whose initialisation draws from the global generator: built on the meta device
+    it would not, and every random-init E_0 (the demo's, and the figures trained from it) would change."""
+    import timm
+
+    torch.manual_seed(0)
+    embedder = PatchEmbedder("resnet18", truncate_after="layer2")
+    torch.manual_seed(0)
+    timm.create_model("resnet18", pretrained=False, num_classes=0)
+    reference = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(2,))
+    ours = embedder.backbone.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
