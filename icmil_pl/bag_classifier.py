@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .aggregators import Aggregator, MILOutput
+from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
 from .slide_task import ClassNames, Scheduler, SlideTask
 
@@ -53,8 +53,8 @@ class BagClassifier(SlideTask):
         """Standardised float32 features (caches may store float16; converting on the device is free)."""
         return (features.float() - self.feature_mean) / self.feature_std
 
-    def bag_output(self, batch: dict) -> MILOutput:
-        return self.aggregator(self.normalize(batch["features"]))
+    def instances(self, batch: dict) -> torch.Tensor:
+        return self.normalize(batch["features"])
 
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The bag head on each instance, standardization included: ICMIL's instance-level teacher."""

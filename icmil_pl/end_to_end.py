@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .aggregators import Aggregator, MILOutput
+from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
 from .chunked import Bag, bag_backward, embed_chunked
 from .slide_task import ClassNames, Scheduler, SlideTask
@@ -81,8 +81,8 @@ class EndToEndMIL(SlideTask):
         chunk = self.cfg.eval_chunk_size or self.cfg.chunk_size or len(patches)
         return embed_chunked(self.embedder, patches, chunk)
 
-    def bag_output(self, batch: dict) -> MILOutput:
-        return self.aggregator(self.embed(batch["patches"]))
+    def instances(self, batch: dict) -> torch.Tensor:
+        return self.embed(batch["patches"])
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Everything but the patches: a bag may be far larger than the accelerator's memory."""

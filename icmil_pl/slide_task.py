@@ -1,7 +1,7 @@
 """What every slide-level model shares: MIL loss, metrics per stage, checkpoint selection, the callbacks that write
 predictions and figures.
 
-Subclasses say how a batch (one bag) becomes an aggregator output (`bag_output`) and how they train.
+Subclasses say how a batch (one bag) becomes the instances the aggregator sees (`instances`) and how they train.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ class SlideTask(pl.LightningModule):
         )
 
     @abstractmethod
+    def instances(self, batch: dict) -> torch.Tensor:
+        """(N, in_dim): what the aggregator sees of one bag (evaluation: no graph bookkeeping)."""
+
     def bag_output(self, batch: dict) -> MILOutput:
-        """The aggregator output for one bag, without gradients bookkeeping (evaluation)."""
+        """The aggregator output for one bag (evaluation)."""
+        return self.aggregator(self.instances(batch))
 
     @property
     def class_labels(self) -> list[str]:
@@ -110,9 +114,13 @@ class SlideTask(pl.LightningModule):
         return None
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """The slide's probabilities, its attention, and every patch's class probabilities on its own (the bag head
+        applied to one instance: ICMIL's instance teacher), for heatmaps and the QuPath export."""
         out = None
         with self.unless_unreadable(batch):
-            out = self.bag_output(batch)
+            h = self.instances(batch)
+            out = self.aggregator(h)
+            instance_probs = self.aggregator.instance_logits(h).float().softmax(-1).cpu()
         if out is None:
             return None
         return {
@@ -120,6 +128,7 @@ class SlideTask(pl.LightningModule):
             "label": int(batch["label"]) if "label" in batch else None,
             "probs": out.logits.float().softmax(-1).cpu(),
             "attention": None if out.attention is None else out.attention.float().cpu(),
+            "instance_probs": instance_probs,
         }
 
     @contextlib.contextmanager

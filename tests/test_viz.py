@@ -4,12 +4,14 @@ must find the tumour of a generated slide (the tumour region of a synthetic slid
 from __future__ import annotations
 
 import csv
+import json
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import shapely
 import torch
 import zarr
 from matplotlib.contour import ContourSet
@@ -28,6 +30,7 @@ from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.callbacks import FigureWriter, extract_features
 from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.patch_scores import read_scores
 from icmil_pl.plots import (
     confusion_figure,
     grid_step,
@@ -375,7 +378,15 @@ def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
         scores = group["scores"][:]
         assert scores.shape == (len(features),) and np.isfinite(scores).all()
         assert scores.sum() == pytest.approx(1.0, abs=1e-4)  # ABMIL attention: a softmax over the bag
-        assert dict(group.attrs) == {"kind": "attention", "slide_id": slide_id}
+        scored = read_scores(tmp_path, slide_id)
+        assert (scored.kind, scored.slide_id, scored.label, scored.classes) == ("attention", slide_id, None, ["0", "1"])
+        # the slides are a synthetic cohort's files: its tumour outline comes with them, whatever the data module
+        assert scored.patch_side == PATCH and (scored.truth is not None) == trained.infos[slide_id].tumour
+        assert scored.slide_path == str((trained.cohort / "slides" / f"{slide_id}.tif").resolve())
+        with torch.no_grad():
+            expected = trained.model.instance_logits(torch.from_numpy(features)).softmax(-1).numpy()
+        np.testing.assert_allclose(scored.probs, expected, rtol=1e-5, atol=1e-7)
+        _check_geojson(tmp_path / "qupath" / f"{slide_id}.geojson", scored)
 
         with open_slide(trained.cohort / "slides" / f"{slide_id}.tif") as slide:
             h, w = slide.get_thumbnail((1024, 1024)).shape[:2]
@@ -398,6 +409,30 @@ def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
     assert iou >= IOU_BOUND, f"top-{k} attention IoU with the tumour {iou:.3f} (random ~ {random_iou:.3f})"
 
 
+def _check_geojson(path: Path, scored) -> None:
+    """QuPath's tile layout: one locked square tile per patch inside the slide, its measurements equal to scores.zarr,
+    classified by its most probable class; then the tiled tissue as one annotation covering every tile."""
+    collection = json.loads(path.read_text())
+    assert collection["type"] == "FeatureCollection"
+    tiles = [f for f in collection["features"] if f["properties"]["objectType"] == "tile"]
+    annotations = [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"]
+    names = ["tiled tissue"] + (["tumour (ground truth)"] if scored.truth is not None else [])
+    assert len(tiles) == len(scored.coords) and [a["properties"]["name"] for a in annotations] == names
+    w, h = scored.dimensions
+    tissue = shapely.geometry.shape(annotations[0]["geometry"])
+    for tile, (x, y), attention, probs in zip(tiles, scored.coords, scored.scores, scored.probs, strict=True):
+        square = shapely.geometry.shape(tile["geometry"])
+        assert square.bounds == (x, y, x + PATCH, y + PATCH) and square.area == PATCH * PATCH
+        assert 0 <= x and x + PATCH <= w and 0 <= y and y + PATCH <= h
+        assert tissue.contains(square.centroid)
+        measured = tile["properties"]["measurements"]
+        assert measured["attention"] == pytest.approx(float(attention), rel=1e-6)
+        assert [measured["prob_0"], measured["prob_1"]] == pytest.approx(probs.tolist(), rel=1e-6)
+        assert tile["properties"]["isLocked"] is True
+        assert tile["properties"]["classification"]["name"] == scored.classes[int(probs.argmax())]
+    assert tissue.area == pytest.approx(len(tiles) * PATCH * PATCH)
+
+
 def test_test_run_writes_roc_and_confusion(trained, tmp_path):
     _trainer(tmp_path, callbacks=[FigureWriter()]).test(trained.model, datamodule=trained.bags, verbose=False)
     assert _png(tmp_path / "figures" / "test_roc.png") == (450, 450)
@@ -416,8 +451,8 @@ def test_without_slides_only_scores_are_written(trained, tmp_path):
 
 def test_models_without_attention_get_patch_probabilities(trained, tmp_path, monkeypatch):
     model = trained.model
-    with_attention = model.bag_output
-    monkeypatch.setattr(model, "bag_output", lambda batch: MILOutput(with_attention(batch).logits))
+    with_attention = model.aggregator.forward
+    monkeypatch.setattr(model.aggregator, "forward", lambda h: MILOutput(with_attention(h).logits))
     bags = FeatureBagDataModule(str(trained.predict), str(trained.features))
     _trainer(tmp_path).predict(model, datamodule=bags)
     group = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")[trained.test_tumour]

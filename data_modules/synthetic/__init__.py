@@ -20,7 +20,7 @@ Importing this package loads no torch: the data module is imported on first use.
 
 from importlib import import_module
 
-from .cohort import load_cohort, make_cohort, slide_infos
+from .cohort import load_cohort, make_cohort, slide_infos, truth_outline
 from .scene import (
     SlideInfo,
     TumourRegion,
@@ -49,6 +49,7 @@ __all__ = [
     "patch_tumour_fraction",
     "tissue_mask",
     "tumour_mask",
+    "truth_outline",
     "tumour_patches",
     "write_slide",
 ]

@@ -4,8 +4,10 @@ truth), written once and reused while its settings are the same."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -13,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .scene import SlideInfo
+from ..outlines import mask_outline
+from .scene import SlideInfo, tumour_mask
 from .spec import CLASSES, EXTENSIONS, CohortSpec
 from .tiff import write_slide
 
-__all__ = ["load_cohort", "make_cohort", "slide_infos"]
+__all__ = ["load_cohort", "make_cohort", "slide_infos", "truth_outline"]
 
 
 def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
@@ -81,6 +84,27 @@ def load_cohort(root: str | os.PathLike) -> list[SlideInfo]:
 def slide_infos(root: str | os.PathLike) -> dict[str, SlideInfo]:
     """`load_cohort` by slide id (labels.csv's `slide_id`: the file name without its extensions)."""
     return {info.path.name.split(".")[0]: info for info in load_cohort(root)}
+
+
+def truth_outline(slide: str | os.PathLike) -> dict | None:
+    """The generated tumour of a slide file as a GeoJSON geometry in level-0 pixels, where the file belongs to a
+    cohort written by `make_cohort` (`<root>/slides/<file>` beside `<root>/cohort.json`); None for a tumour-free
+    slide or any other file. Traced on a mask of at most ~1024 px a side: edges within one mask pixel."""
+    path = Path(slide).resolve()
+    manifest = path.parent.parent / "cohort.json"
+    if not manifest.is_file():
+        return None
+    info = _infos_by_file(str(manifest.parent), manifest.stat().st_mtime_ns).get(path.name)
+    if info is None or not info.tumour:
+        return None
+    downsample = max(4.0, 2.0 ** math.ceil(math.log2(max(info.dimensions) / 1024)))
+    return mask_outline(tumour_mask(info, downsample), downsample)
+
+
+@functools.lru_cache(maxsize=8)
+def _infos_by_file(root: str, mtime_ns: int) -> dict[str, SlideInfo]:
+    """A cohort's slides by file name, read once per version of its manifest."""
+    return {info.path.name: info for info in load_cohort(root)}
 
 
 def _atomic_write(path: Path, text: str) -> None:

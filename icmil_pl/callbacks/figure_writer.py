@@ -1,11 +1,12 @@
 """The pictures of a test or predict run, as a callback on any `SlideTask` (bag classifier or end-to-end model).
 
-After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its heatmap
-(`figures/<slide>_heatmap.png`), its top/bottom patches (`figures/<slide>_patches.png`) and its per-patch scores with
-coordinates (`scores.zarr/<slide>`, for QuPath or napari overlays), `<slide>` being `safe_name(slide_id)`. Scores
-are the aggregator's attention (every aggregator here returns one); a custom aggregator without attention gets the
-positive-class probability of each patch on its own (`instance_logits`). Everything goes under the run's log
-directory; with a W&B logger the images and a per-slide prediction table are logged too.
+After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its per-patch
+scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.patch_scores`), its QuPath tiles
+(`qupath/<slide>.geojson`, `icmil_pl.qupath`), and where the slide file is found its heatmap
+(`figures/<slide>_heatmap.png`) and top/bottom patches (`figures/<slide>_patches.png`), `<slide>` being
+`safe_name(slide_id)`. Scores are the aggregator's attention (every aggregator here returns one); a custom aggregator
+without attention gets the positive-class probability of each patch on its own (`instance_logits`). Everything goes
+under the run's log directory; with a W&B logger the images and a per-slide prediction table are logged too.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import zarr
 from pytorch_lightning.loggers import WandbLogger
 
 from data_modules.cohort import find_slide
-from data_modules.file_names import safe_name
 from data_modules.slides import open_slide
+from data_modules.synthetic import truth_outline
 
+from ..patch_scores import SCORES_STORE, PatchScores, write_scores
 from ..plots import (
     confusion_figure,
     grid_step,
@@ -33,10 +35,13 @@ from ..plots import (
     roc_figure,
     save_png,
 )
+from ..qupath import write_geojson
 from .outputs import output_dir
 from .prediction_writer import PredictionWriter
 
-__all__ = ["FigureWriter", "resolve_figures"]
+__all__ = ["SLIDE_FIGURES", "FigureWriter", "resolve_figures"]
+
+SLIDE_FIGURES = ("_heatmap.png", "_patches.png")  # figures/<slide><suffix> of every predicted slide
 
 
 class FigureWriter(pl.Callback):
@@ -77,8 +82,8 @@ class FigureWriter(pl.Callback):
         before the processes write their slides into it."""
         self._root = output_dir(trainer)
         if trainer.is_global_zero:
-            zarr.open_group(str(self._root / "scores.zarr"), mode="a")
-        trainer.strategy.barrier("scores.zarr")
+            zarr.open_group(str(self._root / SCORES_STORE), mode="a")
+        trainer.strategy.barrier(SCORES_STORE)
 
     def on_predict_batch_end(
         self,
@@ -92,36 +97,31 @@ class FigureWriter(pl.Callback):
         coords = batch.get("coords")
         if outputs is None or coords is None or len(coords) == 0:  # None: skipped as unreadable
             return
-        coords = coords.cpu().numpy()
-        scores, kind = self._scores(pl_module, outputs, batch)
-        if scores is None:
-            return
         slide_id = batch["slide_id"]
-        name = safe_name(slide_id)  # ids come from users' CSVs: never a path out of the run directory
-        group = zarr.open_group(str(self._root / "scores.zarr"), mode="a").require_group(name)
-        group.create_array("coords", data=coords.astype(np.int64), overwrite=True)
-        group.create_array("scores", data=scores.astype(np.float32), overwrite=True)
-        group.attrs.update({"kind": kind, "slide_id": slide_id})
         path = self._slide_path(trainer, slide_id)
+        scores = self._patch_scores(trainer, pl_module, outputs, coords.cpu().numpy(), path)
+        write_scores(self._root, scores)
+        write_geojson(self._root, scores)
         if path is None:
             return
-        title = prediction_title(slide_id, pl_module.class_labels, outputs["label"], outputs["probs"].tolist())
-        side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
+        title = prediction_title(slide_id, scores.classes, outputs["label"], scores.slide_probs)
         with open_slide(path) as slide:
             w0, h0 = slide.dimensions
             thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
             heatmap = heatmap_figure(
                 thumbnail,
                 w0 / thumbnail.shape[1],
-                coords,
-                scores,
+                scores.coords,
+                scores.scores,
                 title,
-                patch=side,
-                label=f"{kind} (percentile in slide)",
+                patch=scores.patch_side,
+                label=f"{scores.kind} (percentile in slide)",
             )
-            montage = self._montage(slide, coords, scores, int(side), title)
+            montage = self._montage(slide, scores.coords, scores.scores, int(scores.patch_side), title)
         out = self._root / "figures"
-        paths = [save_png(heatmap, out / f"{name}_heatmap.png"), save_png(montage, out / f"{name}_patches.png")]
+        name = scores.name
+        figures = zip((heatmap, montage), SLIDE_FIGURES, strict=True)
+        paths = [save_png(figure, out / f"{name}{suffix}") for figure, suffix in figures]
         self._log_images(trainer, f"predict/{slide_id}", paths)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,14 +130,35 @@ class FigureWriter(pl.Callback):
             self._log_table(trainer, "predict/predictions", rows, pl_module.class_labels)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
-    def _scores(self, pl_module: pl.LightningModule, outputs: dict, batch: dict) -> tuple[np.ndarray | None, str]:
-        if outputs.get("attention") is not None:
-            return outputs["attention"].reshape(-1).numpy(), "attention"
-        if "features" not in batch:  # an end-to-end model without attention: patch scores would need the embedder
-            return None, ""
-        with torch.no_grad():
-            logits = pl_module.instance_logits(batch["features"].to(pl_module.device).float())
-        return logits.float().softmax(-1)[:, -1].cpu().numpy(), "patch probability"
+    def _patch_scores(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict, coords: np.ndarray, path: Path | None
+    ) -> PatchScores:
+        """Everything `scores.zarr` keeps of one predicted slide. Scores are the attention; an aggregator without one
+        gets each patch's positive-class probability on its own."""
+        names = pl_module.class_labels
+        probs = outputs["probs"].tolist()
+        instance = outputs["instance_probs"].numpy()
+        attention = outputs.get("attention")
+        side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
+        dimensions = None
+        if path is not None:
+            with open_slide(path) as slide:
+                dimensions = slide.dimensions
+        return PatchScores(
+            slide_id=outputs["slide_id"],
+            coords=coords.astype(np.int64),
+            scores=instance[:, -1] if attention is None else attention.reshape(-1).numpy(),
+            kind="patch probability" if attention is None else "attention",
+            probs=instance,
+            classes=list(names),
+            label=None if outputs["label"] is None else names[outputs["label"]],
+            predicted=names[max(range(len(probs)), key=probs.__getitem__)],
+            slide_probs=probs,
+            patch_side=float(side),
+            slide_path=None if path is None else str(path.resolve()),
+            dimensions=dimensions,
+            truth=None if path is None else truth_outline(path),
+        )
 
     def _montage(self, slide, coords: np.ndarray, scores: np.ndarray, side: int, title: str):
         order = np.argsort(-scores, kind="stable")
