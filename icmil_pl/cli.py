@@ -36,7 +36,9 @@ from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run
 from .callbacks import output_dir
-from .results import record_fit
+from .callbacks.prediction_writer import PREDICTIONS_FILE
+from .report import write_report
+from .results import RESULTS_FILE, record_fit
 from .slide_task import SlideTask
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
@@ -44,7 +46,8 @@ __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
 LOG_ROOT = "runs"  # where outputs and CSV logs go unless the config says otherwise (an ICMIL run: its run_dir)
 _EPILOG = (
     "Sweeps: python -m icmil_pl sweep <sweep file> --count N [--key=value ...] runs a W&B sweep file without a "
-    "server (python -m icmil_pl sweep --help)."
+    "server (python -m icmil_pl sweep --help). A run's report.html: python -m icmil_pl report <run dir>. Its slides "
+    "in a browser: python -m icmil_pl view <run dir> [--port 8000]."
 )
 _NOTHING_LOGGED = {"config.yaml", "hparams.yaml"}  # what a version folder holds before the first metric
 
@@ -102,6 +105,7 @@ class ICMILCLI(LightningCLI):
         if subcommand in ("test", "predict") and isinstance(self.model, SlideTask):
             folder = output_dir(self.trainer)  # a collective under DDP: every process asks, rank 0 prints
             rank_zero_only(print)(f"{subcommand}: outputs in {folder} (predictions.csv, figures/)")
+            self._write_report(folder)
 
     @rank_zero_only
     def _discard_empty_log_dir(self) -> None:
@@ -123,6 +127,12 @@ class ICMILCLI(LightningCLI):
         if usual is not None and usual != precision:
             print(f"note: {model.preset} is usually run at precision {usual}; this trainer runs {precision}")
 
+    @staticmethod
+    @rank_zero_only
+    def _write_report(folder: Path) -> None:
+        if (folder / PREDICTIONS_FILE).is_file() or (folder / RESULTS_FILE).is_file():
+            print(f"report: {write_report(folder)}")
+
     @rank_zero_only
     def _print_wandb_locations(self) -> None:
         for line in wandb_run.locations(self.trainer.loggers):
@@ -137,6 +147,7 @@ class ICMILCLI(LightningCLI):
         if isinstance(self.model, SlideTask) and not self.trainer.fast_dev_run:
             fit_seconds = time.perf_counter() - self._fit_start
             self.results_dir = record_fit(self.trainer, self.model, self.datamodule, fit_seconds)
+            self._write_report(self.results_dir)
             self._print_wandb_locations()
 
 

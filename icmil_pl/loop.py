@@ -35,6 +35,7 @@ from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
 from .plots import iteration_figure, save_png
+from .report import REPORT_FILE, write_report
 from .results import log_final, stage_metrics, write_results
 from .run_dir import (
     PHASES,
@@ -190,10 +191,11 @@ class ICMILLoop:
             embedder_path = self._phase(i, "couple", self._couple, embedder, best, splits, cache)
             embedder = self._load_embedder(embedder_path)
         results = self._write_results()
+        written_by_rank_zero(lambda: write_report(self.run_dir.root))
         self._print_table(results)
         _say(
-            f"\noutputs in {self.run_dir.root}: results.json, figures/auroc_by_iteration.png, iter<i>/ (checkpoints, "
-            f"embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
+            f"\noutputs in {self.run_dir.root}: report.html, results.json, figures/auroc_by_iteration.png, iter<i>/ "
+            "(checkpoints, embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
             f"<test|predict> -c <this config, or {self.run_dir.config_path}>"
         )
         return results
@@ -308,7 +310,11 @@ class ICMILLoop:
         with warnings.catch_warnings():  # the bag phase's checkpoint, restored in another folder: as intended
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
             out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
-        _say(f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}")
+        written_by_rank_zero(lambda: write_report(self.run_dir.root))
+        _say(
+            f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}; "
+            f"report: {self.run_dir.root / REPORT_FILE}"
+        )
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ change. Nothing else builds a run path or reads `state.json`.
     <run>/iter<i>/couple/         coupling checkpoints
     <run>/iter<i>/embedder.pt     E_i (i >= 1)
     <run>/results.json, figures/  per-iteration metrics and times; AUROC by iteration
+    <run>/report.html             the run at a glance (icmil_pl.report), rewritten after fit, test and predict
     <run>/final/<stage>/          validate / test / predict outputs of the finished run
     <run>/fast_dev_run/           a smoke test's own run directory, so it never marks phases of the real run done
 """
