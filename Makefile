@@ -10,11 +10,14 @@ export HF_HUB_OFFLINE := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+VIEWER := icmil_pl/viewer
+
+$(STAMP): pyproject.toml $(VIEWER)/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH)
+	npm ci --prefix $(VIEWER) --no-audit --no-fund --loglevel=error  # OpenSeadragon for `python -m icmil_pl view`
 	touch $(STAMP)
 
 lint: install
@@ -42,4 +45,4 @@ bench: install
 	$(PY) benchmarks/bench_icmil.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info $(VIEWER)/node_modules

@@ -1,4 +1,6 @@
-"""`python -m icmil_pl sweep ...` runs a W&B sweep file offline (icmil_pl.sweep); anything else is the LightningCLI.
+"""`python -m icmil_pl sweep ...` runs a W&B sweep file offline (icmil_pl.sweep), `report <run>` writes a run's
+report.html (icmil_pl.report), `view <run>` serves its slides to a browser (icmil_pl.viewer); anything else is the
+LightningCLI.
 
 Bad input (a config value, a labels CSV, a slide) raises ValueError naming the field or file, and an unwritable or
 missing path raises OSError; from the command line either ends the run with one line instead of a traceback through
@@ -8,7 +10,11 @@ jsonargparse's instantiation.
 from __future__ import annotations
 
 import sys
+from importlib import import_module
 from pathlib import Path
+
+# The commands that are not LightningCLI subcommands, and the module whose `main(argv)` runs each.
+COMMANDS = {"sweep": "icmil_pl.sweep", "report": "icmil_pl.report", "view": "icmil_pl.viewer"}
 
 _PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("icmil_pl", "data_modules"))
 
@@ -45,10 +51,9 @@ def message(error: BaseException) -> str:
 
 def main() -> None:
     try:
-        if sys.argv[1:2] == ["sweep"]:
-            from icmil_pl.sweep import main as sweep
-
-            sweep(sys.argv[2:])
+        command = COMMANDS.get(sys.argv[1] if len(sys.argv) > 1 else "")
+        if command is not None:
+            import_module(command).main(sys.argv[2:])
         else:
             from icmil_pl.cli import main as cli
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from icmil_pl.__main__ import COMMANDS
 from icmil_pl.cli import main
 
 ROOT = Path(__file__).parents[1] / "experiments"
@@ -35,7 +36,7 @@ def _readme_commands() -> list[list[str]]:
             args = words[words.index("icmil_pl") + 1 :]
             args = ["experiments/camelyon.yaml" if a == "my_cohort.yaml" else a for a in args]
             configs = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
-            if args[0] != "sweep" and all(not c.startswith("runs/") for c in configs):
+            if args[0] not in COMMANDS and all(not c.startswith("runs/") for c in configs):
                 commands.append(args)
     return commands
 
@@ -90,7 +91,8 @@ def test_a_readme_command_parses(command, capsys):
     assert exit_info.value.code in (0, None), capsys.readouterr().err
 
 
-def test_help_names_the_sweep_command(capsys):
+def test_help_names_the_other_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "python -m icmil_pl sweep" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(f"python -m icmil_pl {command}" in " ".join(out.split()) for command in COMMANDS), out

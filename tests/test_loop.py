@@ -18,7 +18,9 @@ from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
 from icmil_pl.coupling.distillation import DistillationModule
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run
+from icmil_pl.patch_scores import read_scores, scored_slides
 from icmil_pl.run_dir import RESUMABLE_SETTINGS, RunState, changed_settings
+from icmil_pl.viewer import RunViewer
 
 METRICS = {"auroc", "accuracy", "f1", "balanced_accuracy"}
 
@@ -65,6 +67,8 @@ def test_two_iterations_write_every_output(finished):
     assert float(final["final/test/auroc"]) == pytest.approx(results["iterations"][-1]["test"]["auroc"])
     assert {"iter0/bag/val/auroc", "iter1/bag/test/auroc", "iter0/couple/train/loss"} <= set(logged[0])
     assert (run / "figures" / "auroc_by_iteration.png").is_file()
+    report = (run / "report.html").read_text()  # written at the end of fit
+    assert "Run report: run" in report and f"{results['iterations'][1]['test']['auroc']:.3f}" in report
 
 
 BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()\n"
@@ -102,6 +106,17 @@ def test_test_and_predict_use_the_final_embedder_and_bag_classifier(icmil_cohort
     figures = run / "final" / "predict" / "figures"
     assert (figures / f"{tested[0]['slide_id']}_heatmap.png").is_file()
     assert (figures / f"{tested[0]['slide_id']}_patches.png").is_file()
+    # QuPath tiles for every slide; the synthetic cohort's tumour outlines recorded; the report lists the slides;
+    # the viewer finds them all
+    final = run / "final" / "predict"
+    assert sorted(p.stem for p in (final / "qupath").glob("*.geojson")) == sorted(r["slide_id"] for r in predicted)
+    labels = {r["slide_id"]: r["label"] for r in predicted}
+    for name in scored_slides(final):
+        scores = read_scores(final, name)
+        assert (scores.truth is not None) == (labels[name] == "1") and scores.label == labels[name]
+    report = (run / "report.html").read_text()
+    assert report.count('href="http://localhost:8000/#slide=slide_') == 2 * len(predicted)  # id and thumbnail
+    assert sorted(RunViewer(run).names) == sorted(labels)
 
     # new slides without labels: a CSV with the slide_id column only; classes are named from the checkpoint
     new = out / "new.csv"
@@ -262,6 +277,7 @@ def test_hostile_slide_ids_stay_inside_the_run(icmil_cohort, tmp_path):
     predicted = _rows(out / "run" / "final" / "predict" / "predictions.csv")
     assert sorted(r["slide_id"] for r in predicted) == sorted(r[0] for r in rows)
     assert len(list((out / "run" / "final" / "predict" / "figures").rglob("*_heatmap.png"))) == len(rows)
+    assert len(list((out / "run" / "final" / "predict" / "qupath").rglob("*.geojson"))) == len(rows)
 
 
 def test_a_run_refuses_labels_edited_after_it_started(icmil_cohort, tmp_path):
