@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import zarr
 
+from data_modules.file_names import safe_name
 from data_modules.synthetic import slide_infos, tumour_patches
+from icmil_pl.patch_scores import read_scores
 
 
 def main() -> None:
@@ -26,16 +27,16 @@ def main() -> None:
     parser.add_argument("--cohort", type=Path, default=Path("data/demo"))
     args = parser.parse_args()
     test = set(json.loads((args.run / "splits.json").read_text())["test"])
-    scores = zarr.open_group(str(args.run / "final" / "predict" / "scores.zarr"), mode="r")
-    with (args.run / "final" / "predict" / "predictions.csv").open() as fh:
+    predict = args.run / "final" / "predict"
+    with (predict / "predictions.csv").open() as fh:
         predicted = {row["slide_id"]: row["predicted"] for row in csv.DictReader(fh)}
     infos = slide_infos(args.cohort)
     print(f"{'slide':10s} {'predicted':>9s} {'n':>4s} {'k':>4s} {'top-k hits':>10s} {'chance':>6s}")
     hits_total = chance_total = 0.0
     for slide_id in sorted(s for s in test if infos[s].tumour):
-        coords, attention = scores[slide_id]["coords"][:], scores[slide_id]["scores"][:]
-        side = int(np.diff(np.unique(coords[:, 0])).min())
-        truth = tumour_patches(infos[slide_id], coords, side)
+        scores = read_scores(predict, safe_name(slide_id))
+        coords, attention = scores.coords, scores.scores
+        truth = tumour_patches(infos[slide_id], coords, scores.patch_side)
         n, k = len(truth), int(truth.sum())
         hits = int(truth[np.argsort(-attention, kind="stable")[:k]].sum())
         hits_total, chance_total = hits_total + hits, chance_total + k * k / n
