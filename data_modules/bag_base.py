@@ -6,11 +6,14 @@ from abc import abstractmethod
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cohort import SlideLabel, class_index, read_labels, require_labels
+from .cohort import SlideLabel, read_labels, require_labels
+from .patient_bags import BagLevel, PatientBags, patient_groups
 from .samplers import EpochShuffle, evaluation_sampler
 from .splits import SPLITS, SplitConfig, check_classes, make_splits
+from .targets import Targets
 
 __all__ = ["BagDataModule", "BagLoaders"]
 
@@ -52,7 +55,10 @@ class BagLoaders(pl.LightningDataModule):
 
 
 class BagDataModule(BagLoaders):
-    """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch.
+    """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch; `targets`
+    says what the slides are labelled with (default: a class in `label`; see `data_modules.targets`), and a bag's
+    "label" is its encoded target (`Targets.encode`). `bag_level: patient` makes all slides of a patient one bag
+    (`data_modules.patient_bags`; splits are by patient already).
 
     Splits are `split_ids` when given (e.g. an ICMIL run's `splits.json`), else the CSV's `split` column, else
     `splits` (a seeded, stratified, patient-grouped k-fold); a model trained on them saves them as `splits.json`.
@@ -66,12 +72,17 @@ class BagDataModule(BagLoaders):
         splits: SplitConfig = SplitConfig(),
         split_ids: dict[str, list[str]] | None = None,
         num_workers: int = 0,
+        targets: Targets = Targets(),
+        bag_level: BagLevel = "slide",
     ) -> None:
         super().__init__()
+        if bag_level not in ("slide", "patient"):
+            raise ValueError(f"bag_level: expected 'slide' or 'patient', got {bag_level!r}")
         self.labels_path = Path(labels)
-        self.rows: list[SlideLabel] = read_labels(self.labels_path)
-        self.class_index = class_index(self.rows, self.labels_path, classes)
-        self.classes = list(self.class_index)
+        self.targets = targets
+        self.bag_level = bag_level
+        self.rows: list[SlideLabel] = read_labels(self.labels_path, targets)
+        self.classes = targets.names(self.rows, self.labels_path, classes)  # what the head's outputs are
         self.split_config = splits
         self.seed = splits.seed
         self.num_workers = num_workers
@@ -83,8 +94,9 @@ class BagDataModule(BagLoaders):
         """None for a cohort without labels (predict only): the model knows its classes."""
         return len(self.classes) or None
 
-    def label_index(self, row: SlideLabel) -> int | None:
-        return None if row.label is None else self.class_index[row.label]
+    def target(self, row: SlideLabel) -> torch.Tensor | None:
+        """The slide's encoded target (None: unlabelled)."""
+        return self.targets.encode(row, self.classes)
 
     @abstractmethod
     def bag_dataset(self, rows: list[SlideLabel]) -> Dataset:
@@ -93,7 +105,7 @@ class BagDataModule(BagLoaders):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
             require_labels(self.rows, self.labels_path, "splitting into train/val/test")
-            self.splits = make_splits(self.rows, self.split_config, self.labels_path)
+            self.splits = make_splits(self.rows, self.split_config, self.labels_path, self.targets)
 
     def skip(self, skipped: dict[str, str]) -> None:
         """Leave out slides that could not be read (on_slide_error: skip), keeping why; given splits lose them too and
@@ -107,7 +119,7 @@ class BagDataModule(BagLoaders):
         if self.splits is not None:
             self.splits = {name: [s for s in ids if s not in skipped] for name, ids in self.splits.items()}
             try:
-                check_classes(self.splits, self.rows, "the splits")
+                check_classes(self.splits, self.rows, "the splits", targets=self.targets)
             except ValueError as error:
                 raise ValueError(f"{self.labels_path}: without the skipped slides, {error}") from None
 
@@ -119,11 +131,25 @@ class BagDataModule(BagLoaders):
         return [row for row in self.rows if row.slide_id in ids]
 
     def dataset(self, split: str) -> Dataset:
-        return self.bag_dataset(self.split_rows(split))
+        return self._bags(self.split_rows(split))
+
+    def bag_targets(self, split: str) -> list[torch.Tensor]:
+        """The targets of `split`'s bags (a patient's once), for what a task fits on the training targets."""
+        rows = self.split_rows(split)
+        targets = [self.target(r) for r in rows]
+        if self.bag_level == "patient":
+            targets = [targets[index[0]] for _, index in patient_groups(rows, targets, self.labels_path)]
+        return [t for t in targets if t is not None]
 
     def predict_dataloader(self) -> DataLoader:
-        """Every slide of the labels CSV, labelled or not, in CSV order."""
-        return self._loader(self.bag_dataset(self.rows))
+        """Every slide (or patient) of the labels CSV, labelled or not, in CSV order."""
+        return self._loader(self._bags(self.rows))
+
+    def _bags(self, rows: list[SlideLabel]) -> Dataset:
+        slides = self.bag_dataset(rows)
+        if self.bag_level == "slide":
+            return slides
+        return PatientBags(slides, patient_groups(rows, [self.target(r) for r in rows], self.labels_path))
 
     def _known(self, split_ids: dict[str, list[str]]) -> dict[str, list[str]]:
         listed = {row.slide_id for row in self.rows}

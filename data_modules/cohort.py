@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from .slides import SlideError, open_slide
 from .splits import SPLITS
+from .targets import Targets, class_index
 from .tiling import SlidePatches, TilingConfig, patch_grid
 
 __all__ = [
@@ -40,19 +42,29 @@ COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp")
 @dataclass(frozen=True)
 class SlideLabel:
     slide_id: str
-    label: str | None  # None: unknown (new slides to predict)
+    label: str | None  # the `label` cell; None: unknown (new slides to predict) or a task without that column
     patient_id: str
     split: str | None = None
     mpp: float | None = None  # level-0 microns per pixel of this slide's file, when its metadata lacks or misstates it
+    target: tuple[float, ...] | None = None  # the task's number columns (`Targets.parse`); None: unknown or none
+    stratum: str | None = None  # what splits stratify by (`Targets.strata`); None: unlabelled
+    line: int = 0  # the CSV line, for errors
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None or self.target is not None
 
 
-def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
-    """Rows of a `slide_id[,label][,patient_id][,split][,mpp]` CSV; a missing patient id means one patient per slide.
+def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list[SlideLabel]:
+    """Rows of a `slide_id[,label][,patient_id][,split][,mpp]` CSV, plus the columns of `targets` (default:
+    classification by `label`; see `data_modules.targets`); a missing patient id means one patient per slide.
 
     Header names and cells are stripped and a UTF-8 byte-order mark is accepted (spreadsheets write both); an unknown
     column is refused, since a misspelt `patient_id` would silently put one patient's slides in several splits.
     Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says where
     they are needed."""
+    targets = targets or Targets()
+    columns = (*COLUMNS, *targets.allowed_columns)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: labels CSV not found")
@@ -60,17 +72,20 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
         reader = csv.reader(fh)
         header = [name.strip() for name in next(reader, [])]
         if "slide_id" not in header:
-            raise ValueError(f"{path}: missing column 'slide_id'; expected columns {', '.join(COLUMNS)}")
-        unknown = [name for name in header if name not in COLUMNS]
+            raise ValueError(f"{path}: missing column 'slide_id'; expected columns {', '.join(columns)}")
+        unknown = [name for name in header if name not in columns]
         if unknown or len(set(header)) < len(header):
             what = f"unknown column {unknown[0]!r}" if unknown else "a repeated column"
-            raise ValueError(f"{path}: {what}; the columns are {', '.join(COLUMNS)} (slide_id required)")
+            raise ValueError(f"{path}: {what}; the columns are {', '.join(columns)} (slide_id required)")
+        absent = [name for name in targets.target_columns if name not in header]
+        if absent:
+            raise ValueError(f"{path}: missing column {absent[0]!r}, which {targets.task} targets read")
         rows = []
         for line, cells in enumerate(reader, start=2):
             if len(cells) > len(header):
                 raise ValueError(f"{path}:{line}: {len(cells)} cells, but the header names {len(header)} columns")
             if any(cell.strip() for cell in cells):  # blank lines are skipped
-                rows.append(_row(path, line, dict(zip(header, cells, strict=False))))
+                rows.append(_row(path, line, dict(zip(header, cells, strict=False)), targets))
     if not rows:
         raise ValueError(f"{path}: no slides listed")
     seen: set[str] = set()
@@ -78,11 +93,12 @@ def read_labels(path: str | os.PathLike) -> list[SlideLabel]:
         if row.slide_id in seen:
             raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
         seen.add(row.slide_id)
-    return rows
+    targets.names(rows, path)  # a multilabel cell naming an unknown label fails here
+    return [replace(row, stratum=s) for row, s in zip(rows, targets.strata(rows), strict=True)]
 
 
-def _row(path: Path, line: int, cells: dict[str, str]) -> SlideLabel:
-    value = {name: (cells.get(name) or "").strip() or None for name in COLUMNS}
+def _row(path: Path, line: int, cells: dict[str, str], targets: Targets) -> SlideLabel:
+    value = {name: (cells.get(name) or "").strip() or None for name in (*COLUMNS, *targets.target_columns)}
     if value["slide_id"] is None:
         raise ValueError(f"{path}:{line}: empty slide_id")
     if value["split"] is not None and value["split"] not in SPLITS:
@@ -96,30 +112,20 @@ def _row(path: Path, line: int, cells: dict[str, str]) -> SlideLabel:
         if not 0 < mpp < 100:
             raise ValueError(f"{path}:{line}: mpp {value['mpp']!r} is not microns per pixel (a number in (0, 100))")
     patient = value["patient_id"] or value["slide_id"]
-    return SlideLabel(value["slide_id"], value["label"], patient, value["split"], mpp)
+    label = value["label"] if targets.uses_label_column else None
+    target = targets.parse(path, line, value)
+    return SlideLabel(value["slide_id"], label, patient, value["split"], mpp, target, line=line)
 
 
 def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose: str) -> None:
     """A clear error when a slide has no label but `purpose` (training, testing) needs one."""
-    unlabelled = [row.slide_id for row in rows if row.label is None]
+    unlabelled = [row.slide_id for row in rows if not row.labelled]
     if unlabelled:
         more = f" and {len(unlabelled) - 1} more" if len(unlabelled) > 1 else ""
         raise ValueError(
             f"{path}: slide {unlabelled[0]!r}{more} has no label, which {purpose} needs "
             "(only predict runs on unlabelled slides)"
         )
-
-
-def class_index(
-    rows: Sequence[SlideLabel], path: str | os.PathLike, classes: Sequence[str] | None = None
-) -> dict[str, int]:
-    """Class name -> index: `classes` in their order, else the labels present, sorted. Every model and data module
-    of a run indexes classes by this one rule, so index k means the same class in each phase."""
-    names = list(classes) if classes else sorted({row.label for row in rows if row.label is not None})
-    unknown = next((row for row in rows if row.label is not None and row.label not in names), None)
-    if unknown is not None:
-        raise ValueError(f"{path}: slide {unknown.slide_id!r} has label {unknown.label!r}, not one of classes {names}")
-    return {name: i for i, name in enumerate(names)}
 
 
 def name_classes(names: dict[str, str] | Sequence[str] | None, classes: Sequence[str]) -> list[str]:
@@ -162,16 +168,21 @@ def find_slide(slides_dir: str | os.PathLike, slide_id: str) -> Path | None:
 
 
 class SlideCohort:
-    """Slide files of a labels CSV (`slide_id,label[,patient_id][,split]`), each found as `<slides>/<id>.<ext>`."""
+    """Slide files of a labels CSV (`slide_id,label[,patient_id][,split]`, or the columns of `targets`), each found
+    as `<slides>/<id>.<ext>`."""
 
-    def __init__(self, labels: str | os.PathLike, slides: str | os.PathLike) -> None:
+    def __init__(self, labels: str | os.PathLike, slides: str | os.PathLike, targets: Targets | None = None) -> None:
         self.labels_path, self.slides_dir = Path(labels), Path(slides)
-        self.rows: list[SlideLabel] = read_labels(self.labels_path)
+        self.targets = targets or Targets()
+        self.rows: list[SlideLabel] = read_labels(self.labels_path, self.targets)
         self.paths = {row.slide_id: self._find(row.slide_id) for row in self.rows}
         self._csv_mpp = {row.slide_id: row.mpp for row in self.rows}
 
-    def class_index(self) -> dict[str, int]:
-        return class_index(self.rows, self.labels_path)
+    def encoded_targets(self) -> dict[str, torch.Tensor]:
+        """Slide id -> its target tensor (`Targets.encode`), for the labelled slides."""
+        names = self.targets.names(self.rows, self.labels_path)
+        encoded = {row.slide_id: self.targets.encode(row, names) for row in self.rows}
+        return {k: v for k, v in encoded.items() if v is not None}
 
     def _find(self, slide_id: str) -> Path:
         path = find_slide(self.slides_dir, slide_id)

@@ -11,19 +11,21 @@ from torch.utils.data import Dataset
 from .bag_base import BagDataModule
 from .cohort import SlideLabel
 from .feature_cache import FeatureCache
+from .patient_bags import BagLevel
 from .splits import SplitConfig
+from .targets import Targets
 
 __all__ = ["FeatureBagDataModule", "FeatureBagDataset"]
 
 
 class FeatureBagDataset(Dataset):
-    """One item = one slide's whole bag: `{"features": (N, D), "label": int, "slide_id": str, "coords": (N, 2)}`
-    (no "label" for an unlabelled slide)."""
+    """One item = one slide's whole bag: `{"features": (N, D), "label": target, "slide_id": str, "coords": (N, 2)}`
+    (no "label" for an unlabelled slide; the target as `Targets.encode` gives it)."""
 
-    def __init__(self, cache: FeatureCache, slides: list[SlideLabel], class_index: dict[str, int]) -> None:
+    def __init__(self, cache: FeatureCache, slides: list[SlideLabel], targets: list[torch.Tensor | None]) -> None:
         self.cache = cache
         self.slides = slides
-        self.class_index = class_index
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.slides)
@@ -36,8 +38,8 @@ class FeatureBagDataset(Dataset):
             "slide_id": row.slide_id,
             "coords": torch.from_numpy(bag.coords.astype(np.int64)),
         }
-        if row.label is not None:
-            item["label"] = torch.tensor(self.class_index[row.label])
+        if self.targets[index] is not None:
+            item["label"] = self.targets[index]
         return item
 
 
@@ -58,8 +60,10 @@ class FeatureBagDataModule(BagDataModule):
         split_ids: dict[str, list[str]] | None = None,
         num_workers: int = 0,
         slides: str | None = None,
+        targets: Targets = Targets(),
+        bag_level: BagLevel = "slide",
     ) -> None:
-        super().__init__(labels, classes, splits, split_ids, num_workers)
+        super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level)
         self.cache = FeatureCache.find(features)
         self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
         self.slides_dir = None if slides is None else Path(slides)
@@ -74,7 +78,7 @@ class FeatureBagDataModule(BagDataModule):
         super().setup(stage)
 
     def bag_dataset(self, rows: list[SlideLabel]) -> FeatureBagDataset:
-        return FeatureBagDataset(self.cache, rows, self.class_index)
+        return FeatureBagDataset(self.cache, rows, [self.target(r) for r in rows])
 
     def feature_stats(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and standard deviation over every instance of `split` (streamed, float64)."""

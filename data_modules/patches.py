@@ -18,6 +18,7 @@ from .checks import check
 from .cohort import OnSlideError, SlideCohort
 from .samplers import SlideShardSampler
 from .slides import Resample, Slide, SlideError, open_slide
+from .targets import Targets
 from .tiling import SlidePatches, TilingConfig
 
 __all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule"]
@@ -116,6 +117,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
     feature writer passes those already in its cache), so a rerun only embeds what is missing. `on_slide_error`:
     `raise` stops at a slide that cannot be read (naming it); `skip` leaves it out, and `skipped` (slide id -> error)
     records it: here the slides that could not be tiled, the feature writer adds those with a broken tile.
+    `targets` says which columns of the labels CSV hold the slides' targets (ICMIL trains its bag phase on them).
     """
 
     def __init__(
@@ -127,9 +129,11 @@ class SlidePatchDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         on_slide_error: OnSlideError = "raise",
+        targets: Targets = Targets(),
     ) -> None:
         super().__init__()
         self.labels = labels
+        self.targets = targets
         self.slides = slides
         self.tiling = tiling
         self.grid_cache = grid_cache
@@ -143,11 +147,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
     @functools.cached_property
     def cohort(self) -> SlideCohort:
         """Read on first use, so that `prepare_data` may write the cohort first."""
-        return SlideCohort(self.labels, self.slides)
-
-    @property
-    def class_index(self) -> dict[str, int]:
-        return self.cohort.class_index()
+        return SlideCohort(self.labels, self.slides, self.targets)
 
     def setup(self, stage: str | None = None) -> None:
         if self.slide_patches is None:

@@ -12,8 +12,10 @@ from torch.utils.data import Dataset
 
 from .bag_base import BagDataModule, BagLoaders
 from .cohort import OnSlideError, SlideCohort, SlideLabel
+from .patient_bags import BagLevel, PatientBags, patient_groups
 from .slides import Resample, Slide, open_slide
 from .splits import SplitConfig
+from .targets import Targets
 from .tiling import SlidePatches, TilingConfig
 
 __all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataModule", "SlideBagDataset", "SlideBagSplits"]
@@ -88,7 +90,7 @@ class SlideBagDataset(Dataset):
     """Slides as bags: a fresh `SlideBag` per item, so a slide's handle and tile cache live only as long as its step
     does. A label of None (an unlabelled slide, predict only) leaves "label" out of the item."""
 
-    def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[int | None], threads: int = 4) -> None:
+    def __init__(self, slides: Sequence[SlidePatches], labels: Sequence[torch.Tensor | None], threads: int = 4) -> None:
         self.slides = list(slides)
         self.labels = list(labels)
         self.threads = threads
@@ -101,7 +103,7 @@ class SlideBagDataset(Dataset):
         bag = SlideBag(slide, threads=self.threads)
         item = {"patches": bag, "slide_id": slide.slide_id, "coords": torch.from_numpy(bag.coords.astype(np.int64))}
         if label is not None:
-            item["label"] = torch.tensor(label)
+            item["label"] = torch.as_tensor(label)
         return item
 
 
@@ -122,10 +124,12 @@ class SlideBagDataModule(BagDataModule):
         splits: SplitConfig = SplitConfig(),
         split_ids: dict[str, list[str]] | None = None,
         on_slide_error: OnSlideError = "raise",
+        targets: Targets = Targets(),
+        bag_level: BagLevel = "slide",
     ) -> None:
-        super().__init__(labels, classes, splits, split_ids, num_workers=0)
+        super().__init__(labels, classes, splits, split_ids, num_workers=0, targets=targets, bag_level=bag_level)
         self.on_slide_error = on_slide_error
-        self.cohort = SlideCohort(self.labels_path, slides)
+        self.cohort = SlideCohort(self.labels_path, slides, targets)
         self.tiling = tiling
         self.grid_cache = grid_cache
         self.read_threads = read_threads
@@ -144,7 +148,7 @@ class SlideBagDataModule(BagDataModule):
 
     def bag_dataset(self, rows: list[SlideLabel]) -> SlideBagDataset:
         slides = [self._patches[r.slide_id] for r in rows]
-        return SlideBagDataset(slides, [self.label_index(r) for r in rows], self.read_threads)
+        return SlideBagDataset(slides, [self.target(r) for r in rows], self.read_threads)
 
 
 class PatchBagDataModule(SlideBagDataModule):
@@ -152,19 +156,32 @@ class PatchBagDataModule(SlideBagDataModule):
 
 
 class SlideBagSplits(BagLoaders):
-    """Given slides per split as lazy bags with class indices (ICMIL's `BagGradient` coupling: its training slides
-    and the ones it holds out); training order seeded by epoch."""
+    """Given slides per split as lazy bags with their encoded targets (ICMIL's `BagGradient` coupling: its training
+    slides and the ones it holds out); training order seeded by epoch. With `patients` (slide id -> patient id), a
+    bag is all slides of a patient (`data_modules.patient_bags`)."""
 
     def __init__(
-        self, splits: Mapping[str, Sequence[SlidePatches]], labels: Mapping[str, int], threads: int, seed: int
+        self,
+        splits: Mapping[str, Sequence[SlidePatches]],
+        labels: Mapping[str, torch.Tensor],
+        threads: int,
+        seed: int,
+        patients: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.slides = splits
         self.labels = labels
+        self.patients = patients
         self.threads = threads
         self.seed = seed
         self.num_workers = 0
 
-    def dataset(self, split: str) -> SlideBagDataset:
-        slides = self.slides.get(split, [])
-        return SlideBagDataset(slides, [self.labels[s.slide_id] for s in slides], self.threads)
+    def dataset(self, split: str) -> Dataset:
+        slides = list(self.slides.get(split, []))
+        targets = [self.labels[s.slide_id] for s in slides]
+        bags = SlideBagDataset(slides, targets, self.threads)
+        if self.patients is None:
+            return bags
+        rows = [SlideLabel(s.slide_id, None, self.patients[s.slide_id]) for s in slides]
+        groups = patient_groups(rows, [torch.as_tensor(t) for t in targets], "the coupling's slides")
+        return PatientBags(bags, groups)

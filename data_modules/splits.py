@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .checks import check
+from .targets import Targets
 
 if TYPE_CHECKING:
     from .cohort import SlideLabel
@@ -44,19 +45,23 @@ class SplitConfig:
 
 
 def make_splits(
-    labels: Sequence[SlideLabel], config: SplitConfig = SplitConfig(), path: str | os.PathLike | None = None
+    labels: Sequence[SlideLabel],
+    config: SplitConfig = SplitConfig(),
+    path: str | os.PathLike | None = None,
+    targets: Targets | None = None,
 ) -> dict[str, list[str]]:
-    """Slide ids per split: the CSV's `split` column when every row has one, else stratified grouped k-fold.
+    """Slide ids per split: the CSV's `split` column when every row has one, else grouped k-fold stratified by each
+    row's `stratum` (the class; for other tasks see `Targets.strata`).
 
     A CSV that fixes only the test split (e.g. Camelyon16's official test set) gets its validation carved the same way.
     Every split must hold every class (validation may be empty): a split of one class has no AUROC, and selecting a
-    checkpoint on that constant, or training on one class, gives results that only look like results. Errors name the
-    labels file `path`.
+    checkpoint on that constant, or training on one class, gives results that only look like results; a survival
+    split must hold an observed event (`Targets.required_strata`). Errors name the labels file `path`.
     """
     try:
         splits = _make_splits(list(labels), config)
         given = "the `split` column" if all(row.split is not None for row in labels) else None
-        check_classes(splits, labels, given, config)
+        check_classes(splits, labels, given, config, targets)
         _check_patients(splits, labels)
     except ValueError as error:
         raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None
@@ -83,12 +88,18 @@ def _make_splits(rows: list[SlideLabel], config: SplitConfig) -> dict[str, list[
 
 
 def check_classes(
-    splits: dict[str, list[str]], rows: Sequence[SlideLabel], given: str | None, config: SplitConfig | None = None
+    splits: dict[str, list[str]],
+    rows: Sequence[SlideLabel],
+    given: str | None,
+    config: SplitConfig | None = None,
+    targets: Targets | None = None,
 ) -> None:
-    """Every split holds every class of `rows` (validation may be empty). `given` names where user-given splits came
-    from (None: computed by `config`)."""
-    label = {row.slide_id: row.label for row in rows}
-    classes = sorted(set(label.values()))
+    """Every split holds every stratum of `rows` that `targets` requires (every class; validation may be empty).
+    `given` names where user-given splits came from (None: computed by `config`)."""
+    targets = targets or Targets()
+    label = {row.slide_id: row.stratum for row in rows}
+    classes = targets.required_strata(list(label.values()))
+    kind = targets.describe()
     for name in SPLITS:
         if not splits[name]:
             if name == "val":
@@ -98,9 +109,11 @@ def check_classes(
         missing = [c for c in classes if c not in present]
         if missing:
             cause = f"{given} gives it" if given else f"{config} gives it"
-            fix = "give it slides of every class" if given else "use fewer folds, a larger val_fraction or another seed"
+            fix = (
+                f"give it slides of every {kind}" if given else "use fewer folds, a larger val_fraction or another seed"
+            )
             raise ValueError(
-                f"the {name} split has no slide of class {', '.join(map(repr, missing))} ({cause} only "
+                f"the {name} split has no slide of {kind} {', '.join(map(repr, missing))} ({cause} only "
                 f"{', '.join(map(repr, sorted(present)))}): {fix}"
             )
 
@@ -129,11 +142,11 @@ def save_splits(splits: dict[str, list[str]], folder: str | os.PathLike) -> Path
 
 
 def hold_out(
-    slide_ids: Sequence[str], labels: Mapping[str, int], fraction: float, seed: int
+    slide_ids: Sequence[str], labels: Mapping[str, int | str], fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
-    """(train, val) ids in their given order: a stratified, seeded `fraction` held out (at least one per class), or
-    no validation when there are fewer than 4 slides or a class has fewer than 2. By label only: the slides are
-    one split's already, and the splits did the patient grouping."""
+    """(train, val) ids in their given order: a seeded `fraction` held out, stratified by `labels` (a class or any
+    stratum; at least one per stratum), or no validation when there are fewer than 4 slides or a stratum has fewer
+    than 2. By stratum only: the slides are one split's already, and the splits did the patient grouping."""
     y = np.array([labels[s] for s in slide_ids])
     classes, counts = np.unique(y, return_counts=True)
     if len(slide_ids) < 4 or counts.min() < 2:
@@ -151,7 +164,7 @@ def _grouped_split(
 ) -> tuple[list, list]:
     """(rest, held-out): fold `index` of a stratified, patient-grouped `n_splits`-fold split, for `what`; errors end
     with `fix`, what to change."""
-    labels = np.array([row.label for row in rows])
+    labels = np.array([row.stratum for row in rows])
     groups = np.array([row.patient_id for row in rows])
     n_groups = len(set(groups))
     if n_groups < n_splits:

@@ -20,7 +20,7 @@ Importing this package loads no torch: the data module is imported on first use.
 
 from importlib import import_module
 
-from .cohort import load_cohort, make_cohort, slide_infos, truth_outline
+from .cohort import TARGETS_FILE, load_cohort, make_cohort, slide_infos, truth_outline, tumour_burden, write_targets
 from .scene import (
     SlideInfo,
     TumourRegion,
@@ -35,6 +35,7 @@ from .tiff import write_slide
 
 __all__ = [
     "CLASSES",
+    "TARGETS_FILE",
     "EXTENSIONS",
     "CohortSpec",
     "Compression",
@@ -48,10 +49,12 @@ __all__ = [
     "slide_infos",
     "patch_tumour_fraction",
     "tissue_mask",
+    "tumour_burden",
     "tumour_mask",
     "truth_outline",
     "tumour_patches",
     "write_slide",
+    "write_targets",
 ]
 
 

@@ -20,13 +20,24 @@ from .scene import SlideInfo, tumour_mask
 from .spec import CLASSES, EXTENSIONS, CohortSpec
 from .tiff import write_slide
 
-__all__ = ["load_cohort", "make_cohort", "slide_infos", "truth_outline"]
+__all__ = [
+    "TARGETS_FILE",
+    "load_cohort",
+    "make_cohort",
+    "slide_infos",
+    "truth_outline",
+    "tumour_burden",
+    "write_targets",
+]
+
+TARGETS_FILE = "targets.csv"
 
 
 def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
     """Write a labelled cohort under `root` and return `root`: `root/slides/<slide_id>.{svs,tif,ome.tif}`,
-    `root/labels.csv` (`slide_id,label,patient_id`, label 0 = normal, 1 = tumour) and `root/cohort.json` (the spec and
-    the `SlideInfo` of every slide, paths relative to root).
+    `root/labels.csv` (`slide_id,label,patient_id`, label 0 = normal, 1 = tumour), `root/targets.csv` (the targets of
+    every task, `write_targets`) and `root/cohort.json` (the spec and the `SlideInfo` of every slide, paths relative
+    to root).
 
     Slide i has flavour flavours[i % len(flavours)]; round(n_slides * positive_fraction) slides are tumour (at least
     one of each label when 0 < positive_fraction < 1); there are round(n_slides * patients_per_slide) patients, so some
@@ -42,6 +53,8 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
         if previous["params"] != params:
             raise ValueError(f"root: {root} holds a cohort made with other parameters; use another root or delete it")
         if all((root / s["path"]).exists() for s in previous["slides"]) and (root / "labels.csv").exists():
+            if not (root / TARGETS_FILE).exists():  # a cohort written before targets.csv existed
+                write_targets(root, spec)
             return root
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, n_slides]))
@@ -69,7 +82,48 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     _atomic_write(root / "labels.csv", table.getvalue())
     cohort = {"params": params, "classes": list(CLASSES), "slides": [info.to_dict(root) for info in infos]}
     _atomic_write(manifest, json.dumps(cohort, indent=1))
+    write_targets(root, spec)
     return root
+
+
+def tumour_burden(info: SlideInfo, downsample: float = 8) -> float:
+    """The fraction of the slide's tissue that is tumour (0 for a normal slide)."""
+    if not info.tumour:
+        return 0.0
+    tumour_px = float(tumour_mask(info, downsample).sum()) * downsample**2
+    return min(1.0, tumour_px / (info.tissue_fraction * info.dimensions[0] * info.dimensions[1]))
+
+
+def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
+    """`root/targets.csv`, every task's targets of the cohort's slides, from their ground truth:
+
+    - `label` (0 normal, 1 tumour), as labels.csv;
+    - `tumour_fraction`: the tumour's share of the tissue (regression);
+    - `tumour`, `extensive` (multilabel, one 0/1 column each): tumour present; tumour covering more of the tissue than
+      on the median tumour slide. Not two tumour types: the generator has one tumour texture;
+    - `time`, `event` (survival, months): T ~ Exponential(hazard 0.05 exp(4 b / b_max)) with b the tumour fraction
+      and b_max the cohort's largest, so hazard rises with tumour burden; censored at C ~ Uniform(6, 60)
+      (administrative end of follow-up), event = T <= C, time = min(T, C), rounded to 0.1 month.
+    Seeded by the cohort seed, so one spec gives one table."""
+    root = Path(root)
+    infos = slide_infos(root)
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    burden = np.array([tumour_burden(infos[row["slide_id"]]) for row in rows])
+    positive = burden[burden > 0]
+    extensive_above = float(np.median(positive)) if len(positive) else 1.0
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, len(rows), 17]))
+    hazard = 0.05 * np.exp(4 * burden / max(burden.max(), 1e-9))
+    event_time = rng.exponential(1 / hazard)
+    censor_time = rng.uniform(6, 60, len(rows))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["slide_id", "label", "patient_id", "tumour_fraction", "tumour", "extensive", "time", "event"])
+    for row, b, t, c in zip(rows, burden, event_time, censor_time, strict=True):
+        cells = [f"{b:.4f}", int(b > 0), int(b > extensive_above), f"{min(t, c):.1f}", int(t <= c)]
+        writer.writerow([row["slide_id"], row["label"], row["patient_id"], *cells])
+    path = root / TARGETS_FILE
+    _atomic_write(path, table.getvalue())
+    return path
 
 
 def load_cohort(root: str | os.PathLike) -> list[SlideInfo]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from data_modules.cohort import OnSlideError
 from data_modules.patches import SlidePatchDataModule
+from data_modules.targets import Targets
 from data_modules.tiling import TilingConfig
 
 from .cohort import make_cohort
@@ -13,9 +16,10 @@ __all__ = ["SyntheticCohortDataModule"]
 
 
 class SyntheticCohortDataModule(SlidePatchDataModule):
-    """A `SlidePatchDataModule` over `root/labels.csv` and `root/slides`, whose `prepare_data` writes the `cohort`
+    """A `SlidePatchDataModule` over `root/<labels_file>` and `root/slides`, whose `prepare_data` writes the `cohort`
     there first (once: a complete cohort of the same spec is reused, another spec is an error). The demo and the
-    benchmarks need a cohort that exists nowhere yet."""
+    benchmarks need a cohort that exists nowhere yet. `labels_file`: `labels.csv` (normal / tumour) or
+    `targets.csv` (every task's columns, `make_cohort`), read with `targets`."""
 
     def __init__(
         self,
@@ -26,9 +30,18 @@ class SyntheticCohortDataModule(SlidePatchDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         on_slide_error: OnSlideError = "raise",
+        labels_file: Literal["labels.csv", "targets.csv"] = "labels.csv",
+        targets: Targets = Targets(),
     ) -> None:
         super().__init__(
-            f"{root}/labels.csv", f"{root}/slides", tiling, grid_cache, batch_size, num_workers, on_slide_error
+            f"{root}/{labels_file}",
+            f"{root}/slides",
+            tiling,
+            grid_cache,
+            batch_size,
+            num_workers,
+            on_slide_error,
+            targets,
         )
         self.root, self.spec = root, cohort
 
