@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import torch
 
-from .aggregators import Aggregator
+from .aggregators import Aggregator, MILOutput
 from .callbacks.figure_writer import FigureWriter
 from .slide_task import ClassNames, Scheduler, SlideTask
+from .tasks import Task
 
 __all__ = ["BagClassifier"]
 
@@ -16,9 +17,10 @@ __all__ = ["BagClassifier"]
 class BagClassifier(SlideTask):
     """Aggregator + optimiser settings (ICMIL's defaults: Adam, lr 2e-4, weight decay 1e-4; clip 5 in the trainer).
 
-    A batch is one bag: `{"features": (N, D), "label": int, "slide_id": str}`. With `standardize`, features are
+    A batch is one bag: `{"features": (N, D), "label": target, "slide_id": str}`. With `standardize`, features are
     centred and scaled per dimension by statistics of the training split (stored in the checkpoint): raw features of
     different embedders, or of one embedder across ICMIL iterations, differ in scale by orders of magnitude.
+    `bags_per_step` bags make one optimizer step (the mean of their losses; a Cox survival loss compares them).
     """
 
     def __init__(
@@ -31,11 +33,23 @@ class BagClassifier(SlideTask):
         aux_loss_weight: float = 1.0,
         class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
+        task: Task | None = None,
+        bags_per_step: int = 1,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names, figures)
-        self.save_hyperparameters(ignore=["aggregator", "figures"])
+        super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
+        self.save_hyperparameters(ignore=["aggregator", "figures", "task"])
+        if bags_per_step < 1 or (self.task.needs_several_bags and bags_per_step < 2):
+            need = (
+                "an int >= 2 (a Cox loss compares the bags of a step)"
+                if self.task.needs_several_bags
+                else "an int >= 1"
+            )
+            raise ValueError(f"bags_per_step: expected {need}, got {bags_per_step}")
         # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
-        self.cfg = SimpleNamespace(lr=lr, weight_decay=weight_decay, scheduler=scheduler, standardize=standardize)
+        self.cfg = SimpleNamespace(
+            lr=lr, weight_decay=weight_decay, scheduler=scheduler, standardize=standardize, bags_per_step=bags_per_step
+        )
+        self._step_bags: list[tuple[MILOutput, torch.Tensor]] = []  # the bags of the optimizer step under way
         self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))
         self.register_buffer("feature_std", torch.ones(aggregator.in_dim))
 
@@ -60,9 +74,18 @@ class BagClassifier(SlideTask):
         """The bag head on each instance, standardization included: ICMIL's instance-level teacher."""
         return self.aggregator.instance_logits(self.normalize(features))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.bag_output(batch), batch["label"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """One bag; every `bags_per_step`-th (and the epoch's last) returns the loss of the step's bags, the others
+        None, which makes Lightning skip the optimizer step while their graphs wait."""
+        self._step_bags.append((self.bag_output(batch), batch["label"]))
+        if len(self._step_bags) < self.cfg.bags_per_step and not self.trainer.is_last_batch:
+            return None
+        outs, targets = zip(*self._step_bags, strict=True)
+        self._step_bags = []
+        if self.task.needs_several_bags and len(outs) < 2:
+            return None  # an epoch's odd bag out: nothing to compare it with
+        loss = self.task.loss_of_bags(list(outs), list(targets), self.aux_loss_weight)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(outs), prog_bar=True)
         return loss
 
     def configure_optimizers(self):

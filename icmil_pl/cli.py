@@ -30,7 +30,7 @@ import data_modules.patches  # noqa: F401
 import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 import data_modules.unlabelled_patches  # noqa: F401
-from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain  # noqa: F401
+from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain, tasks  # noqa: F401
 from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 

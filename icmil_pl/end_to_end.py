@@ -18,6 +18,7 @@ from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
 from .chunked import Bag, bag_backward, embed_chunked
 from .slide_task import ClassNames, Scheduler, SlideTask
+from .tasks import Task
 
 __all__ = ["EndToEndMIL"]
 
@@ -47,9 +48,15 @@ class EndToEndMIL(SlideTask):
         aux_loss_weight: float = 1.0,
         class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names, figures)
-        self.save_hyperparameters(ignore=["embedder", "aggregator", "figures"])
+        super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
+        self.save_hyperparameters(ignore=["embedder", "aggregator", "figures", "task"])
+        if self.task.needs_several_bags:
+            raise ValueError(
+                "task: a Cox loss compares bags, but end to end each bag's gradient is taken on its own; use "
+                "Survival(loss='nll'), whose loss is per bag"
+            )
         # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
         self.cfg = SimpleNamespace(
             chunk_size=chunk_size,

@@ -1,5 +1,6 @@
-"""Pictures people judge a slide classifier by: attention heatmaps on the slide, the patches that drove the call, ROC
-curves, confusion matrices and AUROC by ICMIL iteration.
+"""Pictures people judge a slide model by: attention heatmaps on the slide, the patches that drove the call, ROC
+curves (per label for multi-label tasks), confusion matrices, predicted-vs-true scatters (regression), Kaplan-Meier
+curves of risk groups (survival) and a metric by ICMIL iteration.
 
 Rendering only: every function takes arrays and returns a matplotlib `Figure` (object API, no pyplot state, so it is
 safe in callbacks and threads); `save_png` writes one atomically. Callers decide what to draw and where it goes.
@@ -19,6 +20,9 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 __all__ = [
     "confusion_figure",
+    "kaplan_meier_figure",
+    "multilabel_roc_figure",
+    "scatter_figure",
     "grid_step",
     "heatmap_figure",
     "iteration_figure",
@@ -149,6 +153,63 @@ def roc_figure(labels: Sequence[int], scores: Sequence[float], title: str = "ROC
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right")
+    return fig
+
+
+def multilabel_roc_figure(
+    targets: np.ndarray, probs: np.ndarray, names: Sequence[str], title: str = "ROC per label"
+) -> Figure:
+    """One ROC curve per label (a label present on every slide or on none has no curve and says so)."""
+    fig = Figure(figsize=(4.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for k, name in enumerate(names):
+        truth = np.asarray(targets)[:, k] > 0.5
+        if truth.all() or not truth.any():
+            ax.plot([], [], label=f"{name}: one class only")
+            continue
+        fpr, tpr, _ = roc_curve(truth, probs[:, k])
+        ax.plot(fpr, tpr, lw=2, label=f"{name}: AUROC {roc_auc_score(truth, probs[:, k]):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"{title} (n = {len(targets)})")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def scatter_figure(true: Sequence[float], predicted: Sequence[float], name: str, title: str = "test") -> Figure:
+    """Predicted against true values with the identity line, Pearson r in the title."""
+    true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
+    r = np.corrcoef(true, predicted)[0, 1] if len(true) > 1 and true.std() > 0 and predicted.std() > 0 else np.nan
+    fig = Figure(figsize=(4.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(true, predicted, s=14, alpha=0.8)
+    low, high = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
+    ax.plot([low, high], [low, high], ls="--", c="grey", lw=1)
+    ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{title}: Pearson r = {r:.3f} (n = {len(true)})")
+    return fig
+
+
+def kaplan_meier_figure(
+    time: Sequence[float], event: Sequence[bool], risk: Sequence[float], title: str = "test"
+) -> Figure:
+    """Kaplan-Meier curves of the slides above and at-or-below the median predicted risk, with the log-rank p."""
+    from sksurv.compare import compare_survival
+    from sksurv.nonparametric import kaplan_meier_estimator
+    from sksurv.util import Surv
+
+    time, event, risk = np.asarray(time, np.float64), np.asarray(event, bool), np.asarray(risk, np.float64)
+    high = risk > np.median(risk)
+    fig = Figure(figsize=(5, 4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for group, name in ((~high, "low risk"), (high, "high risk")):
+        if group.any():
+            t, s = kaplan_meier_estimator(event[group], time[group])
+            ax.step(np.r_[0, t], np.r_[1, s], where="post", lw=2, label=f"{name} (n = {int(group.sum())})")
+    p = np.nan
+    if high.any() and (~high).any() and event.any():
+        p = compare_survival(Surv.from_arrays(event, time), high.astype(int))[1]
+    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=f"{title}: log-rank p = {p:.3g}")
+    ax.legend(loc="upper right")
     return fig
 
 

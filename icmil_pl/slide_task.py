@@ -1,5 +1,5 @@
-"""What every slide-level model shares: MIL loss, metrics per stage, checkpoint selection, the callbacks that write
-predictions and figures.
+"""What every slide-level model shares: the task (loss, metrics, checkpoint selection; `icmil_pl.tasks`), metrics per
+stage, the callbacks that write predictions and figures.
 
 Subclasses say how a batch (one bag) becomes the instances the aggregator sees (`instances`) and how they train.
 """
@@ -12,7 +12,6 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.bag_base import BagDataModule
@@ -24,7 +23,8 @@ from .aggregators import Aggregator, MILOutput
 from .callbacks.figure_writer import FigureWriter, resolve_figures
 from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
-from .metrics import slide_metrics
+from .metrics import flatten_per_label
+from .tasks import Classification, Task, check_data
 
 __all__ = ["ClassNames", "SlideTask"]
 
@@ -33,12 +33,13 @@ ClassNames = dict[str, str] | list[str] | None  # {label value: name}, or names 
 
 
 class SlideTask(pl.LightningModule):
-    """Base LightningModule for slide classification from one bag per batch.
+    """Base LightningModule for slide-level learning from one bag per batch.
 
-    Validation AUROC selects the checkpoint; `test` and `predict` write `predictions.csv` (one row per slide) and,
-    with `figures` (a `FigureWriter`, `True` for the default one, `False` for none), ROC, confusion, heatmap and patch
-    figures into the run directory, beside the data module's `splits.json`. Metrics are logged per stage
-    under `val/...` and `test/...` with `batch_size=1`.
+    `task` (default `Classification`) owns the loss, the metrics and the validation metric that selects the
+    checkpoint (`task.monitor`); `test` and `predict` write `predictions.csv` (one row per slide) and, with `figures`
+    (a `FigureWriter`, `True` for the default one, `False` for none), the task's test figures, heatmaps and patch
+    figures into the run directory, beside the data module's `splits.json`. Metrics are logged per stage under
+    `val/...` and `test/...`, computed once per epoch over all of its slides.
     """
 
     def __init__(
@@ -47,16 +48,19 @@ class SlideTask(pl.LightningModule):
         aux_loss_weight: float = 1.0,
         class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
+        self.task = task or Classification()
         self.num_classes = aggregator.num_classes
         self.aux_loss_weight = aux_loss_weight
         self.class_names = class_names
         self.figures = figures
         self.checkpoint_dir: str | None = None  # None: Lightning's default, <run dir>/checkpoints
+        placeholder = [str(k) for k in range(self.num_classes)]  # metrics depend on the number of outputs only
         self.metrics = torch.nn.ModuleDict(
-            {stage: slide_metrics(self.num_classes).clone(prefix=f"{stage}/") for stage in ("val", "test")}
+            {stage: self.task.metrics(placeholder).clone(prefix=f"{stage}/") for stage in ("val", "test")}
         )
 
     @abstractmethod
@@ -77,9 +81,10 @@ class SlideTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None
-        classes = getattr(data, "num_classes", None)
-        if classes is not None and classes != self.num_classes:
-            raise ValueError(f"model aggregator num_classes={self.num_classes}, but the labels have {classes} classes")
+        if isinstance(data, BagDataModule):
+            check_data(self.task, data.targets.task, data.classes, self.num_classes)
+            if stage == "fit":  # survival bins, regression scale: from the training bags' targets
+                self.task.fit_targets(torch.stack([t.float() for t in data.bag_targets("train")]))
         if getattr(data, "classes", None):
             self.class_names = name_classes(self.class_names, [str(c) for c in data.classes])
         if isinstance(data, BagDataModule) and data.splits is not None:  # the slides of each split, beside the run
@@ -96,12 +101,8 @@ class SlideTask(pl.LightningModule):
             self.class_names = list(checkpoint["class_names"])
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
-        """Cross entropy of the bag logits, plus the aggregator's auxiliary predictions of the same bag label."""
-        loss = F.cross_entropy(out.logits.float().unsqueeze(0), label.view(1))
-        if out.aux_logits is not None:  # DTFD tier-1 pseudo-bags, DSMIL max instance
-            aux_target = label.view(1).expand(out.aux_logits.shape[0])
-            loss = loss + self.aux_loss_weight * F.cross_entropy(out.aux_logits.float(), aux_target)
-        return loss
+        """The task's loss of the bag output, its auxiliary predictions (DTFD, DSMIL) included."""
+        return self.task.loss(out, label, self.aux_loss_weight)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with self.unless_unreadable(batch):
@@ -109,26 +110,28 @@ class SlideTask(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict | None:
         with self.unless_unreadable(batch):
-            probs, _ = self._evaluate("test", batch)
-            return {"slide_id": batch["slide_id"], "label": int(batch["label"]), "probs": probs}
+            outputs, _ = self._evaluate("test", batch)
+            return {"slide_id": batch["slide_id"], "label": batch["label"].cpu(), "outputs": outputs, **_slides(batch)}
         return None
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
-        """The slide's probabilities, its attention, and every patch's class probabilities on its own (the bag head
-        applied to one instance: ICMIL's instance teacher), for heatmaps and the QuPath export."""
+        """The slide's outputs (class probabilities, a value, a risk: `task.outputs`), its attention, and every
+        patch's outputs on its own (the bag head applied to one instance: ICMIL's instance teacher), for heatmaps and
+        the QuPath export."""
         out = None
         with self.unless_unreadable(batch):
             h = self.instances(batch)
             out = self.aggregator(h)
-            instance_probs = self.aggregator.instance_logits(h).float().softmax(-1).cpu()
+            instance_outputs = self.task.outputs(self.aggregator.instance_logits(h)).cpu()
         if out is None:
             return None
         return {
             "slide_id": batch["slide_id"],
-            "label": int(batch["label"]) if "label" in batch else None,
-            "probs": out.logits.float().softmax(-1).cpu(),
+            "label": batch["label"].cpu() if "label" in batch else None,
+            "outputs": self.task.outputs(out.logits).cpu(),
             "attention": None if out.attention is None else out.attention.float().cpu(),
-            "instance_probs": instance_probs,
+            "instance_outputs": instance_outputs,
+            **_slides(batch),
         }
 
     @contextlib.contextmanager
@@ -145,11 +148,15 @@ class SlideTask(pl.LightningModule):
             data.skipped[batch["slide_id"]] = str(error)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Keep the best model by validation AUROC (ties: the earlier epoch), and the last for resuming; write
-        predictions.csv and the figures, unless the Trainer has its own writer of the kind."""
+        """Keep the best model by the task's validation metric (ties: the earlier epoch), and the last for resuming;
+        write predictions.csv and the figures, unless the Trainer has its own writer of the kind."""
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(
-                dirpath=self.checkpoint_dir, monitor="val/auroc", mode="max", save_last=True, filename="best-{epoch}"
+                dirpath=self.checkpoint_dir,
+                monitor=f"val/{self.task.monitor}",
+                mode=self.task.mode,
+                save_last=True,
+                filename="best-{epoch}",
             )
         ]
         for writer in (PredictionWriter(), resolve_figures(self.figures)):
@@ -166,8 +173,28 @@ class SlideTask(pl.LightningModule):
 
     def _evaluate(self, stage: str, batch: dict) -> tuple[torch.Tensor, MILOutput]:
         out = self.bag_output(batch)
-        probs = out.logits.float().softmax(-1)
-        self.metrics[stage].update(probs.unsqueeze(0), batch["label"].view(1))
-        self.log(f"{stage}/loss", self.loss(out, batch["label"]), on_epoch=True, batch_size=1, sync_dist=True)
-        self.log_dict(self.metrics[stage], on_epoch=True, batch_size=1, prog_bar=stage == "val")
-        return probs.detach().cpu(), out
+        outputs = self.task.outputs(out.logits)
+        self.metrics[stage].update(*self.task.metric_input(outputs.unsqueeze(0), batch["label"].unsqueeze(0)))
+        if not self.task.needs_several_bags:  # a Cox loss has no value for one bag
+            self.log(f"{stage}/loss", self.loss(out, batch["label"]), on_epoch=True, batch_size=1, sync_dist=True)
+        return outputs.detach().cpu(), out
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> None:
+        """The stage's metrics over all of its slides (every process's, under DDP), then reset."""
+        metrics = self.metrics[stage]
+        if any(m.update_count == 0 for m in metrics.values()):  # nothing evaluated (no validation, all skipped)
+            return
+        values = flatten_per_label(metrics.compute(), self.class_labels)
+        self.log_dict(values, prog_bar=stage == "val")
+        metrics.reset()
+
+
+def _slides(batch: dict) -> dict:
+    """A patient bag's (slide id, patch count) per slide (`data_modules.patient_bags`), for per-slide outputs."""
+    return {"slides": batch["slides"]} if "slides" in batch else {}
