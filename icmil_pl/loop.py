@@ -27,6 +27,7 @@ from data_modules.cohort import SlideCohort, require_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
+from data_modules.patient_bags import BagLevel
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
@@ -64,7 +65,8 @@ class ICMIL(pl.LightningModule):
     """The ICMIL procedure as configuration: embedder E_0, bag classifier, coupling strategy and phase settings.
 
     `bag_trainer`, `couple_trainer` and `embed_trainer` override the config's `trainer` settings per phase (e.g.
-    `{max_epochs: 200}` for the bag phase, `{precision: bf16-mixed}` for extraction).
+    `{max_epochs: 200}` for the bag phase, `{precision: bf16-mixed}` for extraction). `bag_level: patient` makes a
+    bag of all slides of a patient in the bag phase and in `BagGradient` coupling (`data_modules.patient_bags`).
     """
 
     def __init__(
@@ -79,8 +81,11 @@ class ICMIL(pl.LightningModule):
         bag_trainer: dict[str, Any] | None = None,
         couple_trainer: dict[str, Any] | None = None,
         embed_trainer: dict[str, Any] | None = None,
+        bag_level: BagLevel = "slide",
     ) -> None:
         super().__init__()
+        if bag_level not in ("slide", "patient"):
+            raise ValueError(f"bag_level: expected 'slide' or 'patient', got {bag_level!r}")
         if iterations < 0:
             raise ValueError(f"iterations: expected an int >= 0 (0 = the two-stage baseline only), got {iterations}")
         if embedder.feature_dim != bag.aggregator.in_dim:
@@ -95,6 +100,7 @@ class ICMIL(pl.LightningModule):
         self.run_dir = RunDir(run_dir)
         self.splits = splits
         self.feature_dtype = feature_dtype
+        self.bag_level = bag_level
         self.phase_trainer = {"bag": bag_trainer or {}, "couple": couple_trainer or {}, "embed": embed_trainer or {}}
 
 
@@ -103,7 +109,8 @@ def _slide_record(cohort: SlideCohort) -> dict[str, list]:
     record = {}
     for row in cohort.rows:
         stat = cohort.paths[row.slide_id].stat()
-        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, stat.st_size, stat.st_mtime_ns]
+        target = [] if row.target is None else [list(row.target)]  # classification runs recorded before targets
+        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, stat.st_size, stat.st_mtime_ns, *target]
     return record
 
 
@@ -192,9 +199,11 @@ class ICMILLoop:
             embedder = self._load_embedder(embedder_path)
         results = self._write_results()
         written_by_rank_zero(lambda: write_report(self.run_dir.root))
-        self._print_table(results)
+        task = self.icmil.bag.task
+        metric = task.monitor
+        self._print_table(results, (metric, *(m for m in task.metric_names if m != metric)))
         _say(
-            f"\noutputs in {self.run_dir.root}: report.html, results.json, figures/auroc_by_iteration.png, iter<i>/ "
+            f"\noutputs in {self.run_dir.root}: report.html, results.json, figures/{metric}_by_iteration.png, iter<i>/ "
             "(checkpoints, embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
             f"<test|predict> -c <this config, or {self.run_dir.config_path}>"
         )
@@ -247,8 +256,9 @@ class ICMILLoop:
             ids = set(splits[split]) - skipped
             return [s for s in self.data.slide_patches if s.slide_id in ids]
 
-        class_index = self.data.class_index
-        labels = {row.slide_id: class_index[row.label] for row in self.data.cohort.rows}
+        cohort = self.data.cohort
+        labels = cohort.encoded_targets()
+        patients = {row.slide_id: row.patient_id for row in cohort.rows} if self.icmil.bag_level == "patient" else None
         root = self.run_dir.couple_dir(i)
         coupled = self.icmil.coupling.fit(
             embedder,
@@ -259,6 +269,7 @@ class ICMILLoop:
             seed=phase_seed(self.seed, i, "couple"),
             labels=labels,
             val=slides("val"),
+            patients=patients,
         )
         path = self.run_dir.embedder_path(i + 1)
 
@@ -331,7 +342,8 @@ class ICMILLoop:
         """The run's one split, of the slides extraction could read."""
         skipped = self._skipped()
         rows = [row for row in self.data.cohort.rows if row.slide_id not in skipped]
-        return make_splits(rows, self.icmil.splits, self.data.cohort.labels_path)
+        cohort = self.data.cohort
+        return make_splits(rows, self.icmil.splits, cohort.labels_path, cohort.targets)
 
     def _extract(self, embedder: PatchEmbedder, trainer_kwargs: dict[str, Any]):
         return extract_features(
@@ -345,7 +357,13 @@ class ICMILLoop:
     def _bag_data(self, cache: str, splits: dict[str, list[str]] | None) -> FeatureBagDataModule:
         cohort = self.data.cohort
         return FeatureBagDataModule(
-            str(cohort.labels_path), cache, splits=self.icmil.splits, split_ids=splits, slides=str(cohort.slides_dir)
+            str(cohort.labels_path),
+            cache,
+            splits=self.icmil.splits,
+            split_ids=splits,
+            slides=str(cohort.slides_dir),
+            targets=cohort.targets,
+            bag_level=self.icmil.bag_level,
         )
 
     def _load_embedder(self, path: str) -> PatchEmbedder:
@@ -382,34 +400,36 @@ class ICMILLoop:
             bag = done[phase_key(i, "bag")]
             seconds = {p: done[phase_key(i, p)]["seconds"] for p in PHASES if phase_key(i, p) in done}
             iterations.append({"iteration": i, "checkpoint": bag["output"], **bag["metrics"], "seconds": seconds})
-        figure = self.run_dir.figures_dir / "auroc_by_iteration.png"
+        metric = self.icmil.bag.task.monitor
+        figure = self.run_dir.figures_dir / f"{metric}_by_iteration.png"
         skipped = self._skipped()
         extra = {"skipped": skipped} if skipped else {}
 
         def save() -> None:
             coupling = type(self.icmil.coupling).__name__
             write_results(self.run_dir.root, iterations, model="ICMIL", coupling=coupling, **extra)
-            save_png(iteration_figure(iterations), figure)
+            save_png(iteration_figure(iterations, metric), figure)
 
         written_by_rank_zero(save)
         if rank_zero_only.rank == 0:
             report_skipped(skipped)
         if isinstance(self.logger, WandbLogger):
-            self.logger.log_image(key="final/auroc_by_iteration", images=[str(figure)])
+            self.logger.log_image(key=f"final/{metric}_by_iteration", images=[str(figure)])
         if self.logger is not None:  # stable names for sweeps: the final iteration's metrics
             log_final([self.logger], iterations[-1], step=self._step)
         return {"iterations": iterations}
 
     @staticmethod
     @rank_zero_only
-    def _print_table(results: dict) -> None:
-        print(
-            f"\n{'iter':>4s} {'val AUROC':>9s} {'test AUROC':>10s} {'test acc':>8s} {'test F1':>7s}  "
-            f"{'embed s':>7s} {'bag s':>6s} {'couple s':>8s}"
-        )
+    def _print_table(results: dict, metrics: tuple[str, ...]) -> None:
+        """Validation and test of the task's first metric, the test values of the others, by iteration."""
+        head = [f"val {metrics[0]}", *(f"test {m}" for m in metrics)]
+        widths = [max(9, len(h)) for h in head]
+        cells = " ".join(f"{h:>{w}s}" for h, w in zip(head, widths, strict=True))
+        print(f"\n iter {cells}  {'embed s':>7s} {'bag s':>6s} {'couple s':>8s}")
         for r in results["iterations"]:
-            s, test = r["seconds"], r["test"]
-            print(
-                f"{r['iteration']:4d} {r['val']['auroc']:9.4f} {test['auroc']:10.4f} {test['accuracy']:8.4f} "
-                f"{test['f1']:7.4f}  {s.get('embed', 0):7.1f} {s.get('bag', 0):6.1f} {s.get('couple', 0):8.1f}"
-            )
+            s = r["seconds"]
+            values = [r["val"].get(metrics[0], float("nan")), *(r["test"].get(m, float("nan")) for m in metrics)]
+            cells = " ".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=True))
+            seconds = f"{s.get('embed', 0):7.1f} {s.get('bag', 0):6.1f} {s.get('couple', 0):8.1f}"
+            print(f"{r['iteration']:5d} {cells}  {seconds}")

@@ -4,9 +4,12 @@ the report and the viewer read. Nothing else knows its layout.
     scores.zarr/<safe_name(slide_id)>/coords   (N, 2) int64, level-0 top-left corners
     scores.zarr/<safe_name(slide_id)>/scores   (N,) float32, attention (or, without attention, the patch's
                                                positive-class probability on its own)
-    scores.zarr/<safe_name(slide_id)>/probs    (N, C) float32, the bag head applied to each patch on its own
-    attributes: slide_id, kind, classes, label, predicted, slide_probs, patch_side (level-0 pixels), slide_path,
-                dimensions (level 0), truth (a GeoJSON geometry in level-0 pixels where the cohort knows its tumour)
+    scores.zarr/<safe_name(slide_id)>/probs    (N, C) float32, the bag head applied to each patch on its own: class
+                                               or label probabilities, or the task's per-patch outputs (`classes`
+                                               then names those: `risk`, `predicted_<target>`)
+    attributes: slide_id, kind, task, classes, label, predicted (as predictions.csv writes them), slide_probs (the
+                slide's outputs), patch_side (level-0 pixels), slide_path, dimensions (level 0), truth (a GeoJSON
+                geometry in level-0 pixels where the cohort knows its tumour)
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class PatchScores:
     slide_path: str | None = None  # the slide file it was cut from, where known
     dimensions: tuple[int, int] | None = None  # level-0 (width, height)
     truth: dict | None = None  # GeoJSON geometry of the tumour ground truth (synthetic cohorts)
+    task: str = "classification"  # the model's task kind: whether `probs` are probabilities of `classes`
+
+    @property
+    def probabilities(self) -> bool:
+        """Whether `probs` are per-class (or per-label) probabilities rather than a value or a risk."""
+        return self.task in ("classification", "multilabel")
 
     @property
     def name(self) -> str:
@@ -63,6 +72,7 @@ def write_scores(root: str | os.PathLike, scores: PatchScores) -> None:
         {
             "slide_id": scores.slide_id,
             "kind": scores.kind,
+            "task": scores.task,
             "classes": list(scores.classes),
             "label": scores.label,
             "predicted": scores.predicted,
@@ -98,6 +108,7 @@ def read_scores(root: str | os.PathLike, name: str) -> PatchScores:
         slide_path=attrs.get("slide_path"),
         dimensions=None if dimensions is None else (int(dimensions[0]), int(dimensions[1])),
         truth=attrs.get("truth"),
+        task=attrs.get("task", "classification"),
     )
 
 

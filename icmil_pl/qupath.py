@@ -36,8 +36,9 @@ def slide_geojson(scores: PatchScores) -> dict:
     if scores.kind == "attention":
         measurements["attention"] = scores.scores
     if scores.probs is not None:
-        measurements.update({f"prob_{c}": scores.probs[:, k] for k, c in enumerate(scores.classes)})
-    best = scores.probs.argmax(1) if scores.probs is not None else None
+        prefix = "prob_" if scores.probabilities else ""
+        measurements.update({f"{prefix}{c}": scores.probs[:, k] for k, c in enumerate(scores.classes)})
+    best = scores.probs.argmax(1) if scores.probs is not None and scores.task == "classification" else None
     columns = {name: values.astype(float).tolist() for name, values in measurements.items()}
     features = []
     for i, (x, y) in enumerate(np.asarray(scores.coords, dtype=np.int64).tolist()):

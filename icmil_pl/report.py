@@ -237,23 +237,27 @@ def _split_of(run: RunDir, predictions: Path) -> dict[str, str]:
 
 
 def _slides(path: Path, caption: str, split_of: dict[str, str], port: int, level: int) -> _Html:
-    """The slides table of a predictions.csv (PredictionWriter's format), with accuracy lines above it: over all
-    labelled slides, and per split where the run has splits."""
+    """The slides table of a predictions.csv (PredictionWriter's format: slide_id, label, predicted, the task's
+    outputs), with accuracy lines above it where the calls are classes: over all labelled slides, and per split where
+    the run has splits. Other tasks (a value, a risk, a set of labels) show their outputs and no right or wrong."""
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
-        classes = [name.removeprefix("prob_") for name in reader.fieldnames or [] if name.startswith("prob_")]
+        columns = list(reader.fieldnames or [])
+        bag, outputs = columns[0], columns[3:]  # slide_id, or patient_id for patient bags
+    classes = [name.removeprefix("prob_") for name in outputs if name.startswith("prob_")]
+    judged = bool(classes) and all(row.get("predicted") in classes for row in rows)  # one class per call
     figures = RunDir(path.parent).figures_dir
     table: list[list] = []
     counts: dict[str, list[int]] = {}  # group -> [labelled, correct]
     for row in rows:
-        slide_id, label, predicted = row["slide_id"], row.get("label") or "", row.get("predicted") or ""
+        slide_id, label, predicted = row[bag], row.get("label") or "", row.get("predicted") or ""
         name = safe_name(slide_id)
         link = html.escape(f"http://localhost:{port}/#slide={quote(name)}")
         thumbnail = _thumbnail(figures / f"{name}{SLIDE_FIGURES[0]}")
         image = f'<a href="{link}"><img src="{thumbnail}" alt="heatmap of {_text(slide_id)}"></a>' if thumbnail else ""
         right, split = label == predicted, split_of.get(slide_id, "")
-        for group in ("all", split) if label else ():
+        for group in ("all", split) if label and judged else ():
             count = counts.setdefault(group, [0, 0])
             count[0], count[1] = count[0] + 1, count[1] + right
         table.append(
@@ -263,14 +267,17 @@ def _slides(path: Path, caption: str, split_of: dict[str, str], port: int, level
                 *([split] if split_of else []),
                 label,
                 predicted,
-                _num(row.get(f"prob_{predicted}")),
-                *(_num(row.get(f"prob_{c}")) for c in classes),
-                ("yes" if right else "no") if label else "",
+                *([_num(row.get(f"prob_{predicted}"))] if judged else []),
+                *(_num(row.get(c)) for c in outputs),
+                *([("yes" if right else "no") if label else ""] if judged else []),
             ]
         )
     labelled, correct = counts.get("all", [0, 0])
     accuracy = f" (accuracy {correct / labelled:.3f})" if labelled else ""
-    summary = _paragraph(f"{len(rows)} slides, {labelled} with a label, {correct} correct{accuracy}.")
+    if judged:
+        summary = _paragraph(f"{len(rows)} slides, {labelled} with a label, {correct} correct{accuracy}.")
+    else:
+        summary = _paragraph(f"{len(rows)} slides, {sum(bool(r.get('label')) for r in rows)} with a label.")
     splits = [f"{g}: {counts[g][0]} labelled, {counts[g][1]} correct" for g in SPLITS if g in counts]
     if splits:
         summary = _Html(summary + _paragraph("By split: ", "; ".join(splits), "."))
@@ -284,9 +291,9 @@ def _slides(path: Path, caption: str, split_of: dict[str, str], port: int, level
         *(["split"] if split_of else []),
         "label",
         "predicted",
-        "p(predicted)",
-        *(f"p({c})" for c in classes),
-        "correct",
+        *(["p(predicted)"] if judged else []),
+        *(f"p({c.removeprefix('prob_')})" if c.startswith("prob_") else c for c in outputs),
+        *(["correct"] if judged else []),
     ]
     return _section(f"Slides ({caption})", [summary, _table(header, table)], level)
 

@@ -45,9 +45,13 @@ FINAL_METRICS: dict[str, tuple[str, str]] = {final_name(s, m): (s, m) for s in S
 
 
 def stage_metrics(logged: list[dict] | dict, stage: str) -> dict[str, float]:
-    """`{auroc, accuracy, f1, balanced_accuracy}` from what `trainer.validate/test` returned for `stage`."""
+    """The task's metrics (`{auroc, accuracy, f1, balanced_accuracy}` for classification; per-label ones too) from
+    what `trainer.validate/test` returned for `stage`; the loss is not a result."""
     values = logged[0] if isinstance(logged, list) else logged
-    return {name: float(values[f"{stage}/{name}"]) for name in METRIC_NAMES if f"{stage}/{name}" in values}
+    prefix = f"{stage}/"
+    return {
+        k.removeprefix(prefix): float(v) for k, v in values.items() if k.startswith(prefix) and k != f"{prefix}loss"
+    }
 
 
 def final_metrics(iteration: dict) -> dict[str, float]:
@@ -79,9 +83,9 @@ def read_results(run_dir: str | os.PathLike) -> dict:
 def record_fit(
     trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, fit_seconds: float
 ) -> Path:
-    """After a single model's `fit`: validate and test its best checkpoint (by validation AUROC; the last weights when
-    nothing selected one), write them as iteration 0 of `results.json` in the trainer's output folder and log them to
-    every logger under their final names. Returns that folder."""
+    """After a single model's `fit`: validate and test its best checkpoint (by the task's validation metric; the last
+    weights when nothing selected one), write them as iteration 0 of `results.json` in the trainer's output folder and
+    log them to every logger under their final names. Returns that folder."""
     callback = trainer.checkpoint_callback
     best = (callback.best_model_path or None) if callback is not None else None
     start = time.perf_counter()

@@ -1,12 +1,14 @@
 """The pictures of a test or predict run, as a callback on any `SlideTask` (bag classifier or end-to-end model).
 
-After `test`: `figures/test_roc.png` and `figures/test_confusion.png`. After each predicted slide: its per-patch
-scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.patch_scores`), its QuPath tiles
+After `test`: the task's figures (classification `figures/test_roc.png` and `test_confusion.png`; multilabel per-label
+ROC `test_roc.png`; regression `test_scatter.png`; survival Kaplan-Meier `test_km.png`). After each predicted slide: its
+per-patch scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.patch_scores`), its QuPath tiles
 (`qupath/<slide>.geojson`, `icmil_pl.qupath`), and where the slide file is found its heatmap
 (`figures/<slide>_heatmap.png`) and top/bottom patches (`figures/<slide>_patches.png`), `<slide>` being
-`safe_name(slide_id)`. Scores are the aggregator's attention (every aggregator here returns one); a custom aggregator
-without attention gets the positive-class probability of each patch on its own (`instance_logits`). Everything goes
-under the run's log directory; with a W&B logger the images and a per-slide prediction table are logged too.
+`safe_name(slide_id)`; a patient bag's slides get theirs one by one. Scores are the aggregator's attention (every
+aggregator here returns one); a custom aggregator without attention gets each patch's last output on its own
+(`instance_logits`: the positive-class probability, the risk, the value). Everything goes under the run's log
+directory; with a W&B logger the images and a per-slide prediction table are logged too.
 """
 
 from __future__ import annotations
@@ -26,15 +28,7 @@ from data_modules.slides import open_slide
 from data_modules.synthetic import truth_outline
 
 from ..patch_scores import SCORES_STORE, PatchScores, write_scores
-from ..plots import (
-    confusion_figure,
-    grid_step,
-    heatmap_figure,
-    montage_figure,
-    prediction_title,
-    roc_figure,
-    save_png,
-)
+from ..plots import grid_step, heatmap_figure, montage_figure, save_png
 from ..qupath import write_geojson
 from .outputs import output_dir
 from .prediction_writer import PredictionWriter
@@ -67,14 +61,12 @@ class FigureWriter(pl.Callback):
         if not trainer.is_global_zero or not rows:
             return
         names = pl_module.class_labels
-        labels = [row["label"] for row in rows]
-        probs = torch.stack([row["probs"] for row in rows]).numpy()
-        confusion = confusion_figure(labels, probs.argmax(1), names, "test confusion matrix")
-        paths = [save_png(confusion, out / "test_confusion.png")]
-        if len(names) == 2 and len(set(labels)) == 2:
-            paths.append(save_png(roc_figure(labels, probs[:, 1], "test ROC"), out / "test_roc.png"))
+        targets = torch.stack([row["label"].float() for row in rows])
+        outputs = torch.stack([row["outputs"] for row in rows])
+        figures = pl_module.task.test_figures(targets, outputs, names)
+        paths = [save_png(figure, out / name) for name, figure in figures.items()]
         self._log_images(trainer, "test/figures", paths)
-        self._log_table(trainer, "test/predictions", rows, names)
+        self._log_table(trainer, "test/predictions", rows, pl_module)
 
     # -- predict -----------------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,14 +89,23 @@ class FigureWriter(pl.Callback):
         coords = batch.get("coords")
         if outputs is None or coords is None or len(coords) == 0:  # None: skipped as unreadable
             return
-        slide_id = batch["slide_id"]
+        coords, start = coords.cpu().numpy(), 0
+        for slide_id, n in outputs.get("slides") or [(outputs["slide_id"], len(coords))]:  # a patient bag: per slide
+            rows = slice(start, start + n)
+            start += n
+            self._write_slide(trainer, pl_module, _slide_outputs(outputs, slide_id, rows), coords[rows])
+
+    def _write_slide(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict, coords: np.ndarray
+    ) -> None:
+        slide_id = outputs["slide_id"]
         path = self._slide_path(trainer, slide_id)
-        scores = self._patch_scores(trainer, pl_module, outputs, coords.cpu().numpy(), path)
+        scores = self._patch_scores(trainer, pl_module, outputs, coords, path)
         write_scores(self._root, scores)
         write_geojson(self._root, scores)
         if path is None:
             return
-        title = prediction_title(slide_id, scores.classes, outputs["label"], scores.slide_probs)
+        title = pl_module.task.title(slide_id, outputs["label"], outputs["outputs"], pl_module.class_labels)
         with open_slide(path) as slide:
             w0, h0 = slide.dimensions
             thumbnail = slide.get_thumbnail((self.thumbnail_px, self.thumbnail_px))
@@ -127,17 +128,16 @@ class FigureWriter(pl.Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = PredictionWriter.of(trainer).rows
         if trainer.is_global_zero and rows:
-            self._log_table(trainer, "predict/predictions", rows, pl_module.class_labels)
+            self._log_table(trainer, "predict/predictions", rows, pl_module)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _patch_scores(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict, coords: np.ndarray, path: Path | None
     ) -> PatchScores:
         """Everything `scores.zarr` keeps of one predicted slide. Scores are the attention; an aggregator without one
-        gets each patch's positive-class probability on its own."""
-        names = pl_module.class_labels
-        probs = outputs["probs"].tolist()
-        instance = outputs["instance_probs"].numpy()
+        gets each patch's last output on its own (the positive-class probability, the risk, the value)."""
+        task, names = pl_module.task, pl_module.class_labels
+        instance = outputs["instance_outputs"].numpy()
         attention = outputs.get("attention")
         side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
         dimensions = None
@@ -148,16 +148,19 @@ class FigureWriter(pl.Callback):
             slide_id=outputs["slide_id"],
             coords=coords.astype(np.int64),
             scores=instance[:, -1] if attention is None else attention.reshape(-1).numpy(),
-            kind="patch probability" if attention is None else "attention",
+            kind=("patch probability" if task.kind == "classification" else "patch output")
+            if attention is None
+            else "attention",
             probs=instance,
-            classes=list(names),
-            label=None if outputs["label"] is None else names[outputs["label"]],
-            predicted=names[max(range(len(probs)), key=probs.__getitem__)],
-            slide_probs=probs,
+            classes=list(names) if task.kind in ("classification", "multilabel") else task.output_names(names),
+            label=None if outputs["label"] is None else task.describe_target(outputs["label"], names),
+            predicted=task.describe_call(outputs["outputs"], names),
+            slide_probs=outputs["outputs"].reshape(-1).tolist(),
             patch_side=float(side),
             slide_path=None if path is None else str(path.resolve()),
             dimensions=dimensions,
             truth=None if path is None else truth_outline(path),
+            task=task.kind,
         )
 
     def _montage(self, slide, coords: np.ndarray, scores: np.ndarray, side: int, title: str):
@@ -184,21 +187,34 @@ class FigureWriter(pl.Callback):
                 logger.log_image(key=key, images=[str(p) for p in paths], caption=[Path(p).stem for p in paths])
 
     @staticmethod
-    def _log_table(trainer: pl.Trainer, key: str, rows: list[dict], names: list[str]) -> None:
+    def _log_table(trainer: pl.Trainer, key: str, rows: list[dict], pl_module: pl.LightningModule) -> None:
+        """predictions.csv's rows as a W&B table."""
+        task, names = pl_module.task, pl_module.class_labels
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 data = [
                     [
                         r["slide_id"],
-                        "" if r["label"] is None else names[r["label"]],
-                        names[int(r["probs"].argmax())],
-                        *r["probs"].tolist(),
+                        task.describe_target(r["label"], names),
+                        task.describe_call(r["outputs"], names),
+                        *r["outputs"].reshape(-1).tolist(),
                     ]
                     for r in rows
                 ]
-                logger.log_table(
-                    key=key, columns=["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]], data=data
-                )
+                columns = ["slide_id", "label", "predicted", *task.output_names(names)]
+                logger.log_table(key=key, columns=columns, data=data)
+
+
+def _slide_outputs(outputs: dict, slide_id: str, rows: slice) -> dict:
+    """One slide's part of a bag's predict outputs: its patches' rows, the bag's prediction (a patient bag's slides
+    share their patient's)."""
+    attention = outputs.get("attention")
+    return {
+        **outputs,
+        "slide_id": slide_id,
+        "instance_outputs": outputs["instance_outputs"][rows],
+        "attention": None if attention is None else attention.reshape(-1)[rows],
+    }
 
 
 def resolve_figures(figures: FigureWriter | bool) -> FigureWriter | None:

@@ -1,4 +1,4 @@
-"""`predictions.csv` of a test or predict run: one row per slide, whichever process scored it."""
+"""`predictions.csv` of a test or predict run: one row per bag (a slide, or a patient), whichever process scored it."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ PREDICTIONS_FILE = "predictions.csv"
 
 
 class PredictionWriter(pl.Callback):
-    """Collects the row each test or predict step returns (`slide_id`, `label` (None if unknown), `probs`[,
-    `attention`]), gathers every process's rows in dataset order at the epoch's end, and writes
-    `<output dir>/predictions.csv`: `slide_id,label,predicted,prob_<class>...`. `rows` then holds all of them, for
-    the callbacks that draw or log them."""
+    """Collects the row each test or predict step returns (`slide_id`, `label` (the target; None if unknown),
+    `outputs`[, `attention`]), gathers every process's rows in dataset order at the epoch's end, and writes
+    `<output dir>/predictions.csv`: `slide_id,label,predicted,<the task's outputs>` (`prob_<class>...` for
+    classification and multilabel, `predicted_<target>` for regression, `risk` for survival), `label` and
+    `predicted` as the task writes them (`Task.describe_target`, `describe_call`); patient bags (rows with `slides`)
+    write `patient_id` as the first column. `rows` then holds all of them,
+    for the callbacks that draw or log them."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -56,7 +59,7 @@ class PredictionWriter(pl.Callback):
         folder = output_dir(trainer)
         self._gather(trainer)
         if trainer.is_global_zero and self.rows:
-            self._write(folder / PREDICTIONS_FILE, pl_module.class_labels)
+            self._write(folder / PREDICTIONS_FILE, pl_module.task, pl_module.class_labels)
 
     def _gather(self, trainer: pl.Trainer) -> None:
         """Under DDP each process saw every world_size-th slide (`UnrepeatedDistributedSampler`): interleaving the
@@ -67,13 +70,13 @@ class PredictionWriter(pl.Callback):
         torch.distributed.all_gather_object(parts, self.rows)
         self.rows = [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]
 
-    def _write(self, path, names: list[str]) -> None:
+    def _write(self, path, task, names: list[str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["slide_id", "label", "predicted", *[f"prob_{n}" for n in names]])
+            bag = "patient_id" if "slides" in self.rows[0] else "slide_id"  # a patient bag: one row per patient
+            writer.writerow([bag, "label", "predicted", *task.output_names(names)])
             for row in self.rows:
-                probs = row["probs"].tolist()
-                predicted = max(range(len(probs)), key=probs.__getitem__)
-                label = "" if row["label"] is None else names[row["label"]]
-                writer.writerow([row["slide_id"], label, names[predicted], *[f"{p:.6f}" for p in probs]])
+                outputs = row["outputs"]
+                label, call = task.describe_target(row["label"], names), task.describe_call(outputs, names)
+                writer.writerow([row["slide_id"], label, call, *[f"{v:.6f}" for v in outputs.reshape(-1).tolist()]])

@@ -3,11 +3,13 @@ with the chunked backward of end-to-end training (`chunked.bag_backward`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+from torch import Tensor
 
 from data_modules.checks import check
 from data_modules.slide_bags import SlideBagSplits
@@ -19,7 +21,7 @@ from ..embedder import PatchEmbedder
 from ..end_to_end import EndToEndMIL
 from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
 
-__all__ = ["BagGradient", "BagGradientModule"]
+__all__ = ["BagGradient", "BagGradientModule", "hold_out_bags"]
 
 
 class BagGradientModule(EndToEndMIL):
@@ -33,16 +35,18 @@ class BagGradient(CouplingStrategy):
     """Couple with the exact slide-level gradient: fine-tune a copy of E_i through the frozen bag head on whole slides.
 
     Each step embeds every patch of a training slide (`SlideBag`, read lazily) and back-propagates the bag loss
-    (cross entropy of the standardised head's bag logits against the slide label, plus its auxiliary terms as in
+    (the task's loss of the standardised head's bag output against the slide's target, plus its auxiliary terms as in
     `SlideTask.loss`) exactly, in `chunk_size` chunks (`EndToEndMIL` with `chunked.bag_backward`: DDP averaging and
     clipping included; `max_instances` samples patches per slide instead). `train_head` lets a copy of the head learn
     too (it is discarded: the next bag phase retrains the head on new features).
 
-    Needs `labels` (slide id -> class index) in `fit`. Validation: a stratified, seeded `val_fraction` of the
-    training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins
-    ("loss": the bag loss, min, smooth even on a few slides; "auroc": max). With fewer than 4 slides, or a class of one
-    slide, all slides train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual
-    optimisation (norm clipping).
+    Needs `labels` (slide id -> encoded target) in `fit`. Validation: a stratified, seeded `val_fraction` of the
+    training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins ("loss":
+    the bag loss, min, smooth even on a few slides; "auroc": max; "monitor": the task's own metric). Any task couples:
+    the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, a bag is a
+    patient's slides and patients are held out whole. With fewer than 4 bags, or a class of one bag, all slides
+    train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual optimisation (norm
+    clipping).
     """
 
     needs_labels = True
@@ -56,7 +60,7 @@ class BagGradient(CouplingStrategy):
         max_instances: int | None = None,
         bags_per_step: int = 1,
         val_fraction: float = 0.1,
-        select_by: Literal["loss", "auroc"] = "loss",
+        select_by: Literal["loss", "auroc", "monitor"] = "loss",
         read_threads: int = 4,
         max_epochs: int = 5,
     ) -> None:
@@ -65,7 +69,7 @@ class BagGradient(CouplingStrategy):
         check("max_instances", max_instances is None or max_instances >= 1, "an int >= 1 or null", max_instances)
         check("bags_per_step", bags_per_step >= 1, "an int >= 1", bags_per_step)
         check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
-        check("select_by", select_by in ("loss", "auroc"), "'loss' or 'auroc'", select_by)
+        check("select_by", select_by in ("loss", "auroc", "monitor"), "'loss', 'auroc' or 'monitor'", select_by)
         check("read_threads", read_threads >= 1, "an int >= 1", read_threads)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -86,8 +90,9 @@ class BagGradient(CouplingStrategy):
         trainer_kwargs: dict[str, Any],
         root: Path,
         seed: int,
-        labels: Mapping[str, int] | None,
+        labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
+        patients: Mapping[str, str] | None,
     ) -> PatchEmbedder:
         clip = trainer_kwargs.pop("gradient_clip_val", None)
         algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)
@@ -101,7 +106,7 @@ class BagGradient(CouplingStrategy):
         check("trainer_kwargs.accumulate_grad_batches", accumulate == 1, "1 (use bags_per_step)", accumulate)
 
         by_id = {s.slide_id: s for s in train}
-        fit_ids, val_ids = hold_out(list(by_id), labels, self.val_fraction, seed)
+        fit_ids, val_ids = hold_out_bags(list(by_id), labels, patients, bag.task.kind, self.val_fraction, seed)
         module = BagGradientModule(
             trainable_copy(embedder),
             StandardizedHead(bag, frozen=not self.train_head),
@@ -111,14 +116,48 @@ class BagGradient(CouplingStrategy):
             lr=self.lr,
             weight_decay=self.weight_decay,
             gradient_clip_val=clip,
+            task=copy.deepcopy(bag.task),  # its fitted bins or target scale included
         )
         overrides: dict[str, Any] = {"max_epochs": self.max_epochs}
         if val_ids:
-            checkpoint = best_checkpoint(root, f"val/{self.select_by}", "min" if self.select_by == "loss" else "max")
+            task = bag.task
+            metric, mode = {"loss": ("loss", "min"), "auroc": ("auroc", "max")}.get(
+                self.select_by, (task.monitor, task.mode)
+            )
+            check("select_by", metric == "loss" or metric in task.metric_names, f"a metric of {task.kind}", metric)
+            checkpoint = best_checkpoint(root, f"val/{metric}", mode)
         else:
             checkpoint = best_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
             overrides["limit_val_batches"] = 0
         splits = {"train": [by_id[s] for s in fit_ids], "val": [by_id[s] for s in val_ids]}
-        data = SlideBagSplits(splits, labels, self.read_threads, seed)
+        data = SlideBagSplits(splits, labels, self.read_threads, seed, patients)
         fit_best(module, data, checkpoint, trainer_kwargs, root, seed, **overrides)
         return module.embedder
+
+
+def hold_out_bags(
+    slide_ids: list[str],
+    labels: Mapping[str, Tensor],
+    patients: Mapping[str, str] | None,
+    kind: str,
+    fraction: float,
+    seed: int,
+) -> tuple[list[str], list[str]]:
+    """(fit, val) slide ids: `data_modules.splits.hold_out` over bags, so a patient's slides stay together."""
+    members: dict[str, list[str]] = {}  # a bag: a slide, or a patient's slides
+    for slide_id in slide_ids:
+        members.setdefault(patients[slide_id] if patients else slide_id, []).append(slide_id)
+    strata = _strata(kind, {bag: labels[ids[0]] for bag, ids in members.items()})
+    fit, val = hold_out(list(members), strata, fraction, seed)
+    return [s for bag in fit for s in members[bag]], [s for bag in val for s in members[bag]]
+
+
+def _strata(kind: str, labels: Mapping[str, Tensor]) -> dict[str, str]:
+    """What the held-out slides are stratified by: the class, the observed event, the label set; regression none."""
+    if kind == "classification":
+        return {k: str(int(v)) for k, v in labels.items()}
+    if kind == "survival":
+        return {k: str(int(v.reshape(-1)[1])) for k, v in labels.items()}
+    if kind == "multilabel":
+        return {k: "".join(str(int(x)) for x in v.reshape(-1).tolist()) for k, v in labels.items()}
+    return dict.fromkeys(labels, "all")

@@ -38,6 +38,8 @@ class CouplingStrategy(ABC):
     """How ICMIL turns E_i into E_{i+1}. Strategies are configuration only: `fit` builds everything it trains."""
 
     needs_labels: ClassVar[bool] = False  # whether `fit` uses the slide labels
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "survival")  # it can couple
+    why_not: ClassVar[str] = ""  # why the other tasks cannot
 
     def fit(
         self,
@@ -48,25 +50,34 @@ class CouplingStrategy(ABC):
         trainer_kwargs: Mapping[str, Any],
         root: str | os.PathLike,
         seed: int,
-        labels: Mapping[str, int] | None = None,
+        labels: Mapping[str, Tensor] | None = None,
         val: Sequence[SlidePatches] = (),
+        patients: Mapping[str, str] | None = None,
     ) -> PatchEmbedder:
         """Fine-tune a copy of `embedder` (the one passed in is never modified) on the slides `train`, with the bag
         classifier frozen; select the best epoch by the strategy's own validation criterion and return the fine-tuned
         embedder with those weights. `trainer_kwargs` are `pl.Trainer` kwargs (accelerator, devices, precision,
         logger, callbacks, ...); the strategy's own `max_epochs` overrides theirs. Checkpoints go under
-        `root / "checkpoints"`, and a killed fit continues from its last epoch. `labels` (slide id -> class index) is
-        needed by strategies that use slide labels (`needs_labels`). `val` are the bag phase's validation slides, which
+        `root / "checkpoints"`, and a killed fit continues from its last epoch. `labels` (slide id -> its encoded
+        target: a class index, or the bag task's target) is needed by strategies that use slide labels
+        (`needs_labels`). `val` are the bag phase's validation slides, which
         a strategy that uses no slide label may learn from too (`Distillation.patch_pool`). What trains is the
-        embedder's `finetune` setting; adapters are merged into the returned embedder's weights."""
+        embedder's `finetune` setting; adapters are merged into the returned embedder's weights. `patients` (slide id
+        -> patient id) asks for patient-level bags where the strategy has bags (`BagGradient`)."""
         check("train", len(train) > 0, "at least one training slide", len(train))
+        kind = bag.task.kind
+        if kind not in self.tasks:
+            raise ValueError(f"coupling: {type(self).__name__} cannot couple a {kind} bag classifier: {self.why_not}")
         if self.needs_labels:
             missing = [s.slide_id for s in train if labels is None or s.slide_id not in labels]
-            check("labels", not missing, "a class index for every training slide", f"none for {missing[:3]}")
-            classes = bag.aggregator.num_classes
-            bad = {k: v for k, v in labels.items() if not 0 <= int(v) < classes}
-            check("labels", not bad, f"class indices in [0, {classes})", bad)
-        tuned = self._fit(embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val))
+            check("labels", not missing, "a target for every training slide", f"none for {missing[:3]}")
+            if kind == "classification":
+                classes = bag.aggregator.num_classes
+                bad = {k: int(v) for k, v in labels.items() if not 0 <= int(v) < classes}
+                check("labels", not bad, f"class indices in [0, {classes})", bad)
+        tuned = self._fit(
+            embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val), patients
+        )
         return tuned.merge_finetune()
 
     @abstractmethod
@@ -78,8 +89,9 @@ class CouplingStrategy(ABC):
         trainer_kwargs: dict[str, Any],
         root: Path,
         seed: int,
-        labels: Mapping[str, int] | None,
+        labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
+        patients: Mapping[str, str] | None,
     ) -> PatchEmbedder:
         """`fit` on checked arguments."""
 

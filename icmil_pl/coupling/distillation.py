@@ -257,6 +257,12 @@ class Distillation(CouplingStrategy):
     teacher is always in eval mode.
     """
 
+    tasks = ("classification",)
+    why_not = (
+        "its teacher is the bag head's softmax over classes on each patch, which only a classification head has "
+        "(a survival or regression head on one patch is no pseudo-label; use BagGradient, which couples any task)"
+    )
+
     def __init__(
         self,
         lr: float = 1e-5,
@@ -338,8 +344,9 @@ class Distillation(CouplingStrategy):
         trainer_kwargs: dict[str, Any],
         root: Path,
         seed: int,
-        labels: Mapping[str, int] | None,
+        labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
+        patients: Mapping[str, str] | None,  # the teacher scores patches: bags, and so patients, play no part
     ) -> PatchEmbedder:
         module = DistillationModule(embedder, bag, self, seed)
         self._check_head(module.teacher_head)
