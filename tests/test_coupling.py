@@ -440,7 +440,7 @@ def test_bad_configuration(cohort, tmp_path):
 
     slides, labels = cohort
     embedder, bag = _models()
-    with pytest.raises(ValueError, match="^labels: expected a class index for every training slide"):
+    with pytest.raises(ValueError, match="^labels: expected a target for every training slide"):
         BagGradient().fit(embedder, bag, slides, trainer_kwargs={}, root=tmp_path, seed=0)
     with pytest.raises(ValueError, match=r"^labels: expected class indices in \[0, 2\)"):
         BagGradient().fit(

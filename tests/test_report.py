@@ -22,6 +22,7 @@ from icmil_pl.report import REPORT_FILE, THUMBNAIL_PX, main, write_report
 from icmil_pl.results import write_results
 from icmil_pl.run_dir import RunDir
 from icmil_pl.statistics import mean_interval
+from icmil_pl.tasks import Classification
 
 CLASSES = ["normal", "tumour"]
 EVIL = "<script>x</script>"
@@ -91,8 +92,9 @@ def _iteration(i: int, auroc: float, accuracy: float = 0.75) -> dict:
 
 def _predictions(folder: Path, slides=SLIDES) -> Path:
     writer = PredictionWriter()
-    writer.rows = [{"slide_id": s, "label": label, "probs": torch.tensor(p)} for s, label, p in slides]
-    writer._write(folder / PREDICTIONS_FILE, CLASSES)
+    rows = [(s, None if label is None else torch.tensor(label), torch.tensor(p)) for s, label, p in slides]
+    writer.rows = [{"slide_id": s, "label": label, "outputs": p} for s, label, p in rows]
+    writer._write(folder / PREDICTIONS_FILE, Classification(), CLASSES)
     return folder / PREDICTIONS_FILE
 
 
