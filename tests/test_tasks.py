@@ -271,6 +271,10 @@ def test_synthetic_targets_follow_the_tumour(small_cohort):
         assert (burden > 0) == (row["label"] == "1") == (row["tumour"] == "1")
         assert row["extensive"] == "0" or row["tumour"] == "1"
         assert float(row["time"]) >= 0 and row["event"] in ("0", "1")
+    outcome = {}  # one survival outcome per patient, on each of its slides
+    for row in rows:
+        assert outcome.setdefault(row["patient_id"], (row["time"], row["event"])) == (row["time"], row["event"])
+    assert len(outcome) < len(rows)  # the cohort has patients with several slides
     others = ["label", "tumour_fraction", "tumour", "extensive", "time", "event"]
     for task in (
         Targets("survival"),
