@@ -290,7 +290,7 @@ def test_hazard_rises_with_burden_in_a_large_synthetic_cohort(tmp_path):
     """The law `write_targets` documents, on 400 draws: the true burden ranks survival well above chance."""
     rng = np.random.default_rng(1)
     burden = np.where(rng.random(400) < 0.5, 0.0, rng.uniform(0.05, 0.35, 400))
-    hazard = 0.05 * np.exp(4 * burden / burden.max())
+    hazard = 0.02 * np.exp(4 * burden / burden.max())
     t, c = rng.exponential(1 / hazard), rng.uniform(6, 60, 400)
     assert concordance_index_censored(t <= c, np.minimum(t, c), burden)[0] > 0.65
 
