@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install lint test test-all demo bench clean
+.PHONY: install lint test test-all demo demo-survival bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test-all: install
 demo: install
 	$(PY) -m icmil_pl fit -c experiments/demo.yaml
 
+# Survival: ICMIL, 1 iteration, patient bags, BagGradient through the discrete-time survival loss.
+demo-survival: install
+	$(PY) -m icmil_pl fit -c experiments/demo_survival.yaml
+
 bench: install
 	$(PY) benchmarks/bench_slides.py
 	$(PY) benchmarks/bench_features.py
@@ -43,6 +47,7 @@ bench: install
 		--variants chunked full --steps 1 --large 256 --warmup-size 32 --budget-gb 16
 	$(PY) benchmarks/bench_gpu.py
 	$(PY) benchmarks/bench_icmil.py
+	$(PY) benchmarks/bench_tasks.py
 
 clean:
 	rm -rf $(VENV) *.egg-info $(VIEWER)/node_modules
