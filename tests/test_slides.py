@@ -196,13 +196,6 @@ def test_corrupt_tile(tmp_path, slides):
         slide.read_region((5 * tile_w % W, (5 * tile_w // W) * tile_w), 0, (16, 16))
 
 
-def test_stripped_tiff_is_refused(tmp_path):
-    path = tmp_path / "strips.tif"
-    tifffile.imwrite(path, np.zeros((300, 300, 3), np.uint8), photometric="rgb", rowsperstrip=16)
-    with pytest.raises(SlideError, match=r"strips\.tif: level 0 is stored in strips, not tiles"):
-        open_slide(path)
-
-
 @pytest.mark.parametrize("size", [(0, 10), (10, 0), (-5, 10)])
 def test_non_positive_region(slides, size):
     slide = open_slide(slides["svs", "jpeg"])
