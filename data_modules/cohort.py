@@ -1,10 +1,10 @@
-"""A labelled slide cohort on disk: the labels CSV, its classes, and a slide folder -> slide files and patch grids."""
+"""A labelled slide cohort on disk: the labels CSV, its classes, and slide folders -> slide files and patch grids."""
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -22,21 +22,43 @@ __all__ = [
     "OnSlideError",
     "SLIDE_EXTENSIONS",
     "SlideCohort",
+    "SlideFinder",
+    "SlideFolders",
     "SlideLabel",
     "class_index",
     "find_slide",
+    "locate_slides",
     "name_classes",
     "read_labels",
     "require_labels",
+    "slide_roots",
 ]
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi")
+# Read by tifffile, then the formats only OpenSlide reads. A `.dcm` file is one level of a DICOM WSI, whose slide is
+# the folder holding them (`path` cells may name either); the folder, never an instance, is what a search finds.
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ome.tif",
+    ".ome.tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".dcm",
+)
+_DICOM = ".dcm"
+# Where slides are: one folder, several, or none (every row of the labels CSV has a `path`).
+SlideFolders = str | os.PathLike | Sequence[str | os.PathLike] | None
 # What a slide that cannot be read does to a run: stop it, naming the slide (level and tile where a tile is broken),
 # or leave the slide out, recorded and printed at the end.
 OnSlideError = Literal["raise", "skip"]
 
 
-COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp")
+COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp", "path")
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,7 @@ class SlideLabel:
     patient_id: str
     split: str | None = None
     mpp: float | None = None  # level-0 microns per pixel of this slide's file, when its metadata lacks or misstates it
+    path: str | None = None  # the `path` cell as written; `locate_slides` resolves it against the CSV's folder
     target: tuple[float, ...] | None = None  # the task's number columns (`Targets.parse`); None: unknown or none
     stratum: str | None = None  # what splits stratify by (`Targets.strata`); None: unlabelled
     line: int = 0  # the CSV line, for errors
@@ -56,7 +79,7 @@ class SlideLabel:
 
 
 def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list[SlideLabel]:
-    """Rows of a `slide_id[,label][,patient_id][,split][,mpp]` CSV, plus the columns of `targets` (default:
+    """Rows of a `slide_id[,label][,patient_id][,split][,mpp][,path]` CSV, plus the columns of `targets` (default:
     classification by `label`; see `data_modules.targets`); a missing patient id means one patient per slide.
 
     Header names and cells are stripped and a UTF-8 byte-order mark is accepted (spreadsheets write both); an unknown
@@ -114,7 +137,7 @@ def _row(path: Path, line: int, cells: dict[str, str], targets: Targets) -> Slid
     patient = value["patient_id"] or value["slide_id"]
     label = value["label"] if targets.uses_label_column else None
     target = targets.parse(path, line, value)
-    return SlideLabel(value["slide_id"], label, patient, value["split"], mpp, target, line=line)
+    return SlideLabel(value["slide_id"], label, patient, value["split"], mpp, value["path"], target=target, line=line)
 
 
 def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose: str) -> None:
@@ -152,30 +175,161 @@ def name_classes(names: dict[str, str] | Sequence[str] | None, classes: Sequence
     return names
 
 
-def find_slide(slides_dir: str | os.PathLike, slide_id: str) -> Path | None:
-    """`<slides_dir>/<slide_id>.<ext>` for the first slide extension that exists, in any letter case (scanners write
-    `.SVS` and `.TIF` too), else None."""
-    candidates = [Path(slides_dir) / f"{slide_id}{ext}" for ext in SLIDE_EXTENSIONS]
-    for path in candidates:
+def slide_roots(slides: SlideFolders) -> tuple[Path, ...]:
+    """The folders of a `slides` setting (one folder or a list of them), `~` expanded."""
+    if slides is None:
+        return ()
+    folders = [slides] if isinstance(slides, (str, os.PathLike)) else list(slides)
+    return tuple(Path(folder).expanduser() for folder in folders)
+
+
+class SlideFinder:
+    """Slide files below root folders, by slide id.
+
+    `<root>/<id>.<ext>` is tried first, costing a few stats and no search, so a flat folder behaves as it always did
+    (the first extension of `SLIDE_EXTENSIONS` wins there); otherwise the id names a file `<id>.<ext>` anywhere below
+    a root, or the file `<root>/<id>.<ext>` where the id is a `sub/dir/id` path, in any letter case of the extension.
+    A DICOM WSI is a folder `<id>` holding `.dcm` files. The search reads an index built on first need by one walk
+    per root (cohorts hold thousands of slides); hidden files and folders are left out, linked folders followed once.
+    """
+
+    def __init__(self, roots: Sequence[Path]) -> None:
+        self.roots = tuple(roots)
+        self._index: dict[str, dict[Path, None]] | None = None
+
+    def find(self, slide_id: str) -> Path | None:
+        """The one file of `slide_id`, None if there is none; an id with several files is refused, naming them."""
+        found = list(dict.fromkeys(p for p in (_direct(root, slide_id) for root in self.roots) if p is not None))
+        if not found:
+            if self._index is None:
+                self._index = {}
+                for root in self.roots:
+                    for key, path in _slides_below(root):
+                        self._index.setdefault(key, {})[path] = None
+            found = list(self._index.get(slide_id, ()))
+        if len(found) > 1:
+            names = ", ".join(str(path) for path in sorted(found))
+            raise ValueError(f"slide {slide_id!r} matches {len(found)} files ({names}); give its row a path cell")
+        return found[0] if found else None
+
+
+def _direct(root: Path, slide_id: str) -> Path | None:
+    for ext in SLIDE_EXTENSIONS:
+        if ext != _DICOM and (root / f"{slide_id}{ext}").is_file():
+            return root / f"{slide_id}{ext}"
+    return root / slide_id if _is_dicom_folder(root / slide_id) else None
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    with os.scandir(path) as entries:
+        return any(e.name.lower().endswith(_DICOM) and e.is_file() for e in entries)
+
+
+def _slides_below(root: Path) -> Iterator[tuple[str, Path]]:
+    """(key, slide path) of every slide below `root`: keyed by its name without a slide extension and by its path
+    from the root without one (a name with two, `a.ome.tif`, gives both `a` and `a.ome`)."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        try:
+            stat = here.stat()
+        except OSError:
+            dirs.clear()
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:  # a link back up the tree, or a folder reached twice
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        relative = here.relative_to(root)
+        if any(name.lower().endswith(_DICOM) for name in files):  # a DICOM WSI: the folder is the slide
+            dirs.clear()
+            yield from ((key, here) for key in {here.name, relative.as_posix()} - {"", "."})
+            continue
+        for name in (name for name in files if not name.startswith(".")):
+            for ext in SLIDE_EXTENSIONS:
+                if name.lower().endswith(ext):
+                    stem = name[: -len(ext)]
+                    yield from ((key, here / name) for key in {stem, (relative / stem).as_posix()})
+
+
+def find_slide(slides: SlideFolders, slide_id: str) -> Path | None:
+    """The file of one slide below `slides` (see `SlideFinder`, which finds many with one walk per root)."""
+    return SlideFinder(slide_roots(slides)).find(slide_id)
+
+
+def locate_slides(
+    rows: Sequence[SlideLabel], labels: str | os.PathLike, roots: Sequence[Path], required: bool = True
+) -> dict[str, Path]:
+    """Slide id -> file of each row: its `path` cell (`~` expanded, relative to the CSV's folder; a `.dcm` file stands
+    for its DICOM folder), else the file `SlideFinder` finds below `roots`. One file is one slide: two rows naming one
+    file are refused. With `required=False` (heatmaps of feature bags), a slide without a file is left out instead
+    of refused."""
+    labels = Path(labels)
+    missing = [root for root in roots if not root.is_dir()]
+    if missing and required:
+        raise ValueError(f"slides: {missing[0]} is not a folder")
+    finder, paths, owner = SlideFinder(roots), {}, {}
+    for row in rows:
+        try:
+            path = _slide_file(row, labels, finder)
+        except _NoFile:
+            if required:
+                raise
+            continue
+        first = owner.setdefault(path.resolve(), row)
+        if first is not row:
+            raise ValueError(
+                f"{labels}: slides {first.slide_id!r} (line {first.line}) and {row.slide_id!r} (line {row.line}) are "
+                f"one file, {path}"
+            )
+        paths[row.slide_id] = path
+    return paths
+
+
+class _NoFile(ValueError):
+    """A slide without a file: refused where the slides are read, left out where only heatmaps would use it."""
+
+
+def _slide_file(row: SlideLabel, labels: Path, finder: SlideFinder) -> Path:
+    where = f"{labels}:{row.line}"
+    if row.path is not None:
+        path = Path(row.path).expanduser()
+        path = path if path.is_absolute() else labels.parent / path
+        if not path.exists():
+            raise _NoFile(f"{where}: column path: no file {path}")
         if path.is_file():
-            return path
-    folder = candidates[0].parent
-    if not folder.is_dir():
-        return None
-    rank = {path.name.lower(): k for k, path in enumerate(candidates)}
-    found = sorted((rank[e.name.lower()], e.name) for e in os.scandir(folder) if e.name.lower() in rank and e.is_file())
-    return folder / found[0][1] if found else None
+            return path.parent if path.name.lower().endswith(_DICOM) else path
+        if not _is_dicom_folder(path):
+            raise ValueError(f"{where}: column path: {path} is a folder without .dcm files (a DICOM WSI is one)")
+        return path
+    if not finder.roots:
+        raise _NoFile(f"{where}: slide {row.slide_id!r} has no path cell, and no slides folder is given")
+    try:
+        path = finder.find(row.slide_id)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if path is None:
+        folders = ", ".join(str(root) for root in finder.roots)
+        files = ",".join(ext for ext in SLIDE_EXTENSIONS if ext != _DICOM)
+        raise _NoFile(
+            f"{where}: slide {row.slide_id!r} has no file in or below {folders} (looked for "
+            f"{row.slide_id}{{{files}}} in any letter case, and a DICOM folder {row.slide_id}/)"
+        )
+    return path
 
 
 class SlideCohort:
-    """Slide files of a labels CSV (`slide_id,label[,patient_id][,split]`, or the columns of `targets`), each found
-    as `<slides>/<id>.<ext>`."""
+    """Slide files of a labels CSV (`slide_id,label[,patient_id][,split][,mpp][,path]`, or the columns of `targets`):
+    a row's `path` cell, else found below the `slides` folders (`locate_slides`)."""
 
-    def __init__(self, labels: str | os.PathLike, slides: str | os.PathLike, targets: Targets | None = None) -> None:
-        self.labels_path, self.slides_dir = Path(labels), Path(slides)
+    def __init__(self, labels: str | os.PathLike, slides: SlideFolders = None, targets: Targets | None = None) -> None:
+        self.labels_path, self.roots = Path(labels), slide_roots(slides)
         self.targets = targets or Targets()
         self.rows: list[SlideLabel] = read_labels(self.labels_path, self.targets)
-        self.paths = {row.slide_id: self._find(row.slide_id) for row in self.rows}
+        self.paths = locate_slides(self.rows, self.labels_path, self.roots)
         self._csv_mpp = {row.slide_id: row.mpp for row in self.rows}
 
     def encoded_targets(self) -> dict[str, torch.Tensor]:
@@ -183,15 +337,6 @@ class SlideCohort:
         names = self.targets.names(self.rows, self.labels_path)
         encoded = {row.slide_id: self.targets.encode(row, names) for row in self.rows}
         return {k: v for k, v in encoded.items() if v is not None}
-
-    def _find(self, slide_id: str) -> Path:
-        path = find_slide(self.slides_dir, slide_id)
-        if path is None:
-            raise ValueError(
-                f"{self.labels_path}: slide {slide_id!r} has no file in {self.slides_dir} "
-                f"(looked for {slide_id}{{{','.join(SLIDE_EXTENSIONS)}}})"
-            )
-        return path
 
     def patches(
         self, tiling: TilingConfig, cache_dir: str | os.PathLike, skipped: dict[str, str] | None = None

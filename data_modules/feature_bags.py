@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .bag_base import BagDataModule
-from .cohort import SlideLabel
+from .cohort import SlideLabel, locate_slides, slide_roots
 from .feature_cache import FeatureCache
 from .patient_bags import BagLevel
 from .splits import SplitConfig
@@ -48,7 +49,8 @@ class FeatureBagDataModule(BagDataModule):
 
     Every slide is checked before training starts (features exist, the bag is non-empty and finite, one feature
     dimension), so a bad cohort fails at once rather than mid-epoch. See `BagDataModule` for labels and splits;
-    `slides` (the slide folder) is only needed for heatmaps.
+    the slides are only needed for heatmaps: the labels CSV's `path` cells, else found below `slides` (a folder or a
+    list of them, as `SlidePatchDataModule` takes it); a slide without a file gets no heatmap.
     """
 
     def __init__(
@@ -59,15 +61,20 @@ class FeatureBagDataModule(BagDataModule):
         splits: SplitConfig = SplitConfig(),
         split_ids: dict[str, list[str]] | None = None,
         num_workers: int = 0,
-        slides: str | None = None,
+        slides: str | list[str] | None = None,
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
     ) -> None:
         super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level)
         self.cache = FeatureCache.find(features)
         self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
-        self.slides_dir = None if slides is None else Path(slides)
+        self.slides_roots = slide_roots(slides)
         self.feature_dim: int | None = None
+
+    @functools.cached_property
+    def slide_paths(self) -> dict[str, Path]:
+        """Slide id -> file of the slides found, for heatmaps: looked up on first use, so training never waits."""
+        return locate_slides(self.rows, self.labels_path, self.slides_roots, required=False)
 
     def prepare_data(self) -> None:
         self._check_bags()

@@ -113,6 +113,8 @@ class PatchDataset(Dataset):
 class SlidePatchDataModule(pl.LightningDataModule):
     """Every tissue patch of a cohort's slides, in slide order, for `predict` (feature extraction).
 
+    `slides`: the folder (or list of folders) the slides are found in, searched recursively (`SlideCohort`); none is
+    needed when every row of the labels CSV has a `path`.
     Grids are computed once per slide and cached in `grid_cache`. `exclude` sets the slides that need no work (the
     feature writer passes those already in its cache), so a rerun only embeds what is missing. `on_slide_error`:
     `raise` stops at a slide that cannot be read (naming it); `skip` leaves it out, and `skipped` (slide id -> error)
@@ -123,7 +125,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
     def __init__(
         self,
         labels: str,
-        slides: str,
+        slides: str | list[str] | None = None,
         tiling: TilingConfig = TilingConfig(),
         grid_cache: str = "runs/grids",
         batch_size: int = 64,

@@ -110,13 +110,14 @@ class SlideBagDataset(Dataset):
 class SlideBagDataModule(BagDataModule):
     """Slides of a cohort as lazy bags of all their tissue patches (end-to-end MIL on slides).
 
+    `slides` is where the slides are, as `SlidePatchDataModule` takes it.
     `on_slide_error: skip` leaves out a slide that cannot be tiled, and the model skips a bag with a broken tile
     (`SlideTask`), both recorded in `skipped`."""
 
     def __init__(
         self,
         labels: str,
-        slides: str,
+        slides: str | list[str] | None = None,
         tiling: TilingConfig = TilingConfig(),
         grid_cache: str = "runs/grids",
         read_threads: int = 4,
@@ -136,8 +137,9 @@ class SlideBagDataModule(BagDataModule):
         self._patches: dict[str, SlidePatches] | None = None
 
     @property
-    def slides_dir(self) -> Path:
-        return self.cohort.slides_dir
+    def slide_paths(self) -> dict[str, Path]:
+        """Slide id -> file, for heatmaps."""
+        return self.cohort.paths
 
     def setup(self, stage: str | None = None) -> None:
         if self._patches is None:

@@ -361,7 +361,7 @@ class ICMILLoop:
             cache,
             splits=self.icmil.splits,
             split_ids=splits,
-            slides=str(cohort.slides_dir),
+            slides=[str(root) for root in cohort.roots],
             targets=cohort.targets,
             bag_level=self.icmil.bag_level,
         )

@@ -23,7 +23,7 @@ import torch
 import zarr
 from pytorch_lightning.loggers import WandbLogger
 
-from data_modules.cohort import find_slide
+from data_modules.cohort import SlideFinder, slide_roots
 from data_modules.slides import open_slide
 from data_modules.synthetic import truth_outline
 
@@ -41,15 +41,15 @@ SLIDE_FIGURES = ("_heatmap.png", "_patches.png")  # figures/<slide><suffix> of e
 class FigureWriter(pl.Callback):
     """Writes the figures of `test` and `predict` (see the module docstring).
 
-    `slides`: the folder holding `<slide_id>.<ext>` files, for heatmaps and patches (default: the data module's
-    `slides_dir` when it has one; without slides only the scores and test figures are written). `top_k` patches per
-    montage row; `thumbnail_px` the heatmap's longest side.
+    `slides`: a folder (or list of folders) the slide files are found in as `SlideFinder` finds them, for heatmaps
+    and patches (default: the data module's `slide_paths` when it has them; without slides only the scores and test
+    figures are written). `top_k` patches per montage row; `thumbnail_px` the heatmap's longest side.
     """
 
-    def __init__(self, slides: str | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
+    def __init__(self, slides: str | list[str] | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
         if top_k < 1 or thumbnail_px < 64:
             raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
-        self.slides = slides
+        self._finder = None if slides is None else SlideFinder(slide_roots(slides))
         self.top_k = top_k
         self.thumbnail_px = thumbnail_px
         self._root = Path(".")  # the predict run's output folder, set in on_predict_start
@@ -177,8 +177,9 @@ class FigureWriter(pl.Callback):
         return montage_figure([patch(i) for i in top], [patch(i) for i in bottom], scores[top], scores[bottom], title)
 
     def _slide_path(self, trainer: pl.Trainer, slide_id: str) -> Path | None:
-        folder = self.slides or getattr(trainer.datamodule, "slides_dir", None)
-        return None if folder is None else find_slide(folder, slide_id)
+        if self._finder is not None:
+            return self._finder.find(slide_id)
+        return getattr(trainer.datamodule, "slide_paths", {}).get(slide_id)
 
     @staticmethod
     def _log_images(trainer: pl.Trainer, key: str, paths: list[os.PathLike]) -> None:

@@ -36,7 +36,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from data_modules.cohort import find_slide
+from data_modules.cohort import SlideFinder, SlideFolders, slide_roots
 from data_modules.outlines import cells_outline
 from data_modules.slides import Slide, open_slide
 
@@ -76,15 +76,16 @@ class RunViewer:
     first), their files (where predict recorded them, else found in `slides`), tiles and overlays. Thread-safe:
     the server answers on many threads."""
 
-    def __init__(self, run_dir: str | os.PathLike, slides: str | os.PathLike | None = None, cache_tiles: int = 4096):
+    def __init__(self, run_dir: str | os.PathLike, slides: SlideFolders = None, cache_tiles: int = 4096):
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise ValueError(f"{self.run_dir}: no such run directory")
         self._entries: dict[str, _Entry] = {}
+        finder = None if slides is None else SlideFinder(slide_roots(slides))
         for root in _scores_roots(self.run_dir):
             for name in scored_slides(root):
                 if name not in self._entries:
-                    self._entries[name] = _Entry(root, _slide_file(self._scores(root, name), slides))
+                    self._entries[name] = _Entry(root, _slide_file(self._scores(root, name), finder))
         if not self._entries:
             raise ValueError(
                 f"{self.run_dir}: no predicted slides ({SCORES_STORE} under it); run `python -m icmil_pl predict -c "
@@ -207,10 +208,10 @@ def _scores_roots(run_dir: Path) -> list[Path]:
     return sorted(roots, key=lambda root: root != first)
 
 
-def _slide_file(scores: PatchScores, slides: str | os.PathLike | None) -> Path | None:
-    if slides is not None:
-        return find_slide(slides, scores.slide_id)
-    if scores.slide_path and Path(scores.slide_path).is_file():
+def _slide_file(scores: PatchScores, finder: SlideFinder | None) -> Path | None:
+    if finder is not None:
+        return finder.find(scores.slide_id)
+    if scores.slide_path and Path(scores.slide_path).exists():  # a file, or a DICOM WSI's folder
         return Path(scores.slide_path)
     return None
 
@@ -315,7 +316,7 @@ def serve(
     run_dir: str | os.PathLike,
     host: str = "127.0.0.1",
     port: int = 8000,
-    slides: str | os.PathLike | None = None,
+    slides: SlideFolders = None,
     quiet: bool = True,
     announce: Callable[[str], None] = print,
 ) -> None:
@@ -338,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a run directory (or any folder) holding predict outputs (scores.zarr)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    parser.add_argument("--slides", default=None, help="folder of the slide files, if they moved since predict")
+    parser.add_argument(
+        "--slides", action="append", help="a folder the slide files are below, if they moved since predict (repeatable)"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     serve(args.run_dir, args.host, args.port, args.slides, quiet=not args.verbose)
