@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -368,10 +369,22 @@ class SlideCohort:
 
     def mpp_override(self, slide_id: str, tiling: TilingConfig) -> float | None:
         """The level-0 microns per pixel to read a slide at instead of its file's (None: the file's own): the CSV's
-        `mpp` cell, else `tiling.mpp_override` where the file has no resolution metadata or `force_mpp` is set."""
+        `mpp` cell, else, where the file has no resolution metadata, its objective power (`tiling.mpp_from_objective`)
+        or `tiling.mpp_override`; `force_mpp` applies the override to every slide."""
         if self._csv_mpp[slide_id] is not None:
             return self._csv_mpp[slide_id]
-        if tiling.mpp_override is None or tiling.force_mpp:
+        if tiling.force_mpp or (tiling.mpp_override is None and not tiling.mpp_from_objective):
             return tiling.mpp_override
-        with open_slide(self.paths[slide_id]) as slide:
-            return tiling.mpp_override if slide.mpp is None else None
+        path = self.paths[slide_id]
+        with open_slide(path) as slide:
+            if slide.mpp is not None:
+                return None
+            power = slide.objective_power
+        if tiling.mpp_from_objective and power:
+            warnings.warn(
+                f"{path}: no mpp in its metadata; assuming {10 / power:g} um/px from its {power:g}x objective "
+                "(tiling.mpp_from_objective: 20x = 0.5 um/px)",
+                stacklevel=2,
+            )
+            return 10 / power
+        return tiling.mpp_override

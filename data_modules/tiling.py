@@ -18,7 +18,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.filters.rank import median
 
-from .slides import Slide, SlideError, open_slide
+from .slides import Slide, SlideError, file_signature, open_slide
 
 __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
 
@@ -44,6 +44,8 @@ class TilingConfig:
 
     A slide's level-0 resolution is its labels-CSV `mpp` cell if it has one, else its file's metadata; `mpp_override`
     serves the files without metadata only, unless `force_mpp` applies it to every slide (a mis-calibrated scanner).
+    `mpp_from_objective` (opt-in) reads a file without mpp but with an objective power at 10 / power um/px (20x = 0.5,
+    the usual convention, which scanners miss by up to 10 %), warning with the file's name; before `mpp_override`.
     """
 
     mpp: float = 0.5
@@ -52,6 +54,7 @@ class TilingConfig:
     tissue: TissueParams = TissueParams()
     mpp_override: float | None = None
     force_mpp: bool = False
+    mpp_from_objective: bool = False
 
     def __post_init__(self) -> None:
         if self.mpp_override is not None and not self.mpp_override > 0:
@@ -86,13 +89,12 @@ class SlidePatches:
     mpp_override: float | None = None
 
     def digest(self) -> str:
-        """What the patches are cut from and how: the file (size, mtime), the grid (level-0 corners and patch size,
-        which follow the level-0 mpp used) and the output size and mpp. Anything computed from the patches, such as
-        cached features, is valid while this is unchanged."""
-        stat = self.path.stat()
+        """What the patches are cut from and how: the file (`file_signature`: size and mtime, of every instance of a
+        DICOM series), the grid (level-0 corners and patch size, which follow the level-0 mpp used) and the output size
+        and mpp. Anything computed from the patches, such as cached features, is valid while this is unchanged."""
         grid = self.grid
         digest = hashlib.blake2b(digest_size=12)
-        geometry = [stat.st_size, stat.st_mtime_ns, grid.patch_size, grid.mpp, grid.level0_size]
+        geometry = [*file_signature(self.path), grid.patch_size, grid.mpp, grid.level0_size]
         digest.update(json.dumps(geometry).encode())
         digest.update(np.ascontiguousarray(grid.coords, dtype=np.int64).tobytes())
         return digest.hexdigest()
@@ -207,13 +209,11 @@ def _cell_fractions(mask: np.ndarray, cell: float, nx: int, ny: int) -> np.ndarr
 
 
 def _cache_key(path: Path, mpp: float, patch_size: int, threshold: float, tissue: TissueParams, override) -> str:
-    stat = path.stat()
     blob = json.dumps(
         [
             _CACHE_VERSION,
             str(path.resolve()),
-            stat.st_size,
-            stat.st_mtime_ns,
+            *file_signature(path),
             mpp,
             patch_size,
             threshold,

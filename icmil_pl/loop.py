@@ -28,6 +28,7 @@ from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
 from data_modules.patient_bags import BagLevel
+from data_modules.slides import file_signature
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
@@ -108,9 +109,9 @@ def _slide_record(cohort: SlideCohort) -> dict[str, list]:
     """What decides a slide's results besides the config: its CSV row and its file (size, mtime)."""
     record = {}
     for row in cohort.rows:
-        stat = cohort.paths[row.slide_id].stat()
+        size, mtime = file_signature(cohort.paths[row.slide_id])
         target = [] if row.target is None else [list(row.target)]  # classification runs recorded before targets
-        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, stat.st_size, stat.st_mtime_ns, *target]
+        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, size, mtime, *target]
     return record
 
 

@@ -146,3 +146,26 @@ def test_an_mpp_column_sets_the_resolution_of_its_slides(mixed, tmp_path):
     assert _levels(cohort, TilingConfig(mpp=1.0, patch_size=64), tmp_path) == {known: 128.0, unknown: 128.0}
     patches = {p.slide_id: p for p in cohort.patches(TilingConfig(mpp=1.0, patch_size=64), tmp_path)}
     assert patches[unknown].mpp_override == 0.5 and patches[known].mpp_override is None
+
+
+def test_mpp_from_objective_reads_a_file_without_mpp_at_ten_over_its_power(mixed, tmp_path):
+    """An SVS with `AppMag = 20` and no `MPP`: 0.5 um/px with a warning naming it, only when asked for."""
+    root, (known, unknown) = mixed
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / known).with_suffix(".svs").symlink_to(next((root / "slides").glob(f"{known}.*")))
+    pixels = open_slide(root / "slides" / f"{unknown}.tif").read_region((0, 0), 0, (1024, 1024))
+    aperio = "Aperio Image Library v12.0.0 \r\n1024x1024 [0,0 1024x1024] (256x256) RAW|AppMag = 20|Filename = x"
+    tifffile.imwrite(slides / f"{unknown}.svs", pixels, tile=(256, 256), photometric="rgb", description=aperio)
+    with open_slide(slides / f"{unknown}.svs") as slide:
+        assert slide.mpp is None and slide.objective_power == 20
+    cohort = SlideCohort(root / "labels.csv", slides)
+    with pytest.raises(ValueError, match=r"microns per pixel unknown .*20x objective.*mpp_from_objective"):
+        cohort.patches(TilingConfig(mpp=1.0, patch_size=64), tmp_path / "grids")
+    with pytest.warns(UserWarning, match=rf"{unknown}\.svs: no mpp in its metadata; assuming 0.5 um/px from its 20x"):
+        levels = _levels(cohort, TilingConfig(mpp=1.0, patch_size=64, mpp_from_objective=True), tmp_path / "grids")
+    assert levels == {known: 128.0, unknown: 128.0}
+    # the objective comes before the plain override, which still serves files with neither
+    tiling = TilingConfig(mpp=1.0, patch_size=64, mpp_from_objective=True, mpp_override=0.4)
+    with pytest.warns(UserWarning, match="assuming 0.5 um/px"):
+        assert _levels(cohort, tiling, tmp_path / "grids") == {known: 128.0, unknown: 128.0}

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 
 from data_modules import SlideError, open_slide
+from data_modules.slides import file_signature
 from data_modules.synthetic import CohortSpec, write_slide
 from data_modules.synthetic.dicom import write_dicom_wsi
 
@@ -199,3 +200,13 @@ def test_a_truncated_dicom_instance_fails_on_the_lost_frames_only(dicom):
         with pytest.raises(SlideError, match=r"case_01: level 1 at \(0, 0\) cannot be read \(.*end of filehandle"):
             slide.read_region((0, 0), 1, (350, 250))
         assert slide.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)  # OpenSlide's sticky error is not ours
+
+
+def test_a_rewritten_dicom_instance_changes_its_series_signature(dicom):
+    """Grid and feature caches key on `file_signature`: a folder's own stat would miss a rewritten level."""
+    folder, files, _ = dicom
+    before = file_signature(folder)
+    assert before[0] == sum(path.stat().st_size for path in files)
+    stat = files[1].stat()
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert file_signature(folder) != before and file_signature(folder)[1] == stat.st_mtime_ns + 10**9
