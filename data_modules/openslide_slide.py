@@ -92,13 +92,14 @@ class OpenSlideSlide(Slide):
     def _read(self, level: int, location: tuple[int, int], w: int, h: int) -> np.ndarray:
         handle = self._osr
         try:
-            rgba = np.asarray(handle.read_region(location, level, (w, h)))
+            image = handle.read_region(location, level, (w, h))
         except openslide.OpenSlideError as exc:
             self._reopen(handle)
             raise SlideError(f"{self.path}: level {level} at {location} cannot be read ({exc})") from exc
+        if image.getchannel("A").getextrema()[0] == 255:  # opaque: PIL drops alpha in C, 4x faster than numpy
+            return np.array(image.convert("RGB"))  # writable, as the tifffile backend returns
+        rgba = np.asarray(image)
         alpha = rgba[..., 3:4]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(rgba[..., :3])
         # OpenSlide un-premultiplies: composite over white, as the tifffile backend reads the absent parts
         blended = rgba[..., :3].astype(np.uint16) * alpha + BACKGROUND * (255 - alpha.astype(np.uint16))
         return ((blended + 127) // 255).astype(np.uint8)
