@@ -194,8 +194,8 @@ class SlideFinder:
     per root (cohorts hold thousands of slides); hidden files and folders are left out, linked folders followed once.
     """
 
-    def __init__(self, roots: Sequence[Path]) -> None:
-        self.roots = tuple(roots)
+    def __init__(self, slides: SlideFolders) -> None:
+        self.roots = slide_roots(slides)
         self._index: dict[str, dict[Path, None]] | None = None
 
     def find(self, slide_id: str) -> Path | None:
@@ -258,21 +258,20 @@ def _slides_below(root: Path) -> Iterator[tuple[str, Path]]:
 
 def find_slide(slides: SlideFolders, slide_id: str) -> Path | None:
     """The file of one slide below `slides` (see `SlideFinder`, which finds many with one walk per root)."""
-    return SlideFinder(slide_roots(slides)).find(slide_id)
+    return SlideFinder(slides).find(slide_id)
 
 
 def locate_slides(
-    rows: Sequence[SlideLabel], labels: str | os.PathLike, roots: Sequence[Path], required: bool = True
+    rows: Sequence[SlideLabel], labels: str | os.PathLike, slides: SlideFolders, required: bool = True
 ) -> dict[str, Path]:
     """Slide id -> file of each row: its `path` cell (`~` expanded, relative to the CSV's folder; a `.dcm` file stands
-    for its DICOM folder), else the file `SlideFinder` finds below `roots`. One file is one slide: two rows naming one
-    file are refused. With `required=False` (heatmaps of feature bags), a slide without a file is left out instead
-    of refused."""
-    labels = Path(labels)
-    missing = [root for root in roots if not root.is_dir()]
+    for its DICOM folder), else the file `SlideFinder` finds below the `slides` folders. One file is one slide: two
+    rows naming one file are refused. With `required=False` (heatmaps of feature bags), a slide without a file is
+    left out instead of refused."""
+    labels, finder, paths, owner = Path(labels), SlideFinder(slides), {}, {}
+    missing = [root for root in finder.roots if not root.is_dir()]
     if missing and required:
         raise ValueError(f"slides: {missing[0]} is not a folder")
-    finder, paths, owner = SlideFinder(roots), {}, {}
     for row in rows:
         try:
             path = _slide_file(row, labels, finder)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .bag_base import BagDataModule
-from .cohort import SlideLabel, locate_slides, slide_roots
+from .cohort import SlideLabel, locate_slides
 from .feature_cache import FeatureCache
 from .patient_bags import BagLevel
 from .splits import SplitConfig
@@ -68,13 +68,13 @@ class FeatureBagDataModule(BagDataModule):
         super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level)
         self.cache = FeatureCache.find(features)
         self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
-        self.slides_roots = slide_roots(slides)
+        self.slides = slides
         self.feature_dim: int | None = None
 
     @functools.cached_property
     def slide_paths(self) -> dict[str, Path]:
         """Slide id -> file of the slides found, for heatmaps: looked up on first use, so training never waits."""
-        return locate_slides(self.rows, self.labels_path, self.slides_roots, required=False)
+        return locate_slides(self.rows, self.labels_path, self.slides, required=False)
 
     def prepare_data(self) -> None:
         self._check_bags()

@@ -23,7 +23,7 @@ import torch
 import zarr
 from pytorch_lightning.loggers import WandbLogger
 
-from data_modules.cohort import SlideFinder, slide_roots
+from data_modules.cohort import SlideFinder
 from data_modules.slides import open_slide
 from data_modules.synthetic import truth_outline
 
@@ -49,7 +49,7 @@ class FigureWriter(pl.Callback):
     def __init__(self, slides: str | list[str] | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
         if top_k < 1 or thumbnail_px < 64:
             raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
-        self._finder = None if slides is None else SlideFinder(slide_roots(slides))
+        self._finder = None if slides is None else SlideFinder(slides)
         self.top_k = top_k
         self.thumbnail_px = thumbnail_px
         self._root = Path(".")  # the predict run's output folder, set in on_predict_start

@@ -36,7 +36,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from data_modules.cohort import SlideFinder, SlideFolders, slide_roots
+from data_modules.cohort import SlideFinder, SlideFolders
 from data_modules.outlines import cells_outline
 from data_modules.slides import Slide, open_slide
 
@@ -81,7 +81,7 @@ class RunViewer:
         if not self.run_dir.is_dir():
             raise ValueError(f"{self.run_dir}: no such run directory")
         self._entries: dict[str, _Entry] = {}
-        finder = None if slides is None else SlideFinder(slide_roots(slides))
+        finder = None if slides is None else SlideFinder(slides)
         for root in _scores_roots(self.run_dir):
             for name in scored_slides(root):
                 if name not in self._entries:
