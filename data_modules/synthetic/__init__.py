@@ -20,7 +20,16 @@ Importing this package loads no torch: the data module is imported on first use.
 
 from importlib import import_module
 
-from .cohort import TARGETS_FILE, load_cohort, make_cohort, slide_infos, truth_outline, tumour_burden, write_targets
+from .cohort import (
+    TARGETS_FILE,
+    load_cohort,
+    make_cohort,
+    slide_infos,
+    survival_times,
+    truth_outline,
+    tumour_burden,
+    write_targets,
+)
 from .scene import (
     SlideInfo,
     TumourRegion,
@@ -47,6 +56,7 @@ __all__ = [
     "make_cohort",
     "render_region",
     "slide_infos",
+    "survival_times",
     "patch_tumour_fraction",
     "tissue_mask",
     "tumour_burden",
