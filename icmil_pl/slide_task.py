@@ -36,7 +36,7 @@ class SlideTask(pl.LightningModule):
     """Base LightningModule for slide-level learning from one bag per batch.
 
     `task` (default `Classification`) owns the loss, the metrics and the validation metric that selects the
-    checkpoint (`task.monitor`); `test` and `predict` write `predictions.csv` (one row per slide) and, with `figures`
+    checkpoint (`task.selects_by`); `test` and `predict` write `predictions.csv` (one row per slide) and, with `figures`
     (a `FigureWriter`, `True` for the default one, `False` for none), the task's test figures, heatmaps and patch
     figures into the run directory, beside the data module's `splits.json`. Metrics are logged per stage under
     `val/...` and `test/...`, computed once per epoch over all of its slides.
@@ -148,13 +148,14 @@ class SlideTask(pl.LightningModule):
             data.skipped[batch["slide_id"]] = str(error)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Keep the best model by the task's validation metric (ties: the earlier epoch), and the last for resuming;
+        """Keep the best model by the task's selection metric (ties: the earlier epoch), and the last for resuming;
         write predictions.csv and the figures, unless the Trainer has its own writer of the kind."""
+        metric, mode = self.task.selects_by
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(
                 dirpath=self.checkpoint_dir,
-                monitor=f"val/{self.task.monitor}",
-                mode=self.task.mode,
+                monitor=f"val/{metric}",
+                mode=mode,
                 save_last=True,
                 filename="best-{epoch}",
             )

@@ -40,13 +40,18 @@ class Task(nn.Module):
     columns: `BagDataModule.classes`)."""
 
     kind: ClassVar[TaskKind]
-    monitor: ClassVar[str]  # the validation metric that selects checkpoints
+    monitor: ClassVar[str]  # the headline validation metric: tables, the by-iteration figure, checkpoint selection
     mode: ClassVar[Literal["max", "min"]] = "max"
     needs_several_bags: ClassVar[bool] = False  # a loss defined over several bags at once (Cox)
 
     def head_size(self, n_names: int) -> int:
         """The aggregator's `num_classes` for data with `n_names` outputs."""
         return n_names
+
+    @property
+    def selects_by(self) -> tuple[str, Literal["max", "min"]]:
+        """The validation metric (without `val/`) and direction that select a bag classifier's checkpoint."""
+        return self.monitor, self.mode
 
     def fit_targets(self, targets: Tensor) -> None:
         """Learn what the loss needs from the training split's targets (stacked); nothing by default."""
@@ -249,17 +254,34 @@ class Survival(Task):
     logit per time bin, bins cut at quantiles of the training split's event times, negative log-likelihood of each
     bag on its own (so it trains one bag per step and under the chunked backward); the risk is minus the expected
     number of bins survived. `loss: cox`: one log-risk per slide and Cox's partial likelihood (Breslow ties) over the
-    bags of a step, which needs several bags per step (`BagClassifier.bags_per_step`). C-index selects."""
+    bags of a step, which needs several bags per step (`BagClassifier.bags_per_step`).
+
+    `select_by` picks checkpoints: "loss" (the default under nll) is the validation NLL, which moves smoothly with
+    every bag; "c_index" (the default, and the only choice, under cox, which has no loss of one bag) ranks a
+    validation split of a dozen patients, whose pair order flips with one bag. On the task configs' cohort
+    selecting by loss tested better (see benchmarks/RESULTS.md, "Tasks on a synthetic cohort")."""
 
     kind = "survival"
     monitor = "c_index"
 
-    def __init__(self, bins: int = 4, loss: Literal["nll", "cox"] = "nll") -> None:
+    def __init__(
+        self,
+        bins: int = 4,
+        loss: Literal["nll", "cox"] = "nll",
+        select_by: Literal["loss", "c_index"] | None = None,
+    ) -> None:
         super().__init__()
         if loss not in ("nll", "cox"):
             raise ValueError(f"loss: expected 'nll' or 'cox', got {loss!r}")
         if bins < 1:
             raise ValueError(f"bins: expected an int >= 1, got {bins}")
+        select_by = select_by or ("loss" if loss == "nll" else "c_index")
+        if select_by not in ("loss", "c_index") or (loss == "cox" and select_by == "loss"):
+            allowed = (
+                "'c_index' (a Cox loss has no validation loss of one bag)" if loss == "cox" else "'loss' or 'c_index'"
+            )
+            raise ValueError(f"select_by: expected {allowed}, got {select_by!r}")
+        self.select_by = select_by
         self.bins = bins if loss == "nll" else 1
         self.loss_name = loss
         self.register_buffer("cuts", torch.zeros(max(self.bins - 1, 0)))  # interior bin edges, time units
@@ -267,6 +289,10 @@ class Survival(Task):
     @property
     def needs_several_bags(self) -> bool:  # type: ignore[override]
         return self.loss_name == "cox"
+
+    @property
+    def selects_by(self) -> tuple[str, Literal["max", "min"]]:
+        return ("loss", "min") if self.select_by == "loss" else ("c_index", "max")
 
     def head_size(self, n_names: int) -> int:
         return self.bins
