@@ -19,7 +19,7 @@ from sksurv.metrics import concordance_index_censored
 from data_modules.cohort import read_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.splits import SplitConfig, make_splits
-from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, tumour_burden
+from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, survival_times, tumour_burden
 from data_modules.targets import Targets
 from data_modules.tiling import SlidePatches, TissueParams, patch_grid
 from helpers import write_labels
@@ -204,7 +204,8 @@ def test_every_task_trains_from_feature_bags(tmp_path, case):
         max_epochs=15, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False
     )
     trainer.fit(model, datamodule=data)
-    assert trainer.checkpoint_callback.monitor == f"val/{monitor}"
+    selected = {"survival": "loss", "cox": "c_index"}.get(case, monitor)  # the NLL selects; Cox has none per bag
+    assert trainer.checkpoint_callback.monitor == f"val/{selected}"
     folder_out = record_fit(trainer, model, data, 1.0)
     results = read_results(folder_out)["iterations"][0]
     assert set(task.metric_names) <= set(results["test"]) and "loss" not in results["test"]
@@ -240,6 +241,9 @@ def test_a_task_that_does_not_match_the_data_is_named(tmp_path):
         trainer.fit(BagClassifier(MeanPool(8, num_classes=2), task=Survival(bins=4)), datamodule=data)
     with pytest.raises(ValueError, match="^bags_per_step: expected an int >= 2 .a Cox loss"):
         BagClassifier(MeanPool(8, num_classes=1), task=Survival(loss="cox"))
+    with pytest.raises(ValueError, match="^select_by: expected 'c_index' .a Cox loss has no validation loss"):
+        Survival(loss="cox", select_by="loss")
+    assert Survival(select_by="c_index").selects_by == ("c_index", "max") and Survival().selects_by == ("loss", "min")
 
 
 def test_dtfd_auxiliary_rows_take_the_task_loss():
@@ -286,13 +290,25 @@ def test_synthetic_targets_follow_the_tumour(small_cohort):
         read_labels(small_cohort / "targets.csv", Targets("survival"))
 
 
+def test_a_stale_targets_table_is_redrawn_and_a_current_one_left_alone(tmp_path):
+    spec = CohortSpec(n_slides=4, seed=1, size=(256, 256))
+    targets = make_cohort(tmp_path, spec) / "targets.csv"
+    current, stamp = targets.read_text(), targets.stat().st_mtime_ns
+    make_cohort(tmp_path, spec)
+    assert targets.stat().st_mtime_ns == stamp
+    targets.write_text(current.replace(",1\n", ",0\n"))  # as an older survival law would have left it
+    make_cohort(tmp_path, spec)
+    assert targets.read_text() == current
+
+
 def test_hazard_rises_with_burden_in_a_large_synthetic_cohort(tmp_path):
     """The law `write_targets` documents, on 400 draws: the true burden ranks survival well above chance."""
     rng = np.random.default_rng(1)
     burden = np.where(rng.random(400) < 0.5, 0.0, rng.uniform(0.05, 0.35, 400))
-    hazard = 0.02 * np.exp(4 * burden / burden.max())
-    t, c = rng.exponential(1 / hazard), rng.uniform(6, 60, 400)
-    assert concordance_index_censored(t <= c, np.minimum(t, c), burden)[0] > 0.65
+    t, c = survival_times(burden, rng)
+    assert 0.2 < (t > c).mean() < 0.6  # censored: most tumour-free patients outlive follow-up
+    assert concordance_index_censored(t <= c, np.minimum(t, c), burden)[0] > 0.8
+    assert np.median(t[burden == 0]) == pytest.approx(52, rel=0.15)  # a tumour-free patient's median survival
 
 
 def _slides(root) -> tuple[list[SlidePatches], dict[str, torch.Tensor]]:
