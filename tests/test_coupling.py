@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
+from torchmetrics.classification import MultilabelAccuracy
 
 from data_modules.augment import random_flip_resized_crop
 from data_modules.synthetic import CohortSpec, make_cohort
@@ -30,6 +31,7 @@ from icmil_pl.coupling import (
 from icmil_pl.coupling.distillation import DistillationModule
 from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.finetune import LoRA
+from icmil_pl.tasks import MultiLabel
 
 # ---------------------------------------------------------------------------------------------------- pure functions
 
@@ -84,6 +86,27 @@ def test_the_authors_reduction_is_the_mean_over_every_element():
     assert loss.total.item() == pytest.approx(loss.instance.item() + 0.5 * (loss.head + loss.feature).item(), rel=1e-6)
     elementwise = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").mean()
     assert loss.feature.item() == pytest.approx(elementwise.item(), rel=1e-6)  # what the authors' code computes
+
+
+def test_a_multilabel_teacher_is_a_binary_teacher_per_label():
+    """With sigmoid outputs each label's logit x is the two-class softmax of (0, x): the logit terms are the sum over
+    labels of those binary KLs, by hand, and a two-class softmax head gives the same loss as its logit difference."""
+    t, s, u = (torch.tensor(x, dtype=torch.float32) for x in (T, S, U))
+
+    def binary(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # sum over labels of KL(softmax(0, a_l) || softmax(0, b_l))
+        pairs = [
+            _kl(_softmax(np.stack([0 * a[:, j], a[:, j]], 1)), _softmax(np.stack([0 * b[:, j], b[:, j]], 1)))
+            for j in range(a.shape[1])
+        ]
+        return np.sum(pairs, axis=0)
+
+    loss = distillation_loss(t, s, u, head_weight=0.5, feature_weight=0.0, outputs="sigmoid")
+    assert loss.instance.item() == pytest.approx(binary(T, S).mean(), rel=1e-5)
+    assert loss.head.item() == pytest.approx(binary(T, U).mean(), rel=1e-5)
+    margin = [x[:, 1:] - x[:, :1] for x in (t, s, u)]  # a two-class head's one binary choice
+    as_labels = distillation_loss(*margin, head_weight=0.5, outputs="sigmoid")
+    as_classes = distillation_loss(t, s, u, head_weight=0.5)
+    assert as_labels.total.item() == pytest.approx(as_classes.total.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("feature_input, reaches", [("teacher", False), ("student", True)])
@@ -287,6 +310,21 @@ def test_distillation_fit(cohort, tmp_path):
     assert checkpoint.name == f"best-epoch={best}.ckpt"
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in student.state_dict().items())
+
+
+def test_distillation_couples_a_multilabel_head(cohort, tmp_path):
+    slides, _ = cohort
+    torch.manual_seed(0)
+    embedder = PatchEmbedder("resnet18", truncate_after="layer1")
+    bag = BagClassifier(ABMIL(64, num_classes=3, hidden_dim=32, attention_dim=16), task=MultiLabel())
+    module = DistillationModule(embedder, bag, Distillation(), seed=0)
+    assert module.outputs == "sigmoid" and isinstance(module.agreement, MultilabelAccuracy)
+    strategy = Distillation(lr=1e-3, batch_size=16, patches_per_epoch=32, num_workers=0, max_epochs=1)
+    student = strategy.fit(embedder, bag, slides, trainer_kwargs=_trainer_kwargs(tmp_path), root=tmp_path, seed=0)
+    assert student.weights_hash() != embedder.weights_hash()
+    with (tmp_path / "log" / "version_0" / "metrics.csv").open() as fh:
+        (row,) = [r for r in csv.DictReader(fh) if r.get("val/agreement")]
+    assert 0.0 <= float(row["val/agreement"]) <= 1.0 and 0.0 <= float(row["val/mae"]) <= 1.0
 
 
 @pytest.mark.parametrize("pool", ["train", "train+val"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
 from data_modules.augment import random_flip_resized_crop
 from data_modules.checks import check
@@ -32,6 +32,7 @@ __all__ = [
     "DistillationLoss",
     "DistillationModule",
     "FeatureInput",
+    "Outputs",
     "Reduction",
     "confidence_weights",
     "distillation_loss",
@@ -42,6 +43,7 @@ FeatureInput = Literal["student", "teacher"]  # whose features the student head 
 SelectBy = Literal["agreement", "mae"]  # the held-out criterion of the best epoch (see Distillation)
 PatchPool = Literal["train", "train+val"]  # the slides whose patches distil: the bag phase's train, or train and val
 StudentBatchNorm = Literal["as_embedder", "train"]  # the student's BatchNorm statistics: as E_i has them, or adapting
+Outputs = Literal["softmax", "sigmoid"]  # what a head's logits mean: one class of C, or C labels each on its own
 
 
 class DistillationLoss(NamedTuple):
@@ -51,11 +53,22 @@ class DistillationLoss(NamedTuple):
     feature: Tensor  # KL between the softmax of teacher and student reduced features
 
 
-def _kl_rows(target_logits: Tensor, logits: Tensor) -> Tensor:
-    """KL(softmax(target) || softmax(logits)) per row, in float32."""
-    log_p = F.log_softmax(target_logits.float(), dim=-1)
-    log_q = F.log_softmax(logits.float(), dim=-1)
+def _kl_rows(target_logits: Tensor, logits: Tensor, outputs: Outputs = "softmax") -> Tensor:
+    """KL(softmax(target) || softmax(logits)) per row, in float32; with "sigmoid", the sum over labels of the
+    Bernoulli KL(sigmoid(target) || sigmoid(logits)), which is the softmax KL of each label's logits (0, x)."""
+    target_logits, logits = target_logits.float(), logits.float()
+    if outputs == "sigmoid":
+        log_p, log_not_p = F.logsigmoid(target_logits), F.logsigmoid(-target_logits)
+        log_q, log_not_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+        return (log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)).sum(-1)
+    log_p = F.log_softmax(target_logits, dim=-1)
+    log_q = F.log_softmax(logits, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def probabilities(logits: Tensor, outputs: Outputs) -> Tensor:
+    """What a head's logits say per class (softmax) or per label (sigmoid), float32."""
+    return logits.float().softmax(-1) if outputs == "softmax" else logits.float().sigmoid()
 
 
 def distillation_loss(
@@ -69,6 +82,7 @@ def distillation_loss(
     feature_weight: float = 0.5,
     weights: Tensor | None = None,
     reduction: Reduction = "batchmean",
+    outputs: Outputs = "softmax",
 ) -> DistillationLoss:
     """ICMIL's teacher-student loss on a batch of B patches.
 
@@ -83,6 +97,9 @@ def distillation_loss(
     dimensions; which features the student reduces is the caller's `FeatureInput`). `weights` w (default 1) only
     scale the first term's rows. Without reduced features the third term is 0.
 
+    `outputs="sigmoid"` (a multi-label head) puts the Bernoulli KL of each label, summed over labels, in the two
+    logit terms: each label's instance logit is a binary teacher of its own (the feature term is unchanged).
+
     `reduction="batchmean"` (ours) is `F.kl_div(..., reduction="batchmean")`, the KL per patch, as written above.
     `"mean"` is the authors' code, `KLDivLoss(reduction="none")(...).mean()`: the mean over every element, which
     divides the two logit terms by the number of classes C and the feature term by the feature width D, so the
@@ -93,11 +110,11 @@ def distillation_loss(
     def per(logits: Tensor) -> int:
         return b if reduction == "batchmean" else b * logits.shape[-1]
 
-    instance_kl = _kl_rows(teacher_logits, student_logits)
+    instance_kl = _kl_rows(teacher_logits, student_logits, outputs)
     if weights is not None:
         instance_kl = instance_kl * weights.to(instance_kl.dtype)
     instance = instance_kl.sum() / per(teacher_logits)
-    head = _kl_rows(teacher_logits, student_head_on_teacher_logits).sum() / per(teacher_logits)
+    head = _kl_rows(teacher_logits, student_head_on_teacher_logits, outputs).sum() / per(teacher_logits)
     if teacher_hidden is None or student_hidden is None:
         feature = instance.new_zeros(())
     else:
@@ -141,7 +158,13 @@ class DistillationModule(pl.LightningModule):
         self.student_head = StandardizedHead(bag, frozen=False)
         self.cfg = cfg  # the strategy: its settings (lr, loss weights, crops) as plain attributes
         self.seed = seed
-        self.agreement = MulticlassAccuracy(num_classes=bag.aggregator.num_classes, average="micro")
+        n = bag.aggregator.num_classes
+        self.outputs: Outputs = "sigmoid" if bag.task.kind == "multilabel" else "softmax"
+        self.agreement = (
+            MultilabelAccuracy(num_labels=n, average="micro")
+            if self.outputs == "sigmoid"
+            else MulticlassAccuracy(num_classes=n, average="micro")
+        )
         self.mae = MeanAbsoluteError()
         self._freeze_what_the_loss_cannot_reach()
 
@@ -194,6 +217,7 @@ class DistillationModule(pl.LightningModule):
             feature_weight=self.cfg.feature_weight,
             weights=weights,
             reduction=self.cfg.reduction,
+            outputs=self.outputs,
         )
         n = images.shape[0]
         self.log("train/loss", loss.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
@@ -210,8 +234,11 @@ class DistillationModule(pl.LightningModule):
         )
         teacher = self.teacher_logits(self.teacher(images)).float()
         student = self.student_head.instance_logits(self.student(view)).float()
-        self.agreement.update(student.argmax(-1), teacher.argmax(-1))
-        self.mae.update(student.softmax(-1), teacher.softmax(-1))
+        if self.outputs == "sigmoid":
+            self.agreement.update(student.sigmoid(), (teacher > 0).int())
+        else:
+            self.agreement.update(student.argmax(-1), teacher.argmax(-1))
+        self.mae.update(probabilities(student, self.outputs), probabilities(teacher, self.outputs))
         n = images.shape[0]
         self.log("val/agreement", self.agreement, on_epoch=True, batch_size=n, prog_bar=True)
         self.log("val/mae", self.mae, on_epoch=True, batch_size=n)
@@ -231,7 +258,9 @@ class Distillation(CouplingStrategy):
     """ICMIL's teacher-student coupling (Wang et al., MICCAI 2023; confidence weighting from IEEE TMI 2024).
 
     Teacher: frozen E_i + the frozen bag head applied per instance (`BagClassifier.instance_logits`, standardisation
-    included), on clean patches. Student: trainable copies of E_i and of the head, on augmented patches (random
+    included), on clean patches; a multi-label head teaches each label on its own (sigmoid probabilities, the
+    Bernoulli KL per label: `distillation_loss(outputs="sigmoid")`), as a two-class softmax head teaches its one
+    binary choice. Student: trainable copies of E_i and of the head, on augmented patches (random
     flips, random resized crop with `crop_scale`). Loss: `distillation_loss`, with `reduction` ("mean": the authors'
     per-element mean; "batchmean": ours, per patch) and `feature_input`: the student head's reduction of the
     teacher's features in the feature term ("teacher", the authors' code: only the instance term then reaches the
@@ -248,19 +277,21 @@ class Distillation(CouplingStrategy):
     seeded) is held out; when
     `patches_per_epoch` bounds an epoch, a fixed part of the held-out patches as large as `val_fraction` of an epoch's
     work validates. Criterion: `val/agreement`, the fraction of those patches whose student prediction (on a fixed
-    augmented view) equals the teacher's on the clean patch, or with `select_by="mae"` (the authors' criterion) the
-    lowest mean absolute error between the student's class probabilities on that view and the teacher's on the clean
-    patch; the best epoch wins. `head_clip_norm` clips the student head's gradients only (5 in the authors' code;
+    augmented view) equals the teacher's on the clean patch (multi-label: of those (patch, label) pairs whose call,
+    p > 0.5, the two share), or with `select_by="mae"` (the authors' criterion) the lowest mean absolute error
+    between the student's class (label) probabilities on that view and the teacher's on the clean patch; the best
+    epoch wins. `head_clip_norm` clips the student head's gradients only (5 in the authors' code;
     None, ours, leaves them to the trainer's `gradient_clip_val`). The student's BatchNorm stays as the
     embedder has it (frozen by default for `PatchEmbedder`) or, with `student_batchnorm="train"` (the authors' code),
     normalises with batch statistics and updates its running statistics, which the coupled embedder keeps; the
     teacher is always in eval mode.
     """
 
-    tasks = ("classification",)
+    tasks = ("classification", "multilabel")
     why_not = (
-        "its teacher is the bag head's softmax over classes on each patch, which only a classification head has "
-        "(a survival or regression head on one patch is no pseudo-label; use BagGradient, which couples any task)"
+        "its teacher is the bag head's class (softmax) or label (sigmoid) probabilities on each patch, which only a "
+        "classification or multi-label head has (a survival or regression head on one patch is no pseudo-label; "
+        "use BagGradient, which couples any task)"
     )
 
     def __init__(
