@@ -7,10 +7,13 @@ seed.
         [--resume]
 
 Configs: `experiments/demo_survival.yaml` (ICMIL, 1 iteration, patient bags; `survival_slides`: the same on slide
-bags, each slide with its patient's outcome), `demo_regression.yaml` and
-`demo_multilabel.yaml` (two-stage, slide bags), all on one cohort of 96 slides. Seed s sets `seed_everything` (the
-random-init embedder, training order) and the split seed (which patients are test: about a third), so the
-intervals cover both. `--resume` keeps finished runs.
+bags, each slide with its patient's outcome; `survival_select_c_index`: its two-stage bag phase with checkpoints
+chosen by validation c-index instead of the validation loss, paired with iteration 0 of `survival`, which differs
+from it in nothing else), `demo_regression.yaml` and `demo_multilabel.yaml` (two-stage, slide bags;
+`multilabel_distill`: one ICMIL iteration with the paper's Distillation as the authors' code runs it,
+`experiments/coupling/distillation.yaml`, its teacher the head's sigmoid per label), all on one cohort of 96
+slides. Seed s sets `seed_everything` (the random-init embedder, training order) and the split seed (which patients
+are test: about a third), so the intervals cover both. `--resume` keeps finished runs.
 
 Survival times are noisy draws, so survival also gets two measures from the generator's truth, on the same test
 bags: `risk~burden`, the Spearman r between the predicted risk and the bag's true tumour burden (what the hazard is
@@ -41,12 +44,24 @@ from icmil_pl.statistics import mean_interval  # noqa: E402
 TARGETS = ROOT / "data" / "demo_tasks" / "targets.csv"  # the configs' cohort: its targets, its true tumour burden
 
 SURVIVAL = ("c_index", "c_index_ipcw")
+MULTILABEL = ("auroc", "auroc_tumour", "auroc_extensive", "f1")
 CONFIGS = {  # name: (config, metrics[, overrides])
     "survival": ("experiments/demo_survival.yaml", SURVIVAL),
+    "survival_select_c_index": (
+        "experiments/demo_survival.yaml",
+        SURVIVAL,
+        ("--model.init_args.iterations=0", "--model.init_args.bag.init_args.task.init_args.select_by=c_index"),
+    ),
     "survival_slides": ("experiments/demo_survival.yaml", SURVIVAL, ("--model.init_args.bag_level=slide",)),
     "regression": ("experiments/demo_regression.yaml", ("mae", "pearson", "spearman", "r2")),
-    "multilabel": ("experiments/demo_multilabel.yaml", ("auroc", "auroc_tumour", "auroc_extensive", "f1")),
+    "multilabel": ("experiments/demo_multilabel.yaml", MULTILABEL),
+    "multilabel_distill": (
+        "experiments/demo_multilabel.yaml",
+        MULTILABEL,
+        ("-c", "experiments/coupling/distillation.yaml", "--model.init_args.iterations=1"),
+    ),
 }
+PAIRED = {"survival_select_c_index": "survival"}  # the same runs up to the checkpoint choice: against its iteration 0
 
 
 def run(task: str, seed: int, out: Path, resume: bool) -> dict:
@@ -119,6 +134,11 @@ def main() -> None:
                 print(f"{task:10s} iteration {len(runs[0]) - 1} - 0 (paired), test {m}: {diff}")
         val = mean_interval([r[0]["val"][metrics[0]] for r in runs])
         print(f"{task:10s} validation {metrics[0]} at iteration 0: {val}")
+        if task in PAIRED:
+            other = [run(PAIRED[task], s, args.out, True)["iterations"][0]["test"] for s in range(args.seeds)]
+            for m in metrics[:2]:
+                diff = mean_interval([r[0]["test"][m] - o[m] for r, o in zip(runs, other, strict=True)])
+                print(f"{task:10s} - {PAIRED[task]} iteration 0 (paired), test {m}: {diff}")
 
 
 if __name__ == "__main__":
