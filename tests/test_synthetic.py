@@ -256,6 +256,56 @@ def test_tumour_differs_in_nuclei_not_in_mean_colour(tmp_path, contrast):
         assert t_fraction == pytest.approx(n_fraction, rel=0.15) and t_area == pytest.approx(n_area, rel=0.25)
 
 
+def test_two_tumour_types_differ_from_each_other_and_from_normal_in_nuclei_not_in_mean_colour(tmp_path):
+    spec = CohortSpec(size=(2048, 2048), tumour_contrast=1.0, compression="lzw", tumour_types=2)
+    info = write_slide(tmp_path / "s.tif", spec, seed=11, tumour=True, flavour="tiff", levels=1)
+    assert sorted(r.kind for r in info.tumour_regions) == [0, 1, 1] and info.tumour_types == 2
+    image = render_region(info, (0, 0), (2048, 2048))
+    a, b, tissue = tumour_mask(info, 1, kind=0), tumour_mask(info, 1, kind=1), tissue_mask(info, 1)
+    assert np.array_equal(a | b, tumour_mask(info, 1)) and not (a & b).any()
+    normal = tissue & (ndimage.distance_transform_edt(~(a | b)) > 32)
+    for kind in (a, b):  # within 4 grey levels: the type-a focus is small (8 whole patches)
+        assert (np.abs(image[kind].mean(0) - image[normal].mean(0)) < 4).all()
+    (a_fraction, a_area), (b_fraction, b_area), (n_fraction, n_area) = (
+        _nuclei(_patches(image, m)) for m in (a, b, normal)
+    )
+    assert a_area > 1.5 * n_area and b_area < 0.8 * n_area  # large pleomorphic nuclei; small crowded ones
+    assert b_fraction > 1.2 * n_fraction and a_fraction > 1.5 * n_fraction
+
+
+def test_a_one_type_cohort_is_the_same_with_the_two_type_machinery(tmp_path):
+    """A type-b palette block follows the others, so the one-type palette and pixels do not move; and a cohort.json
+    written before tumour types (no `tumour_types`, no region `kind`) still loads and is reused."""
+    one = Scene(11, (512, 512), 0.5, True, 1.0, (0.05, 0.4))
+    two = Scene(11, (512, 512), 0.5, True, 1.0, (0.05, 0.4), types=2)
+    assert np.array_equal(two.palette[: len(one.palette)], one.palette) and len(two.palette) > len(one.palette)
+    assert [r.centre for r in two.tumour_regions] == [r.centre for r in one.tumour_regions]
+    root = make_cohort(tmp_path, CohortSpec(n_slides=2, seed=0, size=(256, 256)))
+    manifest = json.loads((root / "cohort.json").read_text())
+    del manifest["params"]["tumour_types"]
+    for slide in manifest["slides"]:
+        del slide["tumour_types"]
+        for region in slide["tumour_regions"]:
+            del region["kind"]
+    (root / "cohort.json").write_text(json.dumps(manifest))
+    make_cohort(root, CohortSpec(n_slides=2, seed=0, size=(256, 256)))  # no "other parameters" error
+    assert all(i.tumour_types == 1 and all(r.kind == 0 for r in i.tumour_regions) for i in synthetic.load_cohort(root))
+    with (root / "targets.csv").open() as fh:
+        assert "tumour_a" not in next(csv.reader(fh))
+
+
+def test_a_two_type_cohort_marks_each_type_in_its_targets(tmp_path):
+    root = make_cohort(tmp_path, CohortSpec(n_slides=8, seed=0, size=(512, 512), tumour_types=2))
+    with (root / "targets.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    infos = synthetic.slide_infos(root)
+    for row in rows:
+        kinds = {r.kind for r in infos[row["slide_id"]].tumour_regions}
+        assert (row["tumour_a"], row["tumour_b"]) == (str(int(0 in kinds)), str(int(1 in kinds)))
+        assert row["tumour"] == str(int(bool(kinds)))
+    assert {(r["tumour_a"], r["tumour_b"]) for r in rows} >= {("0", "0"), ("1", "0"), ("0", "1")}
+
+
 def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
@@ -353,6 +403,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         ({"patients_per_slide": 0}, "patients_per_slide"),
         ({"tumour_contrast": -1}, "tumour_contrast"),
         ({"tumour_area": (0.2, 0.1)}, "tumour_area"),
+        ({"tumour_types": 3}, "tumour_types"),
     ],
 )
 def test_a_bad_spec_names_the_field(kwargs, field):

@@ -51,7 +51,8 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     manifest = root / "cohort.json"
     if manifest.exists():
         previous = json.loads(manifest.read_text())
-        if previous["params"] != params:
+        defaults = json.loads(json.dumps(asdict(CohortSpec())))  # settings added since: their defaults
+        if {**defaults, **previous["params"]} != params:
             raise ValueError(f"root: {root} holds a cohort made with other parameters; use another root or delete it")
         if all((root / s["path"]).exists() for s in previous["slides"]) and (root / "labels.csv").exists():
             write_targets(root, spec)  # a cohort written before targets.csv existed, or under an older law
@@ -86,11 +87,11 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     return root
 
 
-def tumour_burden(info: SlideInfo, downsample: float = 8) -> float:
-    """The fraction of the slide's tissue that is tumour (0 for a normal slide)."""
+def tumour_burden(info: SlideInfo, downsample: float = 8, kind: int | None = None) -> float:
+    """The fraction of the slide's tissue that is tumour (0 for a normal slide); with `kind`, of that type only."""
     if not info.tumour:
         return 0.0
-    tumour_px = float(tumour_mask(info, downsample).sum()) * downsample**2
+    tumour_px = float(tumour_mask(info, downsample, kind).sum()) * downsample**2
     return min(1.0, tumour_px / (info.tissue_fraction * info.dimensions[0] * info.dimensions[1]))
 
 
@@ -111,7 +112,8 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     - `label` (0 normal, 1 tumour), as labels.csv;
     - `tumour_fraction`: the tumour's share of the tissue (regression);
     - `tumour`, `extensive` (multilabel, one 0/1 column each): tumour present; tumour covering more of the tissue than
-      on the median tumour slide. Not two tumour types: the generator has one tumour texture;
+      on the median tumour slide;
+    - with `tumour_types: 2`, also `tumour_a`, `tumour_b` (multilabel): a focus of that type present;
     - `time`, `event` (survival, months), one outcome per patient, on each of its slides, drawn by
       `survival_times` from the patient's burden (the mean tumour fraction of its slides); event = T <= C,
       time = min(T, C), rounded to 0.1 month.
@@ -129,9 +131,12 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     event_time, censor_time = (times[of_patient] for times in survival_times(patient_burden, rng))
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["slide_id", "label", "patient_id", "tumour_fraction", "tumour", "extensive", "time", "event"])
-    for row, b, t, c in zip(rows, burden, event_time, censor_time, strict=True):
-        cells = [f"{b:.4f}", int(b > 0), int(b > extensive_above), f"{min(t, c):.1f}", int(t <= c)]
+    kinds = range(spec.tumour_types) if spec.tumour_types > 1 else ()
+    types = [[int(tumour_burden(infos[row["slide_id"]], kind=k) > 0) for k in kinds] for row in rows]
+    header = ["slide_id", "label", "patient_id", "tumour_fraction", "tumour", "extensive", "time", "event"]
+    writer.writerow(header + [f"tumour_{'ab'[k]}" for k in kinds])
+    for row, b, t, c, present in zip(rows, burden, event_time, censor_time, types, strict=True):
+        cells = [f"{b:.4f}", int(b > 0), int(b > extensive_above), f"{min(t, c):.1f}", int(t <= c), *present]
         writer.writerow([row["slide_id"], row["label"], row["patient_id"], *cells])
     path = root / TARGETS_FILE
     if not path.is_file() or path.read_text() != table.getvalue():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from .textures import (
     NUCLEI_PERIOD,
     STROMA_PERIOD,
     TUMOUR,
+    TUMOUR_B,
     Nuclei,
     doubled,
     histogram,
@@ -59,6 +60,7 @@ class TumourRegion:
     radius: float
     harmonics: tuple[tuple[int, float, float], ...]  # (k, a, phi)
     box: tuple[int, int, int, int]  # (x, y, w, h), level-0 px, clipped to the slide
+    kind: int = 0  # 0: tumour type a, 1: type b (cohorts with tumour_types 2)
 
     def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Membership on the grid ys x xs (level-0 coordinates) as a (len(ys), len(xs)) bool array."""
@@ -87,6 +89,7 @@ class SlideInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     tissue_fraction: float
     tumour_regions: tuple[TumourRegion, ...]
+    tumour_types: int = 1
 
     @property
     def label(self) -> int:
@@ -109,6 +112,7 @@ class SlideInfo:
                 radius=r["radius"],
                 harmonics=tuple(tuple(h) for h in r["harmonics"]),
                 box=tuple(r["box"]),
+                kind=r.get("kind", 0),  # cohorts written before tumour types
             )
             for r in d["tumour_regions"]
         )
@@ -129,37 +133,56 @@ class Scene:
     """The procedural slide at level 0. Every value is a function of the constructor arguments and the position."""
 
     def __init__(
-        self, seed: int, size: tuple[int, int], mpp: float, tumour: bool, contrast: float, area: tuple[float, float]
+        self,
+        seed: int,
+        size: tuple[int, int],
+        mpp: float,
+        tumour: bool,
+        contrast: float,
+        area: tuple[float, float],
+        types: int = 1,
     ) -> None:
         self.size = size
         self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
         self.step = max(8, self.scale // 1024)  # the tissue field is bilinear between nodes this many px apart
-        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
-        tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng = streams
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]  # the first 6: one type
+        tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng, kind_rng, tumour_b_rng = streams
 
         self.analysis_downsample = max(1, math.ceil(self.scale / _ANALYSIS_PX))
         self._init_tissue(tissue_rng)
+        mask = self.tissue(*_centres(size, self.analysis_downsample))
+        self.tissue_fraction = float(mask.mean())
+        regions = self._place_tumours(place_rng, mask, self.analysis_downsample, area) if tumour else ()
+        if types == 2:  # each focus type a or b, at random
+            regions = tuple(
+                replace(r, kind=int(k)) for r, k in zip(regions, kind_rng.integers(0, 2, len(regions)), strict=True)
+            )
+        self.tumour_regions = regions
+
         stroma = stroma_texture(stroma_rng, mpp)
         normal = nuclei_alpha(normal_rng, mpp, Nuclei())
-        tumour_alpha = nuclei_alpha(tumour_rng, mpp, Nuclei().tumour(contrast)) if tumour else None
-        if tumour_alpha is not None:
-            # tumour nuclei are paler (vesicular), which offsets part of their extra hematoxylin; lighter stroma
-            # offsets the rest (see _palette), so tumour and normal tissue share the mean colour
-            tumour_alpha *= math.sqrt(normal.mean() / tumour_alpha.mean())
+        # tumour nuclei are paler (vesicular), which offsets part of their extra hematoxylin; lighter stroma offsets
+        # the rest (see palette), so tumour and normal tissue share the mean colour
+        tumour_q = self._tumour_nuclei(tumour_rng, mpp, Nuclei().tumour(contrast), normal) if tumour else None
+        has_b = any(r.kind == 1 for r in regions)
+        tumour_b_q = self._tumour_nuclei(tumour_b_rng, mpp, Nuclei().tumour_b(contrast), normal) if has_b else None
         normal_q = quantise(normal)
-        tumour_q = quantise(tumour_alpha) if tumour_alpha is not None else None
         self.palette = palette(
             stain_rng,
             histogram(stroma, 256),
             histogram(normal_q, 16),
-            histogram(tumour_q, 16) if tumour_q is not None else None,
+            *(histogram(q, 16) if q is not None else None for q in (tumour_q, tumour_b_q)),
         )
         self.stroma, self.nuclei = doubled(stroma), doubled(normal_q)
         self.tumour_nuclei = doubled(tumour_q) if tumour_q is not None else None
+        self.tumour_b_nuclei = doubled(tumour_b_q) if tumour_b_q is not None else None
 
-        mask = self.tissue(*_centres(size, self.analysis_downsample))
-        self.tissue_fraction = float(mask.mean())
-        self.tumour_regions = self._place_tumours(place_rng, mask, self.analysis_downsample, area) if tumour else ()
+    @staticmethod
+    def _tumour_nuclei(rng: np.random.Generator, mpp: float, nuclei: Nuclei, normal: np.ndarray) -> np.ndarray:
+        """A tumour type's quantised nuclei texture, its opacity scaled to the normal nuclei's mean by sqrt."""
+        alpha = nuclei_alpha(rng, mpp, nuclei)
+        alpha *= math.sqrt(normal.mean() / alpha.mean())
+        return quantise(alpha)
 
     # tissue: a sum of elliptical Gaussians plus two octaves of value noise, thresholded at a target area quantile
     def _init_tissue(self, rng: np.random.Generator) -> None:
@@ -246,10 +269,11 @@ class Scene:
         if (nodes <= 0).all():  # bilinear interpolation cannot leave the nodes' range
             return np.take(self.palette, sg + GLASS, axis=0)
         idx = (sg << 4) | window(self.nuclei, NUCLEI_PERIOD, x, y, w, h)
-        inside = _tumour(self.tumour_regions, xs, ys)
-        if inside is not None:
-            tumour = (sg << 4) | window(self.tumour_nuclei, NUCLEI_PERIOD, x, y, w, h)
-            idx = np.where(inside, tumour + TUMOUR, idx)
+        for kind, offset, nuclei in ((0, TUMOUR, self.tumour_nuclei), (1, TUMOUR_B, self.tumour_b_nuclei)):
+            inside = _tumour([r for r in self.tumour_regions if r.kind == kind], xs, ys)
+            if inside is not None:
+                tumour = (sg << 4) | window(nuclei, NUCLEI_PERIOD, x, y, w, h)
+                idx = np.where(inside, tumour + offset, idx)
         if not (nodes > 0).all():
             idx = np.where(self._bilinear(*cells) > 0, idx, sg + GLASS)
         return np.take(self.palette, idx, axis=0)
@@ -257,13 +281,21 @@ class Scene:
 
 @functools.lru_cache(maxsize=4)
 def cached_scene(
-    seed: int, size: tuple[int, int], mpp: float, tumour: bool, contrast: float, area: tuple[float, float]
+    seed: int,
+    size: tuple[int, int],
+    mpp: float,
+    tumour: bool,
+    contrast: float,
+    area: tuple[float, float],
+    types: int = 1,
 ) -> Scene:
-    return Scene(seed, size, mpp, tumour, contrast, area)
+    return Scene(seed, size, mpp, tumour, contrast, area, types)
 
 
 def scene_of(info: SlideInfo) -> Scene:
-    return cached_scene(info.seed, info.dimensions, info.mpp, info.tumour, info.tumour_contrast, info.tumour_area)
+    return cached_scene(
+        info.seed, info.dimensions, info.mpp, info.tumour, info.tumour_contrast, info.tumour_area, info.tumour_types
+    )
 
 
 def _centres(size: tuple[int, int], downsample: float) -> tuple[np.ndarray, np.ndarray]:
@@ -362,10 +394,12 @@ def tissue_mask(info: SlideInfo, downsample: float) -> np.ndarray:
     return scene_of(info).tissue(*_centres(info.dimensions, _check_downsample(downsample)))
 
 
-def tumour_mask(info: SlideInfo, downsample: float) -> np.ndarray:
-    """Tumour ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds))."""
+def tumour_mask(info: SlideInfo, downsample: float, kind: int | None = None) -> np.ndarray:
+    """Tumour ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds)); with
+    `kind` (0: type a, 1: type b), that type's only."""
     xs, ys = _centres(info.dimensions, _check_downsample(downsample))
-    mask = _tumour(info.tumour_regions, xs, ys)
+    regions = [r for r in info.tumour_regions if kind is None or r.kind == kind]
+    mask = _tumour(regions, xs, ys)
     return np.zeros((len(ys), len(xs)), bool) if mask is None else mask
 
 

@@ -47,6 +47,13 @@ class CohortSpec:
         default=(0.01, 0.05),
         metadata={"help": "range of the tissue fraction each tumour focus covers", "metavar": ("LOW", "HIGH")},
     )
+    tumour_types: int = field(
+        default=1,
+        metadata={
+            "help": "kinds of tumour: 2 makes each focus type a (large pleomorphic nuclei) or b (small crowded round "
+            "nuclei) at random, and targets.csv gains tumour_a, tumour_b"
+        },
+    )
 
     def __post_init__(self) -> None:
         w_h = tuple(self.size)
@@ -94,6 +101,7 @@ class CohortSpec:
             "(low, high) with 0 < low <= high <= 0.5",
             self.tumour_area,
         )
+        check("tumour_types", self.tumour_types in (1, 2), "1 or 2", self.tumour_types)
         # tuples and floats whatever was passed (lists from YAML, ints from the command line): equal specs compare equal
         object.__setattr__(self, "size", w_h)
         object.__setattr__(self, "flavours", tuple(self.flavours))

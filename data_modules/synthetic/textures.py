@@ -17,6 +17,7 @@ __all__ = [
     "NUCLEI_PERIOD",
     "STROMA_PERIOD",
     "TUMOUR",
+    "TUMOUR_B",
     "Nuclei",
     "doubled",
     "histogram",
@@ -31,7 +32,8 @@ __all__ = [
 
 STROMA_PERIOD = 1024  # stroma texture period in px (FFT-friendly)
 NUCLEI_PERIOD = 1021  # nuclei texture period: prime, so the two textures never line up again on a slide
-TUMOUR, GLASS = 4096, 8192  # palette offsets: normal tissue [0, 4096), tumour [4096, 8192), glass [8192, 8448)
+# palette offsets: normal tissue [0, 4096), tumour [4096, 8192), glass [8192, 8448), type-b tumour [8448, 12544)
+TUMOUR, GLASS, TUMOUR_B = 4096, 8192, 8448
 
 _LIGHT_STROMA = np.array([240.0, 186.0, 216.0])
 _DARK_STROMA = np.array([214.0, 124.0, 176.0])
@@ -51,12 +53,23 @@ class Nuclei:
     lobes: float = 0.04  # boundary irregularity: relative amplitude of the 2nd and 3rd radial harmonics
 
     def tumour(self, contrast: float) -> Nuclei:
+        """Type a: large, pleomorphic, irregular nuclei."""
         return Nuclei(
             radius_um=self.radius_um * (1 + 0.35 * contrast),
             radius_sd_um=self.radius_sd_um * (1 + 1.5 * contrast),
             per_100um2=self.per_100um2 * (1 + 0.4 * contrast),
             aspect_sd=self.aspect_sd + 0.15 * contrast,
             lobes=self.lobes + 0.10 * contrast,
+        )
+
+    def tumour_b(self, contrast: float) -> Nuclei:
+        """Type b: small, round, uniform nuclei, crowded (a small-cell pattern, unlike type a in every measure)."""
+        return Nuclei(
+            radius_um=self.radius_um * (1 - 0.25 * contrast),
+            radius_sd_um=self.radius_sd_um * max(0.3, 1 - 0.5 * contrast),
+            per_100um2=self.per_100um2 * (1 + 1.2 * contrast),
+            aspect_sd=self.aspect_sd * max(0.3, 1 - 0.5 * contrast),
+            lobes=self.lobes,
         )
 
 
@@ -156,10 +169,15 @@ def window(doubled: np.ndarray, period: int, x: int, y: int, w: int, h: int) -> 
 
 
 def palette(
-    rng: np.random.Generator, p_stroma: np.ndarray, p_normal: np.ndarray, p_tumour: np.ndarray | None
+    rng: np.random.Generator,
+    p_stroma: np.ndarray,
+    p_normal: np.ndarray,
+    p_tumour: np.ndarray | None,
+    p_tumour_b: np.ndarray | None = None,
 ) -> np.ndarray:
     """RGB for every (class, stroma byte, nucleus level); tumour stroma is shifted so that tumour and normal tissue
-    have the same expected colour."""
+    have the same expected colour. With `p_tumour_b`, type b's block follows glass (`TUMOUR_B`), matched the same
+    way, so a one-type palette is the first part of a two-type one."""
     stain = rng.uniform(0.96, 1.04, (3, 3))  # per-slide stain variation
     light, dark, nucleus = _LIGHT_STROMA * stain[0], _DARK_STROMA * stain[1], _NUCLEUS * stain[2]
     sg = np.arange(256)
@@ -174,12 +192,16 @@ def palette(
     def mean(colours: np.ndarray, p_nuclei: np.ndarray) -> np.ndarray:
         return np.einsum("s,n,snc->c", p_stroma, p_nuclei, colours)
 
-    normal = tissue(np.zeros(3))
-    tumour = normal
-    if p_tumour is not None:
+    def matched(p_nuclei: np.ndarray) -> np.ndarray:
         shift = np.zeros(3)
         for _ in range(4):  # linear solve, repeated for the clipping
-            shift += (mean(normal, p_normal) - mean(tissue(shift), p_tumour)) / (1 - p_tumour @ alpha)
-        tumour = tissue(shift)
+            shift += (mean(normal, p_normal) - mean(tissue(shift), p_nuclei)) / (1 - p_nuclei @ alpha)
+        return tissue(shift)
+
+    normal = tissue(np.zeros(3))
+    tumour = normal if p_tumour is None else matched(p_tumour)
     glass = np.clip(_GLASS_RGB + noise[:, None], 0, 255)
-    return np.rint(np.concatenate([normal.reshape(-1, 3), tumour.reshape(-1, 3), glass])).astype(np.uint8)
+    blocks = [normal.reshape(-1, 3), tumour.reshape(-1, 3), glass]
+    if p_tumour_b is not None:
+        blocks.append(matched(p_tumour_b).reshape(-1, 3))
+    return np.rint(np.concatenate(blocks)).astype(np.uint8)

@@ -216,7 +216,9 @@ def write_slide(
     path = Path(path)
     (width, height), tile_size = spec.size, spec.tile_size
     dims = _level_dimensions(width, height, tile_size, levels)
-    scene = cached_scene(seed, spec.size, spec.mpp, bool(tumour), spec.tumour_contrast, spec.tumour_area)
+    scene = cached_scene(
+        seed, spec.size, spec.mpp, bool(tumour), spec.tumour_contrast, spec.tumour_area, spec.tumour_types
+    )
     info = SlideInfo(
         path=path,
         seed=seed,
@@ -232,6 +234,7 @@ def write_slide(
         level_dimensions=tuple(dims),
         tissue_fraction=scene.tissue_fraction,
         tumour_regions=scene.tumour_regions,
+        tumour_types=spec.tumour_types,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
