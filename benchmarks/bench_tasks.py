@@ -44,7 +44,7 @@ from icmil_pl.statistics import mean_interval  # noqa: E402
 TARGETS = ROOT / "data" / "demo_tasks" / "targets.csv"  # the configs' cohort: its targets, its true tumour burden
 
 SURVIVAL = ("c_index", "c_index_ipcw")
-MULTILABEL = ("auroc", "auroc_tumour", "auroc_extensive", "f1")
+MULTILABEL = ("auroc", "auroc_tumour_a", "auroc_tumour_b", "f1")
 CONFIGS = {  # name: (config, metrics[, overrides])
     "survival": ("experiments/demo_survival.yaml", SURVIVAL),
     "survival_select_c_index": (
