@@ -279,17 +279,7 @@ class Scene:
         return np.take(self.palette, idx, axis=0)
 
 
-@functools.lru_cache(maxsize=4)
-def cached_scene(
-    seed: int,
-    size: tuple[int, int],
-    mpp: float,
-    tumour: bool,
-    contrast: float,
-    area: tuple[float, float],
-    types: int = 1,
-) -> Scene:
-    return Scene(seed, size, mpp, tumour, contrast, area, types)
+cached_scene = functools.lru_cache(maxsize=4)(Scene)  # a scene's textures take seconds: the last few slides'
 
 
 def scene_of(info: SlideInfo) -> Scene:
