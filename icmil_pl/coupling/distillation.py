@@ -66,11 +66,6 @@ def _kl_rows(target_logits: Tensor, logits: Tensor, outputs: Outputs = "softmax"
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def probabilities(logits: Tensor, outputs: Outputs) -> Tensor:
-    """What a head's logits say per class (softmax) or per label (sigmoid), float32."""
-    return logits.float().softmax(-1) if outputs == "softmax" else logits.float().sigmoid()
-
-
 def distillation_loss(
     teacher_logits: Tensor,
     student_logits: Tensor,
@@ -160,6 +155,7 @@ class DistillationModule(pl.LightningModule):
         self.seed = seed
         n = bag.aggregator.num_classes
         self.outputs: Outputs = "sigmoid" if bag.task.kind == "multilabel" else "softmax"
+        self.probabilities = bag.task.outputs  # class (softmax) or label (sigmoid) probabilities; not a submodule
         self.agreement = (
             MultilabelAccuracy(num_labels=n, average="micro")
             if self.outputs == "sigmoid"
@@ -238,7 +234,7 @@ class DistillationModule(pl.LightningModule):
             self.agreement.update(student.sigmoid(), (teacher > 0).int())
         else:
             self.agreement.update(student.argmax(-1), teacher.argmax(-1))
-        self.mae.update(probabilities(student, self.outputs), probabilities(teacher, self.outputs))
+        self.mae.update(self.probabilities(student), self.probabilities(teacher))
         n = images.shape[0]
         self.log("val/agreement", self.agreement, on_epoch=True, batch_size=n, prog_bar=True)
         self.log("val/mae", self.mae, on_epoch=True, batch_size=n)
