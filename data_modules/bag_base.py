@@ -48,7 +48,9 @@ class BagLoaders(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=None,  # one bag per step: no collation, no padding
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else evaluation_sampler(dataset, trainer),
+            sampler=EpochShuffle(len(dataset), self.seed, _epoch(trainer))
+            if shuffle
+            else evaluation_sampler(dataset, trainer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -160,3 +162,10 @@ class BagDataModule(BagLoaders):
                 f"{sorted(split_ids)}" + (f" and unknown slides {unknown[:3]}" if unknown else "")
             )
         return {split: list(split_ids[split]) for split in SPLITS}
+
+
+def _epoch(trainer: pl.Trainer | None) -> int:
+    """The epoch a loader made now is first iterated in: a resumed fit makes its train loader once, before it sets
+    the sampler's epoch, and iterates it at once (its first batch is prefetched), so the order must be right from
+    the start."""
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0

@@ -15,8 +15,8 @@ class EpochShuffle(Sampler[int]):
     sees the orders an uninterrupted run would (a seeded `torch.Generator` would restart from epoch 0's order).
     Lightning calls `set_epoch` before each training epoch (and under DDP shards this sampler per process)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

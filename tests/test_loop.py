@@ -16,6 +16,7 @@ import torch
 from data_modules.feature_cache import FeatureCache
 from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
+from icmil_pl.coupling.bag_gradient import BagGradientModule
 from icmil_pl.coupling.distillation import DistillationModule
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run
 from icmil_pl.patch_scores import read_scores, scored_slides
@@ -163,6 +164,35 @@ def test_a_killed_couple_phase_resumes_to_the_same_results(icmil_cohort, finishe
     assert set(epochs_trained) == {1}  # iteration 1 has no couple phase; iteration 0 resumed at epoch 1
     for a, b in zip(finished[1]["iterations"], resumed["iterations"], strict=True):
         assert a["val"] == pytest.approx(b["val"]) and a["test"] == pytest.approx(b["test"])
+
+
+BAG_GRADIENT = (
+    '--model.init_args.coupling={"class_path": "BagGradient", "init_args": {"chunk_size": 16, "read_threads": 1, '
+    '"max_epochs": 4, "lr": 1e-3}}'
+)
+
+
+def test_a_killed_bag_gradient_coupling_resumes_bit_identically(icmil_cohort, tmp_path, monkeypatch):
+    """Killed in epoch 2 of 4: the resumed coupling used to shuffle its first epoch in epoch 0's order (Lightning
+    makes a resumed run's train loader before it sets the sampler's epoch), so E_1 differed by 1e-3."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    main(icmil_args(icmil_cohort, whole, "fit", BAG_GRADIENT))
+    original = BagGradientModule.training_step
+
+    def crash_in_epoch_2(self, batch, batch_idx):
+        if self.current_epoch == 2:
+            raise RuntimeError("killed during couple")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(BagGradientModule, "training_step", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed during couple"):
+        main(icmil_args(icmil_cohort, killed, "fit", BAG_GRADIENT))
+    monkeypatch.setattr(BagGradientModule, "training_step", original)
+    main(icmil_args(icmil_cohort, killed, "fit", BAG_GRADIENT))
+    a, b = (torch.load(out / "run" / "iter1" / "embedder.pt", weights_only=True) for out in (whole, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((out / "run" / "results.json").read_text()) for out in (whole, killed)]
+    assert [it["test"] for it in results[0]["iterations"]] == [it["test"] for it in results[1]["iterations"]]
 
 
 def test_a_rerun_with_settings_that_decide_results_is_refused(icmil_cohort, finished):
