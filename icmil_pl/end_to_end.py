@@ -99,7 +99,7 @@ class EndToEndMIL(SlideTask):
         }
 
     # -- training ----------------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         cfg = self.cfg
         patches, label = self._sample(batch["patches"]), batch["label"]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -108,6 +108,7 @@ class EndToEndMIL(SlideTask):
         def bag_loss(h: torch.Tensor) -> torch.Tensor:
             return self.loss(self.aggregator(h), label) / cfg.bags_per_step
 
+        loss = None
         with self.unless_unreadable(batch):  # pass 1 reads every chunk before any backward: a skip leaves no gradient
             if cfg.chunk_size is None:
                 loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
@@ -122,6 +123,7 @@ class EndToEndMIL(SlideTask):
             self._average_gradients_across_processes()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return None if loss is None else loss * cfg.bags_per_step  # the bag's loss, for DivergenceGuard
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.cfg.gradient_clip_val:

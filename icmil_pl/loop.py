@@ -32,7 +32,7 @@ from data_modules.slides import file_signature
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
-from .callbacks import EpochSeed, PhaseProgressBar, ProgressLog, extract_features
+from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
 from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
@@ -379,8 +379,8 @@ class ICMILLoop:
         if phase == "embed":  # every slide's features, also under fast_dev_run: the bag phase needs whole bags
             kwargs = {k: v for k, v in kwargs.items() if k not in ("fast_dev_run", "limit_predict_batches")}
         kwargs.setdefault("enable_model_summary", False)
-        kwargs["callbacks"] = [EpochSeed(phase_seed(self.seed, i, phase))]
         label = label or phase_key(i, phase)
+        kwargs["callbacks"] = [EpochSeed(phase_seed(self.seed, i, phase)), DivergenceGuard(label)]
         bar = kwargs.get("enable_progress_bar", True)
         kwargs["callbacks"].append(PhaseProgressBar(label) if bar else ProgressLog(label))
         if self.logger is not None and phase != "embed":

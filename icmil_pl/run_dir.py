@@ -17,10 +17,12 @@ change. Nothing else builds a run path or reads `state.json`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -91,9 +93,29 @@ def last_checkpoint(root: str | os.PathLike) -> Path:
 
 def resume_checkpoint(root: str | os.PathLike) -> str | None:
     """`last.ckpt` of a phase killed before it finished, else None: the bag phase and the couplings continue from
-    their last epoch by this one rule."""
+    their last epoch by this one rule. A damaged one (cut short by a full disk) is named, set aside with its folder
+    (`checkpoints.damaged`), and the phase starts over."""
     last = last_checkpoint(root)
-    return str(last) if last.is_file() else None
+    if not last.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(last) as archive:  # torch's format: a truncated file has no central directory
+            whole = bool(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        whole = False
+    if whole:
+        return str(last)
+    folder = last.parent
+    aside = next(
+        p for k in itertools.count() if not (p := folder.with_name(f"{folder.name}.damaged{k or ''}")).exists()
+    )
+
+    def set_aside() -> None:
+        os.replace(folder, aside)
+        print(f"{last}: damaged (not a whole checkpoint); moved to {aside}, and the phase starts over")
+
+    written_by_rank_zero(set_aside)
+    return None
 
 
 def written_by_rank_zero(write: Callable[[], Any]) -> None:

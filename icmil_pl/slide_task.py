@@ -12,7 +12,6 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.bag_base import BagDataModule
 from data_modules.cohort import name_classes
@@ -20,6 +19,8 @@ from data_modules.slides import SlideError
 from data_modules.splits import save_splits
 
 from .aggregators import Aggregator, MILOutput
+from .callbacks.checkpoints import best_checkpoint, latest_checkpoint
+from .callbacks.divergence import DivergenceGuard
 from .callbacks.figure_writer import FigureWriter, resolve_figures
 from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
@@ -149,18 +150,14 @@ class SlideTask(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Keep the best model by the task's selection metric (ties: the earlier epoch), and the last for resuming;
-        write predictions.csv and the figures, unless the Trainer has its own writer of the kind."""
+        write predictions.csv and the figures, and stop if the weights diverge, unless the Trainer has its own
+        callback of the kind (the ICMIL loop names its phases' guards)."""
         metric, mode = self.task.selects_by
         callbacks: list[pl.Callback] = [
-            ModelCheckpoint(
-                dirpath=self.checkpoint_dir,
-                monitor=f"val/{metric}",
-                mode=mode,
-                save_last=True,
-                filename="best-{epoch}",
-            )
+            best_checkpoint(self.checkpoint_dir, f"val/{metric}", mode),
+            latest_checkpoint(self.checkpoint_dir),
         ]
-        for writer in (PredictionWriter(), resolve_figures(self.figures)):
+        for writer in (PredictionWriter(), resolve_figures(self.figures), DivergenceGuard()):
             if writer is not None and not any(isinstance(c, type(writer)) for c in self.trainer.callbacks):
                 callbacks.append(writer)
         return callbacks

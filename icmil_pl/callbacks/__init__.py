@@ -1,6 +1,9 @@
 """Lightning callbacks, one job each: feature extraction into the cache, predictions.csv, figures, phase-labelled
-progress bars and lines, epoch seeds; and `output_dir`, where a Trainer's outputs go."""
+progress bars and lines, epoch seeds, checkpoints written whole, a stop when weights diverge; and `output_dir`, where
+a Trainer's outputs go."""
 
+from .checkpoints import AtomicCheckpoint, best_checkpoint, latest_checkpoint
+from .divergence import DivergenceGuard
 from .epoch_seed import EpochSeed
 from .feature_writer import FeatureWriter, extract_features
 from .figure_writer import FigureWriter, resolve_figures
@@ -9,13 +12,17 @@ from .phase_progress import PhaseProgressBar, ProgressLog
 from .prediction_writer import PredictionWriter
 
 __all__ = [
+    "AtomicCheckpoint",
+    "DivergenceGuard",
     "EpochSeed",
     "FeatureWriter",
     "FigureWriter",
     "PhaseProgressBar",
     "PredictionWriter",
     "ProgressLog",
+    "best_checkpoint",
     "extract_features",
+    "latest_checkpoint",
     "output_dir",
     "resolve_figures",
 ]

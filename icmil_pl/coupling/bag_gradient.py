@@ -19,7 +19,7 @@ from data_modules.tiling import SlidePatches
 from ..bag_classifier import BagClassifier
 from ..embedder import PatchEmbedder
 from ..end_to_end import EndToEndMIL
-from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
+from .base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best, trainable_copy
 
 __all__ = ["BagGradient", "BagGradientModule", "hold_out_bags"]
 
@@ -125,9 +125,9 @@ class BagGradient(CouplingStrategy):
                 self.select_by, (task.monitor, task.mode)
             )
             check("select_by", metric == "loss" or metric in task.metric_names, f"a metric of {task.kind}", metric)
-            checkpoint = best_checkpoint(root, f"val/{metric}", mode)
+            checkpoint = coupling_checkpoint(root, f"val/{metric}", mode)
         else:
-            checkpoint = best_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
+            checkpoint = coupling_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
             overrides["limit_val_batches"] = 0
         splits = {"train": [by_id[s] for s in fit_ids], "val": [by_id[s] for s in val_ids]}
         data = SlideBagSplits(splits, labels, self.read_threads, seed, patients)

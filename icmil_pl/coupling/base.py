@@ -20,13 +20,14 @@ from data_modules.tiling import SlidePatches
 
 from ..aggregators import Aggregator, MILOutput
 from ..bag_classifier import BagClassifier
+from ..callbacks.checkpoints import best_checkpoint, latest_checkpoint
 from ..embedder import PatchEmbedder
 from ..run_dir import checkpoint_dir, resume_checkpoint
 
 __all__ = [
     "CouplingStrategy",
     "StandardizedHead",
-    "best_checkpoint",
+    "coupling_checkpoint",
     "check_optimizer",
     "fit_best",
     "reduced_features",
@@ -154,11 +155,9 @@ def trainable_copy(embedder: PatchEmbedder) -> PatchEmbedder:
     return copy.deepcopy(embedder).train().start_finetune()
 
 
-def best_checkpoint(root: Path, monitor: str, mode: str, **kwargs: Any) -> ModelCheckpoint:
+def coupling_checkpoint(root: Path, monitor: str, mode: str, **kwargs: Any) -> ModelCheckpoint:
     """The checkpoint callback that keeps a coupling's best epoch (weights only) by `monitor`."""
-    return ModelCheckpoint(
-        checkpoint_dir(root), "best-{epoch}", monitor=monitor, mode=mode, save_weights_only=True, **kwargs
-    )
+    return best_checkpoint(checkpoint_dir(root), monitor, mode, save_weights_only=True, **kwargs)
 
 
 def fit_best(
@@ -177,7 +176,7 @@ def fit_best(
     pl.seed_everything(seed, workers=True, verbose=False)
     kwargs = {**trainer_kwargs, **overrides, "default_root_dir": str(root), "enable_checkpointing": True}
     callbacks = trainer_kwargs.get("callbacks") or []
-    last = ModelCheckpoint(checkpoint_dir(root), "last", enable_version_counter=False)  # the latest epoch
+    last = latest_checkpoint(checkpoint_dir(root))
     kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, Sequence) else [callbacks]), checkpoint, last]
     pl.Trainer(**kwargs).fit(module, datamodule=data, ckpt_path=resume_checkpoint(root))
     if checkpoint.best_model_path:

@@ -25,7 +25,7 @@ from data_modules.tiling import SlidePatches
 from ..aggregators import DTFDMIL
 from ..bag_classifier import BagClassifier
 from ..embedder import PatchEmbedder, thaw_batchnorm
-from .base import CouplingStrategy, StandardizedHead, best_checkpoint, check_optimizer, fit_best, trainable_copy
+from .base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best, trainable_copy
 
 __all__ = [
     "Distillation",
@@ -385,7 +385,9 @@ class Distillation(CouplingStrategy):
             num_workers=self.num_workers,
             seed=seed,
         )
-        checkpoint = best_checkpoint(root, f"val/{self.select_by}", "max" if self.select_by == "agreement" else "min")
+        checkpoint = coupling_checkpoint(
+            root, f"val/{self.select_by}", "max" if self.select_by == "agreement" else "min"
+        )
         fit_best(
             module,
             data,
