@@ -1,6 +1,7 @@
 """The zoomable viewer: Deep Zoom tiles against `Slide.read_region`, what the server refuses (unknown slides, tiles
-past the edge, paths out of its folders), 200 concurrent tile requests, and the page itself in headless Chromium:
-tiles at two zoom levels, the heatmap drawn, and a click on a patch reporting that patch's score."""
+past the edge, paths out of its folders or not paths at all, Host headers not its own), 200 concurrent tile requests,
+idle connections timed out with the threads bounded, one predict folder shown at a time, and the page itself in
+headless Chromium: tiles at two zoom levels, the heatmap drawn, and a click on a patch reporting that patch's score."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,10 +84,10 @@ def server(run):
     viewer.close()
 
 
-def _get(server: ViewerServer, path: str) -> tuple[int, bytes, str]:
+def _get(server: ViewerServer, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read(), response.getheader("Content-Type", "")
     finally:
@@ -181,6 +183,13 @@ def test_served_tiles_decode_to_the_tile_and_the_api_carries_the_scores(server, 
         "/api/slide/..%2f..%2fconfig.yaml",
         "/etc/passwd",
         "/static/",
+        "/static/viewer.js%00.html",  # a NUL byte: not a path
+        "/static/%00",
+        "/osd/openseadragon.min.js%00",
+        "/api/slide/{name}%00",
+        "/dz/{name}%00.dzi",
+        "/overlay/%00.png",
+        "/static/" + "a" * 5000 + ".js",  # longer than any file name
     ],
 )
 def test_the_server_answers_404_for_what_it_does_not_serve(server, path):
@@ -209,6 +218,105 @@ def test_the_server_stays_up_under_200_concurrent_tile_requests(server):
     assert [status for status, _, _ in answers] == [200] * 200
     assert all(body[:2] == b"\xff\xd8" for _, body, _ in answers)  # every one a JPEG
     assert _get(server, "/api/slides")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example:{port}", "evil.example", "localhost.evil.example", "127.0.0.1.nip.io:{port}"]
+)
+def test_a_host_header_not_the_servers_own_is_refused_against_dns_rebinding(server, host):
+    port = server.server_address[1]
+    status, body, _ = _get(server, "/api/slides", {"Host": host.format(port=port)})
+    assert status == 403 and b"slide" not in body
+    for own in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
+        assert _get(server, "/api/slides", {"Host": own})[0] == 200, own
+
+
+def test_bound_to_every_interface_ip_literals_and_this_machines_names_pass_and_other_names_do_not():
+    from icmil_pl.viewer.guards import host_allowed
+
+    for host in ("10.1.2.3:8000", "[fe80::1]:8000", "localhost", f"{socket.gethostname()}:8000", socket.getfqdn()):
+        assert host_allowed(host, "0.0.0.0"), host
+    for host in ("evil.example:8000", "10.1.2.3.nip.io", "[evil]:8000", "localhost:http", ""):
+        assert not host_allowed(host, "0.0.0.0"), host
+    assert not host_allowed("10.1.2.3:8000", "127.0.0.1") and host_allowed("10.1.2.3:8000", "10.1.2.3")
+    assert host_allowed(None, "127.0.0.1")  # HTTP/1.0 sends none
+
+
+@needs_openseadragon
+def test_idle_connections_time_out_and_the_connection_threads_are_bounded(run):
+    viewer = RunViewer(run)
+    httpd = ViewerServer(viewer, port=0, idle_timeout=0.5)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    before = threading.active_count()
+    idle = []
+    try:
+        idle = [socket.create_connection(httpd.server_address[:2], timeout=20) for _ in range(100)]  # send nothing
+        peak = 0
+        for _ in range(10):
+            peak = max(peak, threading.active_count())
+            time.sleep(0.03)
+        assert httpd.max_connections <= 32 and peak <= before + httpd.max_connections + 2, peak
+        start = time.monotonic()
+        assert _get(httpd, "/api/slides")[0] == 200
+        assert time.monotonic() - start < 10  # once the idle ones time out, 32 at a time
+        assert all(s.recv(1) == b"" for s in idle)  # the server closed every one
+        end = time.monotonic() + 10
+        while threading.active_count() > before + 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert threading.active_count() <= before + 1  # their threads are gone
+    finally:
+        for s in idle:
+            s.close()
+        httpd.shutdown()
+        httpd.server_close()
+        viewer.close()
+
+
+def _write(root: Path, slide_id: str) -> None:
+    """A two-patch slide's scores (no slide file) in `<root>/scores.zarr`."""
+    scores = PatchScores(
+        slide_id=slide_id,
+        coords=np.array([[0, 0], [32, 0]], np.int64),
+        scores=np.array([0.25, 0.75], np.float32),
+        kind="attention",
+        probs=None,
+        classes=["normal", "tumour"],
+        label=None,
+        predicted="tumour",
+        slide_probs=[0.3, 0.7],
+        patch_side=32.0,
+    )
+    write_scores(root, scores)
+
+
+def test_one_predict_folder_is_shown_the_runs_own_unless_another_is_named(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _write(run / "final" / "predict", "A")  # a predict half written: B not yet
+    for slide_id in ("A", "B"):
+        _write(run / "final" / "predict-other", slide_id)
+    (run / "final" / "figures").mkdir()  # a folder without scores is not a predict folder
+    viewer = RunViewer(run)
+    assert viewer.names == ["A"] and [s["name"] for s in viewer.slide_list()] == ["A"]
+    assert viewer.predict_dir == run / "final" / "predict"
+    other = RunViewer(run, predict="predict-other")
+    assert other.names == ["A", "B"] and other.predict_dir == run / "final" / "predict-other"
+    assert RunViewer(run / "final" / "predict-other").names == ["A", "B"]  # a predict folder given itself
+    with pytest.raises(ValueError, match=r"predict-nope: .*predict, predict-other.*--predict <name>") as error:
+        RunViewer(run, predict="predict-nope")
+    assert "\n" not in str(error.value)
+    for bad in ("../run/final/predict", "predict/..", "..", f"{run}/final/predict"):
+        with pytest.raises(ValueError, match="a folder name"):
+            RunViewer(run, predict=bad)
+    (run / "final" / "predict" / "scores.zarr").rename(run / "final" / "predict" / "moved.zarr")
+    with pytest.raises(ValueError, match=r"final/predict: no predicted slides.*predict-other.*--predict <name>"):
+        RunViewer(run)
+
+    from icmil_pl.__main__ import main
+
+    monkeypatch.setattr("sys.argv", ["python -m icmil_pl", "view", str(run), "--predict", "predict-nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert str(exit_info.value.code).startswith(f"error: {run / 'final' / 'predict-nope'}: no predicted slides")
 
 
 def test_an_unknown_run_and_a_run_without_predictions_are_refused(tmp_path):

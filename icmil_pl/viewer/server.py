@@ -1,9 +1,14 @@
 """`python -m icmil_pl view <run_dir>`: the run's predicted slides at full resolution in a browser, with the attention
 heatmap, the tiled tissue, the tumour ground truth (synthetic cohorts) and every patch's scores on click.
 
+It shows one predict folder's slides (`predict_folder`): the run's own `final/predict` unless `--predict <name>`
+names another under `final/` (`predict-new_slides`), or the folder given where it is one itself.
+
 A standard-library HTTP server, bound to localhost unless told otherwise; from a cluster, tunnel it
-(`ssh -L 8000:localhost:8000 <host>`) and open http://localhost:8000. It serves only the slides named in the run's
-`scores.zarr` stores, the viewer's own files and OpenSeadragon (installed by `make install` with npm):
+(`ssh -L 8000:localhost:8000 <host>`) and open http://localhost:8000. It answers only requests whose Host header is
+its own (`guards.host_allowed`; 403 otherwise), on at most 32 connections at once, each closed after 20 s idle. It
+serves only the slides named in that folder's `scores.zarr`, the viewer's own files and OpenSeadragon (installed by
+`make install` with npm):
 
     /                                        the page (static/index.html)
     /static/<file>, /osd/<file>              the viewer's script and style; OpenSeadragon's build
@@ -12,7 +17,8 @@ A standard-library HTTP server, bound to localhost unless told otherwise; from a
     /dz/<name>.dzi, /dz/<name>_files/<level>/<col>_<row>.jpeg    Deep Zoom tiles, cut on request and cached
     /overlay/<name>.png                      the attention heatmap, one cell per patch
 
-`<name>` is the slide's safe name (`data_modules.file_names.safe_name`), URL-quoted. Anything else is a 404.
+`<name>` is the slide's safe name (`data_modules.file_names.safe_name`), URL-quoted. Anything else (a NUL byte, a
+name the file system refuses) is a 404.
 """
 
 from __future__ import annotations
@@ -25,11 +31,9 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import imagecodecs
 import matplotlib
@@ -43,52 +47,39 @@ from data_modules.slides import Slide, open_slide
 from ..patch_scores import SCORES_STORE, PatchScores, read_scores, scored_slides
 from ..plots import CMAP, percentiles
 from .deepzoom import DeepZoom, TileOutOfRange
+from .guards import LOOPBACK, NotFound, host_allowed, request_path, static_file
 
-__all__ = ["OPENSEADRAGON", "RunViewer", "ViewerServer", "main", "serve"]
+__all__ = ["OPENSEADRAGON", "RunViewer", "ViewerServer", "main", "predict_folder", "serve"]
 
 _HERE = Path(__file__).parent
 STATIC = _HERE / "static"
 OPENSEADRAGON = _HERE / "node_modules" / "openseadragon" / "build" / "openseadragon"
 _TILE = re.compile(r"/dz/(?P<name>.+)_files/(?P<level>\d{1,3})/(?P<col>\d{1,7})_(?P<row>\d{1,7})\.jpeg")
-_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
-    ".map": "application/json",
-}
 _JPEG_QUALITY = 90
 _OVERLAY_PX = 2048  # the heatmap image's longest side at most: cells stay sharp-edged under the browser's smoothing
 
 
-class NotFound(LookupError):
-    """What the server answers with 404."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    scores_root: Path  # the predict folder holding this slide's scores.zarr
-    path: Path | None  # the slide file, None where it cannot be found
-
-
 class RunViewer:
-    """What the server shows of one run: its scored slides (from every `scores.zarr` under the run, `final/predict`
-    first), their files (where predict recorded them, else found in `slides`), tiles and overlays. Thread-safe:
-    the server answers on many threads."""
+    """What the server shows of one run: the scored slides of one predict folder (`predict_folder`), their files
+    (where predict recorded them, else found in `slides`), tiles and overlays. Thread-safe: the server answers on
+    many threads."""
 
-    def __init__(self, run_dir: str | os.PathLike, slides: SlideFolders = None, cache_tiles: int = 4096):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        slides: SlideFolders = None,
+        predict: str | None = None,
+        cache_tiles: int = 4096,
+    ):
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise ValueError(f"{self.run_dir}: no such run directory")
-        self._entries: dict[str, _Entry] = {}
+        self.predict_dir = predict_folder(self.run_dir, predict)
         finder = None if slides is None else SlideFinder(slides)
-        for root in _scores_roots(self.run_dir):
-            for name in scored_slides(root):
-                if name not in self._entries:
-                    self._entries[name] = _Entry(root, _slide_file(self._scores(root, name), finder))
-        if not self._entries:
+        self._paths = {name: _slide_file(self._scores(name), finder) for name in scored_slides(self.predict_dir)}
+        if not self._paths:
             raise ValueError(
-                f"{self.run_dir}: no predicted slides ({SCORES_STORE} under it); run `python -m icmil_pl predict -c "
+                f"{self.predict_dir / SCORES_STORE}: no predicted slides in it; run `python -m icmil_pl predict -c "
                 f"{self.run_dir / 'config.yaml'}` first"
             )
         self._lock = threading.Lock()
@@ -97,14 +88,15 @@ class RunViewer:
 
     @property
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._paths)
 
     def scores(self, name: str) -> PatchScores:
-        return self._scores(self._entry(name).scores_root, name)
+        self._known(name)
+        return self._scores(name)
 
     def slide_list(self) -> list[dict]:
         listed = []
-        for name, entry in self._entries.items():
+        for name, path in self._paths.items():
             s = self.scores(name)
             listed.append(
                 {
@@ -113,8 +105,7 @@ class RunViewer:
                     "label": s.label,
                     "predicted": s.predicted,
                     "probability": max(s.slide_probs),
-                    "viewable": entry.path is not None,
-                    "source": str(entry.scores_root.relative_to(self.run_dir)),
+                    "viewable": path is not None,
                 }
             )
         return listed
@@ -175,15 +166,13 @@ class RunViewer:
             self._slides.clear()
 
     # -- internals ---------------------------------------------------------------------------------------------------
-    def _entry(self, name: str) -> _Entry:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise NotFound(f"no slide {name!r} in {self.run_dir}")
-        return entry
+    def _known(self, name: str) -> None:
+        if name not in self._paths:
+            raise NotFound(f"no slide {name!r} in {self.predict_dir}")
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 - see overlay_png
-    def _scores(self, root: Path, name: str) -> PatchScores:
-        return read_scores(root, name)
+    def _scores(self, name: str) -> PatchScores:
+        return read_scores(self.predict_dir, name)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - see overlay_png
     def _tissue(self, name: str) -> dict | None:
@@ -191,21 +180,33 @@ class RunViewer:
         return cells_outline(s.coords, s.patch_side)
 
     def _slide(self, name: str) -> Slide:
-        entry = self._entry(name)
-        if entry.path is None:
+        self._known(name)
+        path = self._paths[name]
+        if path is None:
             raise NotFound(f"{name}: the slide file is not found (give view --slides <folder>)")
         with self._lock:
             if name not in self._slides:
-                self._slides[name] = open_slide(entry.path)
+                self._slides[name] = open_slide(path)
             return self._slides[name]
 
 
-def _scores_roots(run_dir: Path) -> list[Path]:
-    """Every folder under the run holding a scores store: `final/predict` first, then the others by name; smoke
-    tests (`fast_dev_run`) left out."""
-    roots = sorted(p.parent for p in run_dir.rglob(SCORES_STORE) if "fast_dev_run" not in p.parts)
-    first = run_dir / "final" / "predict"
-    return sorted(roots, key=lambda root: root != first)
+def predict_folder(run_dir: Path, predict: str | None = None) -> Path:
+    """The one folder whose slides the viewer shows: `run_dir` itself where it holds a scores store (a two-stage
+    predict folder), else `final/<predict>`, the run's own `final/predict` by default. Never a mix: a predict still
+    writing shows the slides it has, not the rest filled in from another cohort's folder."""
+    if predict is None and (run_dir / SCORES_STORE).is_dir():
+        return run_dir
+    name = "predict" if predict is None else predict
+    if name in ("", ".") or ".." in name or "/" in name or "\\" in name:
+        raise ValueError(f"--predict {name!r}: a folder name under {run_dir / 'final'}, not a path")
+    folder = run_dir / "final" / name
+    if (folder / SCORES_STORE).is_dir():
+        return folder
+    found = sorted(p.parent.name for p in (run_dir / "final").glob(f"*/{SCORES_STORE}") if p.is_dir())
+    hint = f"run `python -m icmil_pl predict -c {run_dir / 'config.yaml'}` first"
+    if found:
+        hint = f"this run's predict folders: {', '.join(found)} (pick one with --predict <name>)"
+    raise ValueError(f"{folder}: no predicted slides (no {SCORES_STORE}); {hint}")
 
 
 def _slide_file(scores: PatchScores, finder: SlideFinder | None) -> Path | None:
@@ -224,18 +225,55 @@ def _overlay_grid(s: PatchScores) -> tuple[float, float, int, int]:
 
 
 class ViewerServer(ThreadingHTTPServer):
-    """A `ThreadingHTTPServer` answering for one `RunViewer`."""
+    """A `ThreadingHTTPServer` answering for one `RunViewer`: a thread per connection, at most `max_connections`
+    at once (more wait, accepted by the kernel, for one to end), each closed after `idle_timeout` seconds without a
+    request, so that idle or half-open connections cannot pile up threads."""
 
     daemon_threads = True
     request_queue_size = 256  # a browser opens many tile requests at once
 
-    def __init__(self, viewer: RunViewer, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> None:
+    def __init__(
+        self,
+        viewer: RunViewer,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        quiet: bool = True,
+        idle_timeout: float = 20.0,
+        max_connections: int = 32,
+    ) -> None:
         if not (OPENSEADRAGON / "openseadragon.min.js").is_file():
             raise OSError(
                 f"{OPENSEADRAGON}: OpenSeadragon is not installed; `make install` installs it (npm ci --prefix {_HERE})"
             )
-        self.viewer, self.quiet = viewer, quiet
+        self.viewer, self.quiet, self.bound_host = viewer, quiet, host
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = False
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """Start the connection's thread once a slot is free; its thread gives the slot back as it ends."""
+        while not self._slots.acquire(timeout=0.5):
+            if self._stopping:  # shutdown() while every slot is busy
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever`, also while it waits for a slot."""
+        self._stopping = True
+        super().shutdown()
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -246,6 +284,10 @@ class ViewerServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ViewerServer
     protocol_version = "HTTP/1.1"  # keep-alive: a page loads hundreds of tiles
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # on the socket: a connection silent this long is closed
+        super().setup()
 
     def do_GET(self) -> None:
         self._answer(send_body=True)
@@ -258,8 +300,12 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def _answer(self, send_body: bool) -> None:
+        if not host_allowed(self.headers.get("Host"), self.server.bound_host):
+            body = b"forbidden: not a host name this viewer answers to\n"
+            self._send(HTTPStatus.FORBIDDEN, body, "text/plain", False, send_body)
+            return
         try:
-            body, kind, cache = self._route(unquote(urlsplit(self.path).path))
+            body, kind, cache = self._route(request_path(self.path))
             status = HTTPStatus.OK
         except NotFound:
             body, kind, cache, status = b"not found\n", "text/plain", False, HTTPStatus.NOT_FOUND
@@ -267,6 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.log_error("%s: %s", self.path, error)
             body, kind, cache = f"{type(error).__name__}: {error}\n".encode(), "text/plain", False
             status = HTTPStatus.INTERNAL_SERVER_ERROR
+        self._send(status, body, kind, cache, send_body)
+
+    def _send(self, status: HTTPStatus, body: bytes, kind: str, cache: bool, send_body: bool) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -280,11 +329,11 @@ class _Handler(BaseHTTPRequestHandler):
         """(body, content type, cacheable) for `path`; NotFound for anything not served."""
         viewer = self.server.viewer
         if path in ("/", "/index.html"):
-            return _file(STATIC, "index.html")
+            return static_file(STATIC, "index.html")
         if path.startswith("/static/"):
-            return _file(STATIC, path.removeprefix("/static/"))
+            return static_file(STATIC, path.removeprefix("/static/"))
         if path.startswith("/osd/"):
-            return _file(OPENSEADRAGON, path.removeprefix("/osd/"), cache=True)
+            return static_file(OPENSEADRAGON, path.removeprefix("/osd/"), cache=True)
         if path == "/api/slides":
             return _json(viewer.slide_list())
         if path.startswith("/api/slide/"):
@@ -300,14 +349,6 @@ class _Handler(BaseHTTPRequestHandler):
         raise NotFound(path)
 
 
-def _file(folder: Path, relative: str, cache: bool = False) -> tuple[bytes, str, bool]:
-    """A file strictly inside `folder` (no `..`, links or absolute paths out of it) of a type the viewer uses."""
-    path = (folder / relative).resolve()
-    if not path.is_relative_to(folder.resolve()) or not path.is_file() or path.suffix not in _TYPES:
-        raise NotFound(relative)
-    return path.read_bytes(), _TYPES[path.suffix], cache
-
-
 def _json(value) -> tuple[bytes, str, bool]:
     return json.dumps(value, separators=(",", ":")).encode(), "application/json", False
 
@@ -319,12 +360,13 @@ def serve(
     slides: SlideFolders = None,
     quiet: bool = True,
     announce: Callable[[str], None] = print,
+    predict: str | None = None,
 ) -> None:
-    """Serve `run_dir` until interrupted."""
-    viewer = RunViewer(run_dir, slides)
+    """Serve `run_dir`'s predict folder `predict` (see `predict_folder`) until interrupted."""
+    viewer = RunViewer(run_dir, slides, predict)
     with ViewerServer(viewer, host, port, quiet) as server:
-        announce(f"viewing {len(viewer.names)} slide(s) of {viewer.run_dir} at {server.url} (Ctrl-C stops)")
-        if host in ("127.0.0.1", "localhost", "::1"):
+        announce(f"viewing {len(viewer.names)} slide(s) of {viewer.predict_dir} at {server.url} (Ctrl-C stops)")
+        if host in LOOPBACK:
             announce(f"from another machine: ssh -L {port}:localhost:{port} <this host>, then open {server.url}")
         try:
             server.serve_forever()
@@ -336,7 +378,10 @@ def serve(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m icmil_pl view", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a run directory (or any folder) holding predict outputs (scores.zarr)")
+    parser.add_argument("run_dir", help="a run directory, or a predict folder (holding a scores.zarr) itself")
+    parser.add_argument(
+        "--predict", help="which predict folder under <run_dir>/final/ to show (default: predict, the run's own)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument(
@@ -344,4 +389,4 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
-    serve(args.run_dir, args.host, args.port, args.slides, quiet=not args.verbose)
+    serve(args.run_dir, args.host, args.port, args.slides, quiet=not args.verbose, predict=args.predict)
