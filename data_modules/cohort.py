@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from .file_names import id_key
 from .slides import SlideError, open_slide
 from .splits import SPLITS
 from .targets import Targets, class_index
@@ -153,9 +154,10 @@ def require_labels(rows: Sequence[SlideLabel], path: str | os.PathLike, purpose:
 
 
 def name_classes(names: dict[str, str] | Sequence[str] | None, classes: Sequence[str]) -> list[str]:
-    """Display names in class-index order. `names` maps label values to names (`{"0": normal, "1": tumour}`), or lists
-    them in the order of the sorted label values `classes`; a list that names a label value at another position than
-    that value's class is refused, since it would call normal slides tumour without a word."""
+    """Display names in class-index order, bound to the label values `classes` (sorted) explicitly: `names` maps label
+    values to names (`{"0": normal, "1": tumour}`), or lists the label values themselves restyled (`[Normal, Tumour]`
+    for normal/tumour, matched by `id_key`) in class order. Names bound by position alone are refused: a list that did
+    not match the values called normal slides Tumour without a word."""
     classes = list(classes)
     if names is None:
         return classes
@@ -167,11 +169,19 @@ def name_classes(names: dict[str, str] | Sequence[str] | None, classes: Sequence
     names = [str(n) for n in names]
     if len(names) != len(classes):
         raise ValueError(f"class_names: expected {len(classes)} names, one per label value {classes}, got {names}")
+    index = {id_key(c): k for k, c in enumerate(classes)}
     for i, name in enumerate(names):
-        if name in classes and classes.index(name) != i:
+        k = index.get(id_key(name))
+        if k is None:
+            by_value = ", ".join(f"{c!r}: <name>" for c in classes)
             raise ValueError(
-                f"class_names: {name!r} is at position {i}, but label {name!r} is class {classes.index(name)} (classes "
-                f"are the sorted label values {classes}); list them in that order or give {{label value: name}}"
+                f"class_names: {name!r} is not one of the label values {classes}; a list only restyles them, so bind "
+                f"other names to the values they mean: {{{by_value}}}"
+            )
+        if k != i:
+            raise ValueError(
+                f"class_names: {name!r} is at position {i}, but label {classes[k]!r} is class {k} (classes are the "
+                f"sorted label values {classes}); list them in that order or give {{label value: name}}"
             )
     return names
 

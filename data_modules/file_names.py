@@ -1,4 +1,6 @@
-"""Slide ids as file names: every id, however hostile, maps to one safe, unique and stable relative path.
+"""Ids from users' CSVs: as file names (`safe_name`), and as a person reads them (`id_key`).
+
+Every slide id, however hostile, maps to one safe, unique and stable relative path.
 
 Ids come from users' CSVs: `../x`, `/abs/path`, `a\\b`, 300 characters or odd unicode must never write outside the
 folder they are joined to, nor two ids share a file. `sub/dir` ids keep their subfolders, since cohorts are often
@@ -10,9 +12,10 @@ of the whole id.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from urllib.parse import quote
 
-__all__ = ["safe_name"]
+__all__ = ["id_key", "safe_name"]
 
 _SAFE = "-_.~+=,@()[]"  # besides ASCII letters and digits
 _MAX_PART = 200  # bytes of one path part; file systems allow 255, and writers add prefixes and suffixes
@@ -39,3 +42,11 @@ def _part(part: str, slide_id: str) -> str:
             cut = cut[: cut.rindex("%")]
         encoded = f"{cut}~{digest}"
     return encoded
+
+
+def id_key(text: str) -> str:
+    """What a person sees of an id or a name: Unicode-normalised (NFKC: a no-break space is a space), case-folded,
+    invisible format characters (zero-width spaces, joiners, byte-order marks) removed, runs of spaces as one. Two ids
+    with one key are one id written two ways (`PATIENT_002`, `patient_002`)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c for c in text if unicodedata.category(c) != "Cf").split())

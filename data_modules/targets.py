@@ -42,7 +42,10 @@ def class_index(
     names = list(classes) if classes else sorted({row.label for row in rows if row.label is not None})
     unknown = next((row for row in rows if row.label is not None and row.label not in names), None)
     if unknown is not None:
-        raise ValueError(f"{path}: slide {unknown.slide_id!r} has label {unknown.label!r}, not one of classes {names}")
+        raise ValueError(
+            f"{path}:{unknown.line}: slide {unknown.slide_id!r} has label {unknown.label!r}, not one of the classes "
+            f"{names}"
+        )
     return {name: i for i, name in enumerate(names)}
 
 

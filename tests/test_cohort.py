@@ -80,12 +80,18 @@ def test_rows_longer_than_the_header_and_bad_mpp_are_refused(tmp_path):
 
 def test_class_names_are_bound_to_label_values():
     assert name_classes(None, ["0", "1"]) == ["0", "1"]
-    assert name_classes(["normal", "tumour"], ["0", "1"]) == ["normal", "tumour"]  # positional: labels are not names
+    with pytest.raises(
+        ValueError, match=r"class_names: 'normal' is not one of the label values \['0', '1'\]; a list only"
+    ):
+        name_classes(["normal", "tumour"], ["0", "1"])  # names bound by position alone
     assert name_classes({"1": "tumour", "0": "normal"}, ["0", "1"]) == ["normal", "tumour"]
     assert name_classes({0: "normal", 1: "tumour"}, ["0", "1"]) == ["normal", "tumour"]  # YAML reads 0: as an int
     assert name_classes(["normal", "tumour"], ["normal", "tumour"]) == ["normal", "tumour"]
     with pytest.raises(ValueError, match=r"class_names: 'tumour' is at position 0, but label 'tumour' is class 1"):
         name_classes(["tumour", "normal"], ["normal", "tumour"])  # would call every normal slide tumour
+    assert name_classes(["Normal", "TUMOUR"], ["normal", "tumour"]) == ["Normal", "TUMOUR"]  # restyled, by value
+    with pytest.raises(ValueError, match=r"class_names: 'Tumour' is at position 0, but label 'tumour' is class 1"):
+        name_classes(["Tumour", "Normal"], ["normal", "tumour"])  # was accepted: normal slides named Tumour
     with pytest.raises(ValueError, match=r"class_names: expected a name for each label value \['0', '1'\]"):
         name_classes({"0": "normal", "2": "tumour"}, ["0", "1"])
     with pytest.raises(ValueError, match=r"class_names: expected 2 names"):

@@ -110,7 +110,7 @@ def test_data_module_serves_bags_and_standardization_stats(cohort, tmp_path):
     [
         ("missing", r"labels\.csv: slide 'ghost': no features in .*feats"),
         ("duplicate", r"labels\.csv: duplicate slide_id 's1'"),
-        ("label", r"labels\.csv: slide 's1' has label '7', not one of classes \['0', '1'\]"),
+        ("label", r"labels\.csv:3: slide 's1' has label '7', not one of the classes \['0', '1'\]"),
         ("empty", r"slide 's1' has an empty bag"),
         ("nan", r"slide 's1' has NaN or infinite features"),
         ("dims", r"different feature dimensions \[8, 9\]"),
