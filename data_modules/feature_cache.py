@@ -26,13 +26,15 @@ from filelock import FileLock
 
 from .file_names import safe_name
 
-__all__ = ["FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
+__all__ = ["FINGERPRINT", "FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 
 FeatureDtype = Literal["float16", "float32"]
 _ROWS_PER_CHUNK = 4096
 _HOST = socket.gethostname().replace("-", "_")  # in temporaries' names, where `-` separates host and pid
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped"  # the manifest's record of slides without features, beside the provenance
+# What identifies features for a model trained on them: the embedder's architecture and weights, the patch geometry.
+FINGERPRINT = ("backbone", "truncate_after", "output", "input_size", "weights_hash", "mpp", "patch_size_px")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,12 @@ class FeatureCache:
         if produced_by and produced_by != provenance:
             raise ValueError(f"feature cache {self.path} was written by {produced_by}, not by {provenance}")
         self._save_manifest({**existing, **provenance})
+
+    def fingerprint(self) -> dict | None:
+        """The `FINGERPRINT` entries of the manifest (None for features without one: CLAM/TRIDENT `.h5`): a bag
+        classifier records them and refuses features of another embedder or geometry, however alike in width."""
+        manifest = self.manifest()
+        return {key: manifest.get(key) for key in FINGERPRINT} if manifest else None
 
     def skipped(self) -> dict[str, str]:
         """Slides that could not be read when this cache was written (slide id -> error; on_slide_error: skip)."""
