@@ -259,7 +259,7 @@ class ICMILLoop:
 
         cohort = self.data.cohort
         labels = cohort.encoded_targets()
-        patients = {row.slide_id: row.patient_id for row in cohort.rows} if self.icmil.bag_level == "patient" else None
+        patients = {row.slide_id: row.patient_id for row in cohort.rows}
         root = self.run_dir.couple_dir(i)
         coupled = self.icmil.coupling.fit(
             embedder,
@@ -271,6 +271,7 @@ class ICMILLoop:
             labels=labels,
             val=slides("val"),
             patients=patients,
+            patient_bags=self.icmil.bag_level == "patient",
         )
         path = self.run_dir.embedder_path(i + 1)
 

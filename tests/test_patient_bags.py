@@ -23,6 +23,7 @@ from icmil_pl.aggregators import ABMIL
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.chunked import bag_backward
 from icmil_pl.cli import main
+from icmil_pl.coupling import bag_gradient
 from icmil_pl.coupling.bag_gradient import hold_out_bags
 from icmil_pl.patch_scores import read_scores, scored_slides
 from icmil_pl.results import read_results, record_fit
@@ -207,7 +208,7 @@ def test_end_to_end_trains_on_patient_bags_of_lazy_slides(icmil_cohort, tmp_path
         [
             "predict",
             *common,
-            f"--ckpt_path={json.loads((run / 'results.json').read_text())['iterations'][0]['checkpoint']}",
+            f"--ckpt_path={run / json.loads((run / 'results.json').read_text())['iterations'][0]['checkpoint']}",
         ]
     )
     root = next(p.parent for p in tmp_path.rglob("scores.zarr"))
@@ -250,3 +251,37 @@ def test_an_icmil_run_with_patient_bags_couples_through_bag_gradient(icmil_cohor
     splits = json.loads((run / "splits.json").read_text())
     assert list(written[0])[0] == "patient_id"
     assert sorted(r["patient_id"] for r in written) == sorted({patient_of[s] for s in splits["test"]})
+
+
+def test_bag_gradient_holds_out_patients_whole_with_slide_bags_too(icmil_cohort, tmp_path, monkeypatch):
+    """Under the default `bag_level: slide` the coupling's own hold-out used to split patients (on the demo, seed 2,
+    patient_009 and patient_017 on both sides), selecting coupling epochs on leaked validation."""
+    held: list[dict] = []  # the coupling's (train, val) slides
+
+    class Recorded(slide_bags.SlideBagSplits):
+        def __init__(self, splits, labels, threads, seed, patients=None) -> None:
+            held.append({name: [s.slide_id for s in slides] for name, slides in splits.items()})
+            assert patients is None  # bags of one slide
+            super().__init__(splits, labels, threads, seed, patients)
+
+    monkeypatch.setattr(bag_gradient, "SlideBagSplits", Recorded)
+    rows = []  # a class's first 6 slides: 2 training patients of 2 slides, one validation and one test slide
+    for label in ("0", "1"):
+        slides = [slide for slide, of, _ in _paired(icmil_cohort) if of == label][:6]
+        patients = [f"{label}-a", f"{label}-a", f"{label}-b", f"{label}-b", slides[4], slides[5]]
+        rows += zip(slides, [label] * 6, patients, ["train"] * 4 + ["val", "test"], strict=True)
+    labels = write_labels(tmp_path / "patients.csv", rows, ("slide_id", "label", "patient_id", "split"))
+    main(
+        icmil_args(
+            icmil_cohort,
+            tmp_path,
+            "fit",
+            f"--data.init_args.labels={labels}",
+            '--model.init_args.coupling={"class_path": "BagGradient", "init_args": {"chunk_size": 8, '
+            '"max_instances": 16, "max_epochs": 1, "read_threads": 1, "val_fraction": 0.5}}',
+        )
+    )
+    patient_of = {slide: patient for slide, _, patient, _ in rows}
+    (split,) = held
+    assert split["val"] and split["train"]
+    assert not {patient_of[s] for s in split["train"]} & {patient_of[s] for s in split["val"]}

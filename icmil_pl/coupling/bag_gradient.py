@@ -43,8 +43,9 @@ class BagGradient(CouplingStrategy):
     Needs `labels` (slide id -> encoded target) in `fit`. Validation: a stratified, seeded `val_fraction` of the
     training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins ("loss":
     the bag loss, min, smooth even on a few slides; "auroc": max; "monitor": the task's own metric). Any task couples:
-    the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, a bag is a
-    patient's slides and patients are held out whole. With fewer than 4 bags, or a class of one bag, all slides
+    the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, patients are
+    held out whole (slides of one patient share tissue: one on each side would select epochs on leaked validation);
+    with `patient_bags` too, a bag is a patient's slides. With fewer than 4 bags, or a class of one bag, all slides
     train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual optimisation (norm
     clipping).
     """
@@ -93,6 +94,7 @@ class BagGradient(CouplingStrategy):
         labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
         patients: Mapping[str, str] | None,
+        patient_bags: bool,
     ) -> PatchEmbedder:
         clip = trainer_kwargs.pop("gradient_clip_val", None)
         algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)
@@ -130,7 +132,7 @@ class BagGradient(CouplingStrategy):
             checkpoint = coupling_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
             overrides["limit_val_batches"] = 0
         splits = {"train": [by_id[s] for s in fit_ids], "val": [by_id[s] for s in val_ids]}
-        data = SlideBagSplits(splits, labels, self.read_threads, seed, patients)
+        data = SlideBagSplits(splits, labels, self.read_threads, seed, patients if patient_bags else None)
         fit_best(module, data, checkpoint, trainer_kwargs, root, seed, **overrides)
         return module.embedder
 

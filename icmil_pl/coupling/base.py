@@ -54,6 +54,7 @@ class CouplingStrategy(ABC):
         labels: Mapping[str, Tensor] | None = None,
         val: Sequence[SlidePatches] = (),
         patients: Mapping[str, str] | None = None,
+        patient_bags: bool = False,
     ) -> PatchEmbedder:
         """Fine-tune a copy of `embedder` (the one passed in is never modified) on the slides `train`, with the bag
         classifier frozen; select the best epoch by the strategy's own validation criterion and return the fine-tuned
@@ -64,7 +65,8 @@ class CouplingStrategy(ABC):
         (`needs_labels`). `val` are the bag phase's validation slides, which
         a strategy that uses no slide label may learn from too (`Distillation.patch_pool`). What trains is the
         embedder's `finetune` setting; adapters are merged into the returned embedder's weights. `patients` (slide id
-        -> patient id) asks for patient-level bags where the strategy has bags (`BagGradient`)."""
+        -> patient id) keeps a patient's slides on one side of any hold-out the strategy makes; `patient_bags` asks
+        for a bag of a patient's slides where the strategy has bags (`BagGradient`)."""
         check("train", len(train) > 0, "at least one training slide", len(train))
         kind = bag.task.kind
         if kind not in self.tasks:
@@ -77,7 +79,16 @@ class CouplingStrategy(ABC):
                 bad = {k: int(v) for k, v in labels.items() if not 0 <= int(v) < classes}
                 check("labels", not bad, f"class indices in [0, {classes})", bad)
         tuned = self._fit(
-            embedder, bag, list(train), dict(trainer_kwargs), Path(root), seed, labels, list(val), patients
+            embedder,
+            bag,
+            list(train),
+            dict(trainer_kwargs),
+            Path(root),
+            seed,
+            labels,
+            list(val),
+            patients,
+            patient_bags,
         )
         return tuned.merge_finetune()
 
@@ -93,6 +104,7 @@ class CouplingStrategy(ABC):
         labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
         patients: Mapping[str, str] | None,
+        patient_bags: bool,
     ) -> PatchEmbedder:
         """`fit` on checked arguments."""
 

@@ -374,6 +374,7 @@ class Distillation(CouplingStrategy):
         labels: Mapping[str, Tensor] | None,
         val: list[SlidePatches],
         patients: Mapping[str, str] | None,  # the teacher scores patches: bags, and so patients, play no part
+        patient_bags: bool,
     ) -> PatchEmbedder:
         module = DistillationModule(embedder, bag, self, seed)
         self._check_head(module.teacher_head)
