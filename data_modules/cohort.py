@@ -81,13 +81,10 @@ class SlideLabel:
 
 
 def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list[SlideLabel]:
-    """Rows of a `slide_id[,label][,patient_id][,split][,mpp][,path]` CSV, plus the columns of `targets` (default:
-    classification by `label`; see `data_modules.targets`); a missing patient id means one patient per slide.
-
-    Header names and cells are stripped and a UTF-8 byte-order mark is accepted (spreadsheets write both); an unknown
-    column is refused, since a misspelt `patient_id` would silently put one patient's slides in several splits.
-    Labels may be missing (no column, or empty cells) for slides that are only predicted; `require_labels` says where
-    they are needed."""
+    """Rows of a `slide_id[,label][,patient_id][,split][,mpp][,path]` CSV plus the columns of `targets` (default: a
+    `label` class; see `data_modules.targets`); no patient id: one patient per slide. Header names and cells are
+    stripped, a UTF-8 BOM is accepted. Refused: an unknown column (a misspelt `patient_id` would split a patient), a
+    patient id written two ways (`PATIENT_002`, `patient_002`). Unlabelled slides can only be predicted."""
     targets = targets or Targets()
     columns = (*COLUMNS, *targets.allowed_columns)
     path = Path(path)
@@ -102,22 +99,25 @@ def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list
         if unknown or len(set(header)) < len(header):
             what = f"unknown column {unknown[0]!r}" if unknown else "a repeated column"
             raise ValueError(f"{path}: {what}; the columns are {', '.join(columns)} (slide_id required)")
-        absent = [name for name in targets.target_columns if name not in header]
-        if absent:
+        if absent := [name for name in targets.target_columns if name not in header]:
             raise ValueError(f"{path}: missing column {absent[0]!r}, which {targets.task} targets read")
-        rows = []
+        slides, patients = {}, {}  # slide id -> row; `id_key` of a patient_id as written -> that spelling, its line
         for line, cells in enumerate(reader, start=2):
             if len(cells) > len(header):
                 raise ValueError(f"{path}:{line}: {len(cells)} cells, but the header names {len(header)} columns")
-            if any(cell.strip() for cell in cells):  # blank lines are skipped
-                rows.append(_row(path, line, dict(zip(header, cells, strict=False)), targets))
-    if not rows:
+            if not any(cell.strip() for cell in cells):
+                continue  # a blank line
+            row = _row(path, line, named := dict(zip(header, cells, strict=False)), targets)
+            if slides.setdefault(row.slide_id, row) is not row:
+                raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
+            spelling = (named.get("patient_id") or "").strip()  # never the default: slide ids in two cases are 2 slides
+            first, at = patients.setdefault(id_key(spelling), (spelling, line)) if spelling else (spelling, line)
+            if first != spelling:
+                two = f"{path}: patient_id {first!r} (line {at}) and {spelling!r} (line {line}) differ"
+                raise ValueError(f"{two} in case or invisible characters: write one patient's id one way")
+    if not slides:
         raise ValueError(f"{path}: no slides listed")
-    seen: set[str] = set()
-    for row in rows:
-        if row.slide_id in seen:
-            raise ValueError(f"{path}: duplicate slide_id {row.slide_id!r}")
-        seen.add(row.slide_id)
+    rows = list(slides.values())
     targets.names(rows, path)  # a multilabel cell naming an unknown label fails here
     return [replace(row, stratum=s) for row, s in zip(rows, targets.strata(rows), strict=True)]
 

@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 
 from .bag_base import BagDataModule
 from .cohort import SlideLabel, locate_slides
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, SlideFeatures
 from .patient_bags import BagLevel
+from .slides import open_slide
 from .splits import SplitConfig
 from .targets import Targets
 
@@ -101,14 +102,34 @@ class FeatureBagDataModule(BagDataModule):
         dims = set()
         for row in self.rows:
             try:
-                features = self.cache.read(row.slide_id).features
+                bag = self.cache.read(row.slide_id)
             except ValueError as exc:
                 raise ValueError(f"{self.labels_path}: {exc}") from None
+            features = bag.features
             if len(features) == 0:
                 raise ValueError(f"{self.labels_path}: slide {row.slide_id!r} has an empty bag (no patches)")
             if not np.isfinite(features).all():
                 raise ValueError(f"{self.cache.path}: slide {row.slide_id!r} has NaN or infinite features")
+            if bag.source is not None and bag.source.suffix == ".h5":  # ours come from our grids
+                self._check_coords(bag)
             dims.add(features.shape[1])
         if len(dims) > 1:
             raise ValueError(f"{self.cache.path}: slides have different feature dimensions {sorted(dims)}")
         self.feature_dim = dims.pop()
+
+    def _check_coords(self, bag: SlideFeatures) -> None:
+        """Imported coords lie on their slide, where its file is found: coords of another slide, transposed or at
+        another level would draw heatmaps on glass or nowhere."""
+        path = self.slide_paths.get(bag.slide_id)
+        if path is None:
+            return
+        with open_slide(path) as slide:
+            width, height = slide.dimensions
+        x, y = bag.coords[:, 0], bag.coords[:, 1]
+        outside = np.flatnonzero((x < 0) | (y < 0) | (x >= width) | (y >= height))
+        if outside.size:
+            i = outside[0]
+            raise ValueError(
+                f"{bag.source}: {outside.size} of {len(x)} coords lie outside slide {bag.slide_id!r} ({path}, "
+                f"{width} x {height} px at level 0), e.g. row {i}: ({x[i]}, {y[i]}); expected level-0 (x, y) corners"
+            )

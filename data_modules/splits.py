@@ -55,8 +55,9 @@ def make_splits(
 
     A CSV that fixes only the test split (e.g. Camelyon16's official test set) gets its validation carved the same way.
     Every split must hold every class (validation may be empty): a split of one class has no AUROC, and selecting a
-    checkpoint on that constant, or training on one class, gives results that only look like results; a survival
-    split must hold an observed event (`Targets.required_strata`). Errors name the labels file `path`.
+    checkpoint on that constant, or training on one class, gives results that only look like results; a multilabel
+    split must hold a slide with and one without each label, a survival split an observed event (`Targets.missing`).
+    Errors name the labels file `path`.
     """
     try:
         splits = _make_splits(list(labels), config)
@@ -94,27 +95,26 @@ def check_classes(
     config: SplitConfig | None = None,
     targets: Targets | None = None,
 ) -> None:
-    """Every split holds every stratum of `rows` that `targets` requires (every class; validation may be empty).
-    `given` names where user-given splits came from (None: computed by `config`)."""
+    """Every split holds what `targets` requires of each (`Targets.missing`: every class, both values of every label,
+    an observed event; validation may be empty). `given` names where user-given splits came from (None: computed by
+    `config`)."""
     targets = targets or Targets()
-    label = {row.slide_id: row.stratum for row in rows}
-    classes = targets.required_strata(list(label.values()))
+    by_id = {row.slide_id: row for row in rows}
     kind = targets.describe()
     for name in SPLITS:
         if not splits[name]:
             if name == "val":
                 continue  # no validation: the last epoch is used
             raise ValueError(f"no {name} slides" + (f" in {given}" if given else ""))
-        present = {label[s] for s in splits[name]}
-        missing = [c for c in classes if c not in present]
+        missing, present = targets.missing([by_id[s] for s in splits[name]], rows)
         if missing:
             cause = f"{given} gives it" if given else f"{config} gives it"
             fix = (
                 f"give it slides of every {kind}" if given else "use fewer folds, a larger val_fraction or another seed"
             )
             raise ValueError(
-                f"the {name} split has no slide of {kind} {', '.join(map(repr, missing))} ({cause} only "
-                f"{', '.join(map(repr, sorted(present)))}): {fix}"
+                f"the {name} split has no slide of {kind} {', '.join(missing)} ({cause} only {', '.join(present)}): "
+                f"{fix}"
             )
 
 

@@ -185,9 +185,34 @@ class Targets:
             return [EVENT]
         return []
 
+    def missing(self, split: Sequence[SlideLabel], cohort: Sequence[SlideLabel]) -> tuple[list[str], list[str]]:
+        """What a split of `cohort` lacks that every split needs, and what it holds instead, as errors name them (see
+        `describe`): every class (`required_strata`); for multilabel both values of every label, 1 (a slide with it)
+        and 0 (one without): a label with one value has no AUROC, recorded as 0, which halves the macro AUROC."""
+        if self.task != "multilabel":
+            required = self.required_strata([row.stratum for row in cohort])
+            present = sorted({row.stratum for row in split if row.stratum is not None})
+            return [repr(s) for s in required if s not in present], [repr(s) for s in present]
+        names = self.target_columns or self.labels or sorted({name for row in cohort for name in self._joined(row)})
+        held = [self._held(row, names) for row in split if row.labelled]
+        lacks, holds = [], []
+        for name in names:
+            values = {int(name in labels) for labels in held}
+            if values != {0, 1}:
+                lacks += [f"{name!r} = {value}" for value in (1, 0) if value not in values]
+                holds += [f"{name!r} = {value}" for value in sorted(values)]
+        return lacks, holds
+
     def describe(self) -> str:
         """How errors name a stratum."""
-        return {"classification": "class", "survival": "kind of outcome"}.get(self.task, "stratum")
+        names = {"classification": "class", "survival": "kind of outcome", "multilabel": "label value"}
+        return names.get(self.task, "stratum")
+
+    def _held(self, row: SlideLabel, names: Sequence[str]) -> set[str]:
+        """The labels a multilabel slide has."""
+        if self.columns:
+            return {name for name, value in zip(names, row.target or (), strict=False) if value}
+        return set(self._joined(row))
 
     def _joined(self, row: SlideLabel) -> list[str]:
         if row.label is None or row.label == NO_LABELS:

@@ -89,9 +89,10 @@ class SlidePatches:
     mpp_override: float | None = None
 
     def digest(self) -> str:
-        """What the patches are cut from and how: the file (`file_signature`: size and mtime, of every instance of a
-        DICOM series), the grid (level-0 corners and patch size, which follow the level-0 mpp used) and the output size
-        and mpp. Anything computed from the patches, such as cached features, is valid while this is unchanged."""
+        """What the patches are cut from and how: the file (`file_signature`: size, mtime and a content sample, of
+        every instance of a DICOM series), the grid (level-0 corners and patch size, which follow the level-0 mpp
+        used) and the output size and mpp. Anything computed from the patches, such as cached features, is valid
+        while this is unchanged."""
         grid = self.grid
         digest = hashlib.blake2b(digest_size=12)
         geometry = [*file_signature(self.path), grid.patch_size, grid.mpp, grid.level0_size]
@@ -145,7 +146,7 @@ def patch_grid(
 ) -> PatchGrid:
     """Non-overlapping `patch_size` patches at `mpp` whose tissue fraction is at least `tissue_threshold`.
 
-    With `cache_dir`, the grid is stored there keyed by the file (path, size, mtime) and every parameter, so a
+    With `cache_dir`, the grid is stored there keyed by the file (path, `file_signature`) and every parameter, so a
     second call with the same inputs only reads a small .npz.
     """
     if patch_size < 1:

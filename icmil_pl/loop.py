@@ -109,9 +109,9 @@ def _slide_record(cohort: SlideCohort) -> dict[str, list]:
     """What decides a slide's results besides the config: its CSV row and its file (size, mtime)."""
     record = {}
     for row in cohort.rows:
-        size, mtime = file_signature(cohort.paths[row.slide_id])
+        signature = file_signature(cohort.paths[row.slide_id])  # size, mtime, content sample
         target = [] if row.target is None else [list(row.target)]  # classification runs recorded before targets
-        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, size, mtime, *target]
+        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, *signature, *target]
     return record
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import wandb
 import zarr
 
+from data_modules.feature_cache import FeatureCache
 from data_modules.synthetic import CohortSpec, make_cohort
 from icmil_pl.cli import main
 
@@ -228,3 +231,57 @@ def test_a_replaced_slide_or_another_mpp_is_embedded_again(tmp_path):
     )
     forced = _slides(cache)
     assert all(forced[s][0] != after[s][0] for s in (replaced, kept))  # read at another mpp: other patches
+
+
+def test_a_damaged_slide_is_embedded_again(tmp_path):
+    """A deleted chunk read as zeros and flipped the slide's call; `has` saw zarr.json, so a rerun kept the damage."""
+    cohort = make_cohort(tmp_path / "cohort", CohortSpec(n_slides=2, seed=5, size=(768, 768)))
+    _extract(cohort, tmp_path)
+    cache = FeatureCache.find(tmp_path / "features")
+    before = _slides(cache.path)
+    first, second = sorted(before)
+    (cache.path / f"{first}.zarr" / "features" / "c" / "0" / "0").unlink()
+    (cache.path / f"{second}.zarr" / "coords" / "c" / "0" / "0").unlink()
+    for slide in (first, second):
+        with pytest.raises(ValueError, match=rf"^slide '{slide}': features in .* are damaged .*rerun the feature"):
+            cache.read(slide)
+    _extract(cohort, tmp_path)
+    after = _slides(cache.path)
+    for slide in (first, second):
+        assert after[slide][0] != before[slide][0]  # written again
+        np.testing.assert_allclose(cache.read(slide).features, before[slide][1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(cache.read(slide).coords, before[slide][2])
+
+
+def _reverse_level0_tiles(path: Path) -> None:
+    """Other pixels in a file of the same size and mtime: level 0's tile offsets and byte counts listed in reverse,
+    so every tile shows another."""
+    stat = path.stat()
+    with tifffile.TiffFile(path) as tif:
+        tags = [tif.pages[0].tags[name] for name in ("TileOffsets", "TileByteCounts")]
+        dtypes = [np.dtype(tif.byteorder + {3: "u2", 4: "u4", 16: "u8"}[int(tag.dtype)]) for tag in tags]
+        spans = [(tag.valueoffset, np.asarray(tag.value, dtype)) for tag, dtype in zip(tags, dtypes, strict=True)]
+    with open(path, "r+b") as fh:
+        for offset, values in spans:
+            fh.seek(offset)
+            fh.write(values[::-1].tobytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_a_slide_rewritten_with_the_same_size_and_mtime_is_embedded_again(tmp_path):
+    """The grid cache and the features' `source` keyed on (size, mtime): a slide rewritten with other pixels that kept
+    both (`cp -p`, a converter restoring times) kept its old grid and its old features."""
+    cohort = make_cohort(tmp_path / "cohort", CohortSpec(n_slides=2, seed=5, size=(768, 768)))
+    first, second = sorted((cohort / "slides").iterdir())
+    _extract(cohort, tmp_path)
+    cache = next(p for p in (tmp_path / "features").iterdir() if p.is_dir())
+    before = _slides(cache)
+    _reverse_level0_tiles(first)
+    _extract(cohort, tmp_path)
+    after = _slides(cache)
+    replaced, kept = first.name.split(".")[0], second.name.split(".")[0]
+    assert after[kept][0] == before[kept][0]  # untouched
+    assert after[replaced][0] != before[replaced][0]
+    new, old = after[replaced][1], before[replaced][1]
+    assert new.shape != old.shape or not np.allclose(new, old)  # the new pixels' patches and features

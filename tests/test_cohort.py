@@ -4,6 +4,7 @@ bound to label values; slide files found in any letter case; each slide's level-
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 
 import pytest
@@ -76,6 +77,31 @@ def test_rows_longer_than_the_header_and_bad_mpp_are_refused(tmp_path):
         read_labels(path)
     path = write_labels(tmp_path / "c.csv", [("a", "0", "0.25"), ("b", "1", "")], ("slide_id", "label", "mpp"))
     assert [r.mpp for r in read_labels(path)] == [0.25, None]
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["patient_002", "PATIENT\u200b_002", "PATIENT_002\ufeff", "PATIENT\u00a0002", "PATIENT  002"],
+    ids=["case", "zero-width space", "byte-order mark", "no-break space", "two spaces"],
+)
+def test_a_patient_id_written_two_ways_is_refused(tmp_path, other):
+    """`PATIENT_002` and `patient_002` (or with an invisible character) were two patients: on the demo's labels that
+    put 19 patients' slides in two splits. Both spellings are named with repr, so the invisible one shows."""
+    first = "PATIENT 002" if " " in other or "\u00a0" in other else "PATIENT_002"
+    rows = [("s1", "0", first), ("s2", "1", "patient_003"), ("s3", "1", other)]
+    path = write_labels(tmp_path / "labels.csv", rows)
+    expected = rf"^{path}: patient_id {first!r} \(line 2\) and {re.escape(repr(other))} \(line 4\) differ in case or "
+    with pytest.raises(ValueError, match=expected + r"invisible characters: write one patient's id one way$"):
+        read_labels(path)
+
+
+def test_slide_ids_in_two_letter_cases_are_two_slides_of_two_patients(tmp_path):
+    """Only patient ids as written are compared: a slide's default patient is its id, and `S1` and `s1` are two
+    files."""
+    rows = read_labels(write_labels(tmp_path / "labels.csv", [("S1", "0", ""), ("s1", "1", ""), ("s2", "1", "p")]))
+    assert [(r.slide_id, r.patient_id) for r in rows] == [("S1", "S1"), ("s1", "s1"), ("s2", "p")]
+    with pytest.raises(ValueError, match=r"labels2\.csv: duplicate slide_id 's1'"):
+        read_labels(write_labels(tmp_path / "labels2.csv", [("s1", "0", ""), ("s2", "1", ""), ("s1", "1", "")]))
 
 
 def test_class_names_are_bound_to_label_values():

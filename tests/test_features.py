@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from data_modules.feature_bags import FeatureBagDataModule
@@ -68,6 +71,81 @@ def test_incomplete_or_nan_slides_leave_nothing(tmp_path):
     assert not cache.has("s1") and not cache.has("s2") and list(cache.path.iterdir()) == []
 
 
+def _cached(tmp_path, n=5000, zeros=False):
+    """A slide of `n` rows (two feature chunks, the second an edge chunk) in a fresh cache, and what was written."""
+    cache = FeatureCache(tmp_path / "abc")
+    rng = np.random.default_rng(0)
+    features = np.zeros((n, 3), np.float16) if zeros else rng.normal(size=(n, 3)).astype(np.float16)
+    coords = np.zeros((n, 2), np.int32) if zeros else rng.integers(0, 10**5, (n, 2)).astype(np.int32)
+    writer = cache.writer("s1", n, 3, "float16", {"backbone": "x", "source": "patches digest"})
+    for start in range(0, n, 1000):
+        writer.append(features[start : start + 1000], coords[start : start + 1000])
+    writer.commit()
+    return cache, features, coords
+
+
+@pytest.mark.parametrize(
+    "damage, has",
+    [
+        ("features chunk deleted", False),
+        ("edge chunk deleted", False),
+        ("coords chunk deleted", False),
+        ("features chunk truncated", False),
+        ("coords chunk truncated", False),
+        ("zarr.json deleted", False),
+        ("array zarr.json deleted", False),
+        ("features chunk overwritten", True),  # the same size: only reading it can tell
+    ],
+)
+def test_a_damaged_slide_is_refused_and_not_complete(tmp_path, damage, has):
+    """A deleted chunk read as zarr's fill value, zeros, and flipped the slide's call (exit 0); a deleted coords
+    chunk put every patch at (0, 0); `has` only looked for zarr.json, so extraction never redid the slide."""
+    cache, features, coords = _cached(tmp_path)
+    group = cache.path / "s1.zarr"
+    bag = cache.read("s1")
+    np.testing.assert_array_equal(bag.features, features)
+    np.testing.assert_array_equal(bag.coords, coords)
+    assert cache.has("s1", "patches digest") and not cache.has("s1", "other patches")
+    chunk = {"features": group / "features/c/0/0", "edge": group / "features/c/1/0", "coords": group / "coords/c/0/0"}
+    what = damage.split()[0]
+    if damage.endswith("chunk deleted"):
+        chunk[what].unlink()
+    elif damage.endswith("truncated"):
+        os.truncate(chunk[what], chunk[what].stat().st_size // 2)
+    elif damage == "zarr.json deleted":
+        (group / "zarr.json").unlink()
+    elif damage == "array zarr.json deleted":
+        (group / "coords" / "zarr.json").unlink()
+    else:
+        data = bytearray(chunk["features"].read_bytes())
+        data[100:108] = bytes(8)
+        (group / "rewritten").write_bytes(bytes(data))  # another file: its stat differs from the one read above
+        os.replace(group / "rewritten", chunk["features"])
+    assert cache.has("s1") is has and cache.has("s1", "patches digest") is has
+    fix = f"delete {re.escape(str(group))} and " if has else ""  # extraction redoes only what `has` sees
+    pattern = rf"^slide 's1': features in {re.escape(str(cache.path))} are damaged \(.+\); {fix}rerun the feature extr"
+    with pytest.raises(ValueError, match=pattern) as error:
+        cache.read("s1")
+    assert "\n" not in str(error.value)
+
+
+def test_all_zero_chunks_are_written_and_caches_without_checksums_still_read(tmp_path):
+    """zarr skips chunks equal to its fill value unless told to write them: a slide of zeros at (0, 0) would look
+    damaged. Caches written before checksums are read with the structural checks alone."""
+    cache, features, _ = _cached(tmp_path, zeros=True)
+    assert cache.has("s1") and not cache.read("s1").features.any()
+    cache, features, coords = _cached(tmp_path / "old")
+    meta = cache.path / "s1.zarr" / "zarr.json"
+    written = json.loads(meta.read_text())
+    del written["attributes"]["checksums"]
+    meta.write_text(json.dumps(written))
+    np.testing.assert_array_equal(cache.read("s1").features, features)
+    (cache.path / "s1.zarr" / "features/c/1/0").unlink()
+    assert not cache.has("s1")
+    with pytest.raises(ValueError, match=r"chunk features/c/1/0 is missing\); rerun the feature extraction"):
+        cache.read("s1")
+
+
 def test_cache_of_another_embedder_is_refused(tmp_path):
     cache = FeatureCache(tmp_path / "abc")
     cache.write_manifest({"backbone": "resnet50", "weights_hash": "1"})
@@ -80,12 +158,14 @@ def test_cache_of_another_embedder_is_refused(tmp_path):
 def test_reads_clam_and_trident_h5(tmp_path):
     _h5(tmp_path, "clam", np.ones((4, 6), np.float16), np.arange(8).reshape(4, 2))
     _h5(tmp_path, "batched", np.ones((1, 4, 6), np.float32))  # some tools keep a leading batch axis
+    _h5(tmp_path, "batched_coords", np.ones((1, 4, 6), np.float32), np.arange(8).reshape(1, 4, 2))
     cache = FeatureCache.find(tmp_path)
     clam = cache.read("clam")
     assert clam.features.shape == (4, 6) and clam.features.dtype == np.float16  # half stays half
     assert clam.coords.tolist()[1] == [2, 3]
     batched = cache.read("batched")
     assert batched.features.shape == (4, 6) and batched.coords.shape == (4, 2)  # no coords: zeros
+    assert cache.read("batched_coords").coords.tolist()[1] == [2, 3]
     with pytest.raises(ValueError, match="slide 'missing': no features in"):
         cache.read("missing")
 
@@ -116,10 +196,20 @@ def test_data_module_serves_bags_and_standardization_stats(cohort, tmp_path):
         ("dims", r"different feature dimensions \[8, 9\]"),
         ("longer coords", r"labels\.csv: .*s1\.h5: 3 feature rows but 4 coords; expected one per patch"),
         ("shorter coords", r"labels\.csv: .*s1\.h5: 3 feature rows but 2 coords"),
+        ("transposed coords", r"labels\.csv: .*s1\.h5: coords of shape \(2, 3\); expected \(N, 2\)"),
+        ("coords of three", r"labels\.csv: .*s1\.h5: coords of shape \(3, 3\); expected \(N, 2\)"),
+        (
+            "coords off the slide",
+            r"s1\.h5: 1 of 3 coords lie outside slide 's1' \(.*s1\.tif, 1200 x 1000 px at level 0\)",
+        ),
+        ("negative coords", r"s1\.h5: 1 of 3 coords lie outside slide 's1' .* row 2: \(-5, 10\); expected level-0"),
     ],
 )
 def test_bad_cohorts_fail_before_anything_is_written(cohort, tmp_path, problem, message):
     labels, feats = cohort
+    (tmp_path / "slides").mkdir()  # s1 has a file (1200 x 1000 px), the other slides none: their coords go unchecked
+    slide = np.full((1000, 1200, 3), 255, np.uint8)
+    tifffile.imwrite(tmp_path / "slides" / "s1.tif", slide, photometric="rgb", compression="zlib")
     rows = list(csv.reader(open(labels)))
     if problem == "missing":
         rows.append(["ghost", "0", "px"])
@@ -137,10 +227,17 @@ def test_bad_cohorts_fail_before_anything_is_written(cohort, tmp_path, problem, 
         _h5(feats, "s1", np.zeros((3, 8), np.float32), np.zeros((4, 2), np.int32))
     elif problem == "shorter coords":  # used to train, then fail in predict after writing scores.zarr
         _h5(feats, "s1", np.zeros((3, 8), np.float32), np.zeros((2, 2), np.int32))
+    elif problem in ("transposed coords", "coords of three"):  # (2, N) read as (N, 2) pairs: heatmaps on glass
+        _h5(
+            feats, "s1", np.zeros((3, 8), np.float32), np.arange(2 * 3 if "transposed" in problem else 9).reshape(-1, 3)
+        )
+    elif problem in ("coords off the slide", "negative coords"):  # another slide's, or another level's coords
+        far = (1200, 10) if problem == "coords off the slide" else (-5, 10)
+        _h5(feats, "s1", np.zeros((3, 8), np.float32), np.array([(0, 0), (1199, 999), far], np.int32))
     write_labels(labels, rows[1:], rows[0])
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        data = FeatureBagDataModule(str(labels), str(feats), classes=["0", "1"])
+        data = FeatureBagDataModule(str(labels), str(feats), classes=["0", "1"], slides=str(tmp_path / "slides"))
         data.prepare_data()
     assert not run.exists()
 

@@ -4,13 +4,14 @@ backend against OpenSlide itself, the objective-power fallback's inputs, and the
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import openslide
 import pytest
 import tifffile
 
-from data_modules import SlideError, open_slide
+from data_modules import SlideError, open_slide, slides
 from data_modules.slides import file_signature
 from data_modules.synthetic import CohortSpec, write_slide
 from data_modules.synthetic.dicom import write_dicom_wsi
@@ -210,3 +211,32 @@ def test_a_rewritten_dicom_instance_changes_its_series_signature(dicom):
     stat = files[1].stat()
     os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert file_signature(folder) != before and file_signature(folder)[1] == stat.st_mtime_ns + 10**9
+
+
+def _rewrite_in_place(path, offset: int) -> None:
+    """Other bytes at `offset`, the same size and mtime: what a copy of another scan with `cp -p`, or a converter that
+    restores times, leaves behind."""
+    stat = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_a_rewrite_with_the_same_size_and_mtime_changes_the_signature(svs, dicom, tmp_path, monkeypatch):
+    """Caches keyed on (size, mtime) reused a rewritten slide's old grid and features: a content sample notices."""
+    copy = tmp_path / svs.name
+    shutil.copy2(svs, copy)
+    before = file_signature(copy)
+    _rewrite_in_place(copy, copy.stat().st_size - 100)
+    after = file_signature(copy)
+    assert after[:2] == before[:2] and after != before
+    folder, files, _ = dicom
+    before = file_signature(folder)
+    _rewrite_in_place(files[1], files[1].stat().st_size // 2)
+    assert file_signature(folder)[:2] == before[:2] and file_signature(folder) != before
+    monkeypatch.setattr(slides, "_sample", lambda *args: pytest.fail("read again, though no file changed"))
+    assert file_signature(copy) == after  # memoised on each file's stat: a repeated call reads nothing

@@ -8,6 +8,7 @@ import pytest
 
 from data_modules.cohort import read_labels
 from data_modules.splits import SPLITS_FILE, SplitConfig, hold_out, make_splits, save_splits
+from data_modules.targets import Targets
 from helpers import write_labels
 
 
@@ -80,6 +81,47 @@ def test_a_patient_in_two_given_splits_is_refused(tmp_path, second):
     path = write_labels(tmp_path / "l.csv", rows, header)
     with pytest.raises(ValueError, match=rf"^{path}: patient 'p4' has slides in (train|val) and test \(the `split`"):
         make_splits(read_labels(path), SplitConfig(val_fraction=0.25), path=path)
+
+
+@pytest.mark.parametrize(
+    "val, message",
+    [
+        (
+            ("a;b", "a"),
+            r"the val split has no slide of label value 'a' = 0 \(the `split` column gives it only 'a' = 1\)",
+        ),
+        (
+            ("a", "none"),
+            r"the val split has no slide of label value 'b' = 1 \(the `split` column gives it only 'b' = 0\)",
+        ),
+    ],
+    ids=["no negative", "no positive"],
+)
+def test_a_given_multilabel_split_without_both_values_of_a_label_is_refused(tmp_path, val, message):
+    """A validation split without a positive for one label recorded that label's AUROC as 0.0 and halved the macro
+    AUROC the checkpoint was selected on: every label needs a slide with it and one without in every split."""
+    cells = [("a;b", "train"), ("none", "train"), (val[0], "val"), (val[1], "val"), ("a", "test"), ("b", "test")]
+    rows = [(f"s{i}", label, f"p{i}", split) for i, (label, split) in enumerate(cells)]
+    path = write_labels(tmp_path / "l.csv", rows, ("slide_id", "label", "patient_id", "split"))
+    targets = Targets("multilabel")
+    with pytest.raises(ValueError, match=rf"^{path}: {message}: give it slides of every label value$"):
+        make_splits(read_labels(path, targets), path=path, targets=targets)
+    fine = [
+        (f"s{i}", label, f"p{i}", split)
+        for i, (label, split) in enumerate([*cells[:2], ("a", "val"), ("b", "val"), *cells[4:]])
+    ]
+    path = write_labels(tmp_path / "fine.csv", fine, ("slide_id", "label", "patient_id", "split"))
+    assert make_splits(read_labels(path, targets), path=path, targets=targets)["val"] == ["s2", "s3"]
+
+
+def test_computed_multilabel_splits_without_both_values_of_a_label_are_refused(tmp_path):
+    """Label columns: `rare` is present in one slide, so one of the three splits cannot have it."""
+    rows = [(f"s{i}", f"p{i}", str(i % 2), "1" if i == 0 else "0") for i in range(12)]
+    path = write_labels(tmp_path / "l.csv", rows, ("slide_id", "patient_id", "common", "rare"))
+    targets = Targets("multilabel", ["common", "rare"])
+    pattern = r"the (train|val|test) split has no slide of label value 'rare' = 1 \(.* only 'rare' = 0\): use fewer"
+    with pytest.raises(ValueError, match=pattern):
+        make_splits(read_labels(path, targets), SplitConfig(folds=3, val_fraction=0.25), path, targets)
 
 
 def test_computed_splits_without_every_class_are_refused(tmp_path):
