@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -90,6 +91,7 @@ class BagDataModule(BagLoaders):
         self.num_workers = num_workers
         self.splits: dict[str, list[str]] | None = None if split_ids is None else self._known(split_ids)
         self.skipped: dict[str, str] = {}  # slide id -> why it is left out (on_slide_error: skip)
+        self._unlisted: dict[str, list[str]] = {}  # split -> slides of a restored split this CSV does not list
 
     @property
     def num_classes(self) -> int | None:
@@ -103,6 +105,24 @@ class BagDataModule(BagLoaders):
     @abstractmethod
     def bag_dataset(self, rows: list[SlideLabel]) -> Dataset:
         """A dataset whose item i is the bag of `rows[i]` (a dict with at least `label` and `slide_id`)."""
+
+    def restore(self, classes: Sequence[str], splits: Mapping[str, Sequence[str]] | None) -> None:
+        """Encode targets and split slides as a trained model was (its run record), never by what today's CSV
+        holds: `classes` in the model's order (a label it does not know is refused by file and row; a cohort of one
+        class, or of none, is scored as such) and its `splits`. A split that lost slides from the CSV is refused
+        when asked for, naming them; slides the model never saw are in no split (predict scores them)."""
+        self.classes = self.targets.names(self.rows, self.labels_path, list(classes))
+        if splits is not None:
+            listed = {row.slide_id for row in self.rows}
+            self.splits = {name: [s for s in splits.get(name, []) if s in listed] for name in SPLITS}
+            gone = {name: [s for s in splits.get(name, []) if s not in listed | set(self.skipped)] for name in SPLITS}
+            self._unlisted = gone  # unreadable slides (on_slide_error: skip) stay out, as when the model was fitted
+
+    @property
+    def unseen(self) -> list[str]:
+        """Slides of the CSV in none of the splits: after `restore`, those the model never saw."""
+        split = {s for ids in (self.splits or {}).values() for s in ids}
+        return [row.slide_id for row in self.rows if row.slide_id not in split]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
@@ -129,8 +149,17 @@ class BagDataModule(BagLoaders):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.setup()
+        if self._unlisted.get(split):
+            gone = self._unlisted[split]
+            raise ValueError(
+                f"{self.labels_path}: the model's {split} split holds {len(gone)} slide(s) this CSV does not list "
+                f"({', '.join(map(repr, gone[:3]))}); {split} scores the split the model was fitted with, whole "
+                "(predict scores any slides)"
+            )
         ids = set(self.splits[split])
-        return [row for row in self.rows if row.slide_id in ids]
+        rows = [row for row in self.rows if row.slide_id in ids]
+        require_labels(rows, self.labels_path, f"scoring the {split} split")  # restored splits: a CSV without labels
+        return rows
 
     def dataset(self, split: str) -> Dataset:
         return self._bags(self.split_rows(split))

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -30,6 +31,7 @@ import data_modules.patches  # noqa: F401
 import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 import data_modules.unlabelled_patches  # noqa: F401
+from data_modules.bag_base import BagDataModule
 from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain, tasks  # noqa: F401
 from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
@@ -39,6 +41,8 @@ from .callbacks import output_dir
 from .callbacks.prediction_writer import PREDICTIONS_FILE
 from .report import write_report
 from .results import RESULTS_FILE, record_fit
+from .run_dir import PATH_SETTINGS, RunDir, absolute_path
+from .run_record import read_record, restore
 from .slide_task import SlideTask
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
@@ -74,6 +78,21 @@ class ICMILCLI(LightningCLI):
             self.save_config_callback = None
         return super().instantiate_trainer(**kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """A run's own config.yaml (beside its state.json) is that run, wherever the run directory was copied or moved
+        and whatever the working directory: its run_dir becomes the file's folder, unless another setting after it
+        names another. A copied run used to test and resume the original's checkpoints."""
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        run_dir = config.get("model.init_args.run_dir")
+        for path in config.get("config") or []:
+            file = Path(getattr(path, "absolute", path))
+            if run_dir is None or file.name != RunDir(file.parent).config_path.name:
+                continue
+            if RunDir(file.parent).state_path.is_file():
+                saved = yaml.safe_load(file.read_text())
+                if saved.get("model", {}).get("init_args", {}).get("run_dir") == run_dir:
+                    config["model.init_args.run_dir"] = str(file.parent)
+
     def after_instantiate_classes(self) -> None:
         self._wandb_offline_by_default = wandb_run.default_offline(self.trainer.loggers)
 
@@ -91,12 +110,14 @@ class ICMILCLI(LightningCLI):
                 loop.logger = CSVLogger(loop.run_dir.root, name="logs")  # nobody chose: the run keeps its own logs
             if subcommand == "fit":
                 parser = self._parser(subcommand)
-                loop.run(config=parser.dump(self.config[subcommand], skip_none=False))
+                loop.run(config=parser.dump(_absolute_paths(self.config[subcommand]), skip_none=False))
                 self.results_dir = loop.run_dir.root
                 self._print_wandb_locations()
             else:
                 loop.evaluate(subcommand)
             return
+        if subcommand != "fit":
+            self._restore_record(subcommand)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
@@ -106,6 +127,23 @@ class ICMILCLI(LightningCLI):
             folder = output_dir(self.trainer)  # a collective under DDP: every process asks, rank 0 prints
             rank_zero_only(print)(f"{subcommand}: outputs in {folder} (predictions.csv, figures/)")
             self._write_report(folder)
+
+    def _restore_record(self, subcommand: str) -> None:
+        """A checkpoint evaluated on bags encodes and splits them as it was trained, and refuses other features
+        (`run_record`); slides it never saw are said to be left out of validate and test."""
+        ckpt = self.config[subcommand].get("ckpt_path")
+        if not (ckpt and Path(ckpt).is_file() and isinstance(self.datamodule, BagDataModule)):
+            return
+        record = read_record(ckpt)
+        if record is None:  # a checkpoint from before records
+            return
+        restore(record, self.datamodule, ckpt)
+        unseen = self.datamodule.unseen
+        if unseen and subcommand != "predict":
+            rank_zero_only(print)(
+                f"{subcommand}: {len(unseen)} slide(s) of {self.datamodule.labels_path} are in none of the splits "
+                f"{ckpt} was fitted with (e.g. {unseen[0]!r}); predict scores them"
+            )
 
     @rank_zero_only
     def _discard_empty_log_dir(self) -> None:
@@ -151,6 +189,23 @@ class ICMILCLI(LightningCLI):
             self._print_wandb_locations()
 
 
+def _absolute_paths(config: Namespace) -> Namespace:
+    """`config` with its path settings absolute, so that a saved config works from any working directory."""
+    config = config.clone()
+    for key in PATH_SETTINGS:
+        if config.get(key) is not None:
+            config[key] = absolute_path(config.get(key))
+    return config
+
+
+class _SaveConfig(SaveConfigCallback):
+    """Lightning's config.yaml of a single model's fit, with its path settings absolute (`_absolute_paths`)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.config = _absolute_paths(self.config)
+        super().setup(trainer, pl_module, stage)
+
+
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
     """Entry point for `python -m icmil_pl`; tests call `main([...])` in-process."""
     return ICMILCLI(
@@ -163,6 +218,7 @@ def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
             "default_root_dir": LOG_ROOT,
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": LOG_ROOT}},
         },
+        save_config_callback=_SaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

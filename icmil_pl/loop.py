@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -23,12 +23,11 @@ import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from data_modules.cohort import SlideCohort, require_labels
+from data_modules.cohort import require_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
 from data_modules.patches import SlidePatchDataModule
 from data_modules.patient_bags import BagLevel
-from data_modules.slides import file_signature
 from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
@@ -36,9 +35,10 @@ from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog
 from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
 from .embedder import PatchEmbedder
+from .phase_logger import PhaseLogger
 from .plots import iteration_figure, save_png
 from .report import REPORT_FILE, write_report
-from .results import log_final, stage_metrics, write_results
+from .results import log_final, print_table, stage_metrics, write_results
 from .run_dir import (
     PHASES,
     Phase,
@@ -49,8 +49,10 @@ from .run_dir import (
     phase_key,
     phase_seed,
     resume_checkpoint,
+    slide_record,
     written_by_rank_zero,
 )
+from .run_record import read_record, restore
 
 __all__ = ["ICMIL", "ICMILLoop"]
 
@@ -105,53 +107,6 @@ class ICMIL(pl.LightningModule):
         self.phase_trainer = {"bag": bag_trainer or {}, "couple": couple_trainer or {}, "embed": embed_trainer or {}}
 
 
-def _slide_record(cohort: SlideCohort) -> dict[str, list]:
-    """What decides a slide's results besides the config: its CSV row and its file (size, mtime)."""
-    record = {}
-    for row in cohort.rows:
-        signature = file_signature(cohort.paths[row.slide_id])  # size, mtime, content sample
-        target = [] if row.target is None else [list(row.target)]  # classification runs recorded before targets
-        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, *signature, *target]
-    return record
-
-
-class _PhaseLogger(Logger):
-    """One logger run for the whole procedure: metric names get `iter<i>/<phase>/`, steps continue across phases."""
-
-    def __init__(self, logger: Logger, prefix: str, step_offset: int, root: os.PathLike) -> None:
-        super().__init__()
-        self.inner = logger
-        self.prefix = prefix
-        self.root = root
-        self.offset = self.last_step = step_offset
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def version(self):
-        return self.inner.version
-
-    @property
-    def save_dir(self) -> str:
-        """The phase's own folder: per-phase outputs (predictions.csv) never overwrite each other."""
-        return str(self.root)
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.last_step = self.offset + (step or 0)
-        self.inner.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, self.last_step)
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass  # the resolved config is logged once by the CLI (icmil_pl.wandb_run, under "cli")
-
-    @rank_zero_only
-    def save(self) -> None:
-        self.inner.save()
-
-
 class ICMILLoop:
     """Runs an `ICMIL` configuration on a `SlidePatchDataModule` cohort; see the module docstring."""
 
@@ -184,7 +139,7 @@ class ICMILLoop:
         self.data.prepare_data()
         cohort = self.data.cohort
         require_labels(cohort.rows, cohort.labels_path, "ICMIL training")
-        self.state.check_slides(_slide_record(cohort), cohort.labels_path)
+        self.state.check_slides(slide_record(cohort), cohort.labels_path)
         self.data.setup()
         embedder = self.icmil.embedder
         splits = None
@@ -202,7 +157,7 @@ class ICMILLoop:
         written_by_rank_zero(lambda: write_report(self.run_dir.root))
         task = self.icmil.bag.task
         metric = task.monitor
-        self._print_table(results, (metric, *(m for m in task.metric_names if m != metric)))
+        print_table(results, (metric, *(m for m in task.metric_names if m != metric)))
         _say(
             f"\noutputs in {self.run_dir.root}: report.html, results.json, figures/{metric}_by_iteration.png, iter<i>/ "
             "(checkpoints, embedders), features/ (caches); test or predict with the final model: python -m icmil_pl "
@@ -306,23 +261,26 @@ class ICMILLoop:
             )
         self.data.prepare_data()
         self.data.setup()
-        cohort, slides = self.data.cohort, _slide_record(self.data.cohort)
+        cohort, slides = self.data.cohort, slide_record(self.data.cohort)
         if stage == "predict":  # any slides, labelled or not; another cohort's outputs go beside the run's own
             other = self.state.slides is not None and slides != self.state.slides
-            root = self.run_dir.final_dir(stage, cohort.labels_path if other else None)
+            root = self.run_dir.predict_dir(cohort.labels_path) if other else self.run_dir.final_dir(stage)
         else:  # the run's splits: only on the cohort it was trained on
             self.state.check_slides(slides, cohort.labels_path)
             root = self.run_dir.final_dir(stage)
         embedder = self._load_embedder(self.state.output(phase_key(n - 1, "couple"))) if n else self.icmil.embedder
         cache = self._extract(embedder, {**self._trainer("embed", n, root, f"final/{stage}/embed"), "logger": False})
-        splits = None if stage == "predict" else self._splits()
-        data = self._bag_data(str(cache.path), splits)
+        best = self.state.output(phase_key(n, "bag"))
+        data = self._bag_data(str(cache.path), None)
+        record = read_record(best)
+        if record is None:  # a run from before records: its splits.json, today's class order
+            data.restore(data.classes, json.loads(self.run_dir.splits_path.read_text()))
+        else:
+            restore(record, data, best)
         bag_kwargs = self._trainer("bag", n, root, f"final/{stage}")
         trainer = pl.Trainer(**{**bag_kwargs, "logger": False, "default_root_dir": str(root)})
-        bag, best = copy.deepcopy(self.icmil.bag), self.state.output(phase_key(n, "bag"))
-        with warnings.catch_warnings():  # the bag phase's checkpoint, restored in another folder: as intended
-            warnings.filterwarnings("ignore", message="The dirpath has changed from")
-            out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
+        bag = copy.deepcopy(self.icmil.bag)
+        out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
         written_by_rank_zero(lambda: write_report(self.run_dir.root))
         _say(
             f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}; "
@@ -371,7 +329,8 @@ class ICMILLoop:
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)
         embedder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        embedder.source = {**embedder.source, "weights": path}  # E_0's preset and hub revision, fine-tuned weights
+        weights = os.path.relpath(path, self.run_dir.root)  # the run's own file: its caches' manifests move with it
+        embedder.source = {**embedder.source, "weights": weights}  # E_0's preset and hub revision, fine-tuned weights
         return embedder
 
     def _trainer(self, phase: Phase, i: int, root: os.PathLike, label: str | None = None) -> dict[str, Any]:
@@ -385,14 +344,14 @@ class ICMILLoop:
         bar = kwargs.get("enable_progress_bar", True)
         kwargs["callbacks"].append(PhaseProgressBar(label) if bar else ProgressLog(label))
         if self.logger is not None and phase != "embed":
-            kwargs["logger"] = _PhaseLogger(self.logger, phase_key(i, phase), self._step, root)
+            kwargs["logger"] = PhaseLogger(self.logger, phase_key(i, phase), self._step, root)
         else:
             kwargs["logger"] = False
         return kwargs
 
     def _advance(self, trainer: pl.Trainer) -> None:
         logger = trainer.logger
-        if isinstance(logger, _PhaseLogger):
+        if isinstance(logger, PhaseLogger):
             self._step = logger.last_step + 1
 
     def _write_results(self) -> dict:
@@ -420,18 +379,3 @@ class ICMILLoop:
         if self.logger is not None:  # stable names for sweeps: the final iteration's metrics
             log_final([self.logger], iterations[-1], step=self._step)
         return {"iterations": iterations}
-
-    @staticmethod
-    @rank_zero_only
-    def _print_table(results: dict, metrics: tuple[str, ...]) -> None:
-        """Validation and test of the task's first metric, the test values of the others, by iteration."""
-        head = [f"val {metrics[0]}", *(f"test {m}" for m in metrics)]
-        widths = [max(9, len(h)) for h in head]
-        cells = " ".join(f"{h:>{w}s}" for h, w in zip(head, widths, strict=True))
-        print(f"\n iter {cells}  {'embed s':>7s} {'bag s':>6s} {'couple s':>8s}")
-        for r in results["iterations"]:
-            s = r["seconds"]
-            values = [r["val"].get(metrics[0], float("nan")), *(r["test"].get(m, float("nan")) for m in metrics)]
-            cells = " ".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=True))
-            seconds = f"{s.get('embed', 0):7.1f} {s.get('bag', 0):6.1f} {s.get('couple', 0):8.1f}"
-            print(f"{r['iteration']:5d} {cells}  {seconds}")

@@ -1,7 +1,8 @@
 """`results.json` and the names final metrics are logged by: the one source for the CLI, the ICMIL loop and sweeps.
 
 `results.json` (DESIGN.md section 3): `{"iterations": [{"iteration", "checkpoint", "val", "test", "seconds"}, ...],
-"model": ..., "skipped": {slide id: error}}` (`skipped` only where on_slide_error: skip left slides out); a single
+"model": ..., "skipped": {slide id: error}}` (`checkpoint` relative to the folder of results.json; `skipped` only
+where on_slide_error: skip left slides out); a single
 model is iteration 0. Every fit logs its last iteration's metrics as `final/<stage>/<metric>`
 to every logger; a sweep optimises one of those names and reads it back from results.json.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
 
 from .callbacks.outputs import output_dir, report_skipped
 from .metrics import METRIC_NAMES
@@ -27,6 +29,7 @@ __all__ = [
     "final_metrics",
     "final_name",
     "log_final",
+    "print_table",
     "read_results",
     "record_fit",
     "stage_metrics",
@@ -96,7 +99,7 @@ def record_fit(
     if trainer.is_global_zero:
         entry = {
             "iteration": 0,
-            "checkpoint": best,
+            "checkpoint": best and os.path.relpath(best, folder),  # relative: the folder moves whole
             "val": stage_metrics(val, "val"),
             "test": stage_metrics(test, "test"),
             "seconds": {"fit": round(fit_seconds, 2), "test": round(time.perf_counter() - start, 2)},
@@ -106,3 +109,19 @@ def record_fit(
         report_skipped(skipped)
         print(f"results: {path}")
     return folder
+
+
+@rank_zero_only
+def print_table(results: dict, metrics: tuple[str, ...]) -> None:
+    """The end of an ICMIL fit: validation and test of the task's first metric, the test values of the others, and
+    each phase's seconds, by iteration."""
+    head = [f"val {metrics[0]}", *(f"test {m}" for m in metrics)]
+    widths = [max(9, len(h)) for h in head]
+    cells = " ".join(f"{h:>{w}s}" for h, w in zip(head, widths, strict=True))
+    print(f"\n iter {cells}  {'embed s':>7s} {'bag s':>6s} {'couple s':>8s}")
+    for r in results["iterations"]:
+        s = r["seconds"]
+        values = [r["val"].get(metrics[0], float("nan")), *(r["test"].get(m, float("nan")) for m in metrics)]
+        cells = " ".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=True))
+        seconds = f"{s.get('embed', 0):7.1f} {s.get('bag', 0):6.1f} {s.get('couple', 0):8.1f}"
+        print(f"{r['iteration']:5d} {cells}  {seconds}")

@@ -1,5 +1,6 @@
 """An ICMIL run directory: every path in it, which phases are done, the phase seeds, and which settings a rerun may
-change. Nothing else builds a run path or reads `state.json`.
+change. Nothing else builds a run path or reads `state.json`. Paths inside the run are recorded relative to it, so a
+run directory copied or moved elsewhere is a whole run of its own.
 
     <run>/config.yaml             the resolved config the run was started with
     <run>/state.json              completed phases, their outputs, metrics and times
@@ -11,6 +12,7 @@ change. Nothing else builds a run path or reads `state.json`.
     <run>/results.json, figures/  per-iteration metrics and times; AUROC by iteration
     <run>/report.html             the run at a glance (icmil_pl.report), rewritten after fit, test and predict
     <run>/final/<stage>/          validate / test / predict outputs of the finished run
+    <run>/final/predict-<name>/   predict outputs on another cohort (`cohort.txt`: its labels file)
     <run>/fast_dev_run/           a smoke test's own run directory, so it never marks phases of the real run done
 """
 
@@ -32,25 +34,33 @@ import yaml
 from filelock import FileLock, Timeout
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_modules.cohort import SlideCohort
 from data_modules.file_names import safe_name
+from data_modules.slides import file_signature
 from data_modules.splits import SPLITS_FILE
 
 from .results import RESULTS_FILE
 
 __all__ = [
+    "COHORT_FILE",
+    "PATH_SETTINGS",
     "PHASES",
     "RESUMABLE_SETTINGS",
     "Phase",
     "RunDir",
     "RunState",
+    "absolute_path",
     "changed_settings",
     "checkpoint_dir",
     "last_checkpoint",
     "phase_key",
     "phase_seed",
     "resume_checkpoint",
+    "slide_record",
     "written_by_rank_zero",
 ]
+
+COHORT_FILE = "cohort.txt"  # in a predict folder of another cohort: the labels file it belongs to
 
 Phase = Literal["embed", "bag", "couple"]
 PHASES: tuple[Phase, ...] = ("embed", "bag", "couple")
@@ -66,6 +76,20 @@ RESUMABLE_SETTINGS = frozenset(
         "data.init_args.grid_cache",
         "data.init_args.batch_size",
         "data.init_args.num_workers",
+    }
+)
+
+
+# Settings that are paths: config.yaml holds them absolute, so that it works from any working directory.
+PATH_SETTINGS = frozenset(
+    {
+        "model.init_args.run_dir",
+        "model.init_args.embedder.init_args.weights",
+        "data.init_args.labels",
+        "data.init_args.slides",
+        "data.init_args.grid_cache",
+        "data.init_args.features",
+        "data.init_args.root",
     }
 )
 
@@ -127,13 +151,21 @@ def written_by_rank_zero(write: Callable[[], Any]) -> None:
         torch.distributed.barrier()
 
 
+def absolute_path(value: str | list[str] | None) -> str | list[str] | None:
+    """A path setting (`PATH_SETTINGS`) made absolute against the working directory (`~` expanded)."""
+    if isinstance(value, list):
+        return [absolute_path(item) for item in value]
+    return value if value is None else os.path.abspath(os.path.expanduser(value))
+
+
 def changed_settings(before: dict, after: dict) -> list[str]:
-    """Dotted keys of the model, data and seed settings that differ, apart from `RESUMABLE_SETTINGS`."""
+    """Dotted keys of the model, data and seed settings that differ, apart from `RESUMABLE_SETTINGS`; paths compare
+    as absolute paths (a config.yaml saved before paths were written absolute holds them relative)."""
 
     def flat(value, prefix: str) -> dict:
         if isinstance(value, dict):
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
-        return {prefix: value}
+        return {prefix: absolute_path(value) if prefix[1:] in PATH_SETTINGS else value}
 
     a, b = ({k[1:]: v for k, v in flat(config, "").items()} for config in (before, after))
     keys = {k for k in a.keys() | b.keys() if k.split(".")[0] in ("model", "data", "seed_everything")}
@@ -145,6 +177,17 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def slide_record(cohort: SlideCohort) -> dict[str, list]:
+    """What decides a slide's results besides the config (`RunState.check_slides`): its CSV row and its file
+    (`file_signature`: size, mtime and a content sample)."""
+    record = {}
+    for row in cohort.rows:
+        signature = file_signature(cohort.paths[row.slide_id])  # size, mtime, content sample
+        target = [] if row.target is None else [list(row.target)]  # classification runs recorded before targets
+        record[row.slide_id] = [row.label, row.patient_id, row.split, row.mpp, *signature, *target]
+    return record
 
 
 class RunDir:
@@ -191,10 +234,25 @@ class RunDir:
         """E_i, the embedder of iteration i >= 1 (written by the couple phase of iteration i - 1)."""
         return self.root / f"iter{iteration}" / "embedder.pt"
 
-    def final_dir(self, stage: str, cohort: os.PathLike | None = None) -> Path:
-        """Outputs of `stage` with the final model; `cohort`: the labels file of slides other than the run's, whose
-        outputs get their own folder (`predict-<file stem>`)."""
-        return self.root / "final" / (stage if cohort is None else f"{stage}-{safe_name(Path(cohort).stem)}")
+    def final_dir(self, stage: str) -> Path:
+        """Outputs of `stage` with the final model on the run's own cohort."""
+        return self.root / "final" / stage
+
+    def predict_dir(self, labels: os.PathLike) -> Path:
+        """Predict outputs on another cohort than the run's: `final/predict-<labels file stem>`, numbered on
+        (`-2`, ...) where that name is another labels file's (`x/labels.csv`, `y/labels.csv`); the labels file a
+        folder belongs to is written in it (`COHORT_FILE`), so predicting a cohort again finds its folder."""
+        source, base = os.path.abspath(labels), f"predict-{safe_name(Path(labels).stem)}"
+
+        def free(folder: Path) -> bool:
+            owner = folder / COHORT_FILE
+            return not folder.exists() or (owner.is_file() and owner.read_text().strip() == source)
+
+        written_by_rank_zero(lambda: None)  # every process looks before one writes
+        candidates = (self.root / "final" / (base if k == 1 else f"{base}-{k}") for k in itertools.count(1))
+        folder = next(folder for folder in candidates if free(folder))
+        written_by_rank_zero(lambda: _atomic_write(folder / COHORT_FILE, f"{source}\n"))
+        return folder
 
     @contextlib.contextmanager
     def lock(self):
@@ -245,13 +303,16 @@ class RunState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.root = path.parent
         state = json.loads(path.read_text()) if path.is_file() else {"done": {}}
         self.done: dict[str, dict] = state["done"]
         self.log_step: int = state.get("log_step", 0)
         self.slides: dict[str, list] | None = state.get("slides")
 
     def output(self, key: str) -> Any:
-        return self.done[key]["output"]
+        """A phase's output (a path in the run), for this place of the run directory: it is recorded relative to it,
+        so a copied or moved run uses its own files."""
+        return str(self.root / self.done[key]["output"])
 
     def check_slides(self, slides: dict[str, list], labels: os.PathLike) -> None:
         """A run continues only on the cohort it started with: `slides` (slide id -> what decides its results: label,
@@ -268,7 +329,8 @@ class RunState:
             self.slides = slides
             self._save()
 
-    def record(self, key: str, output: Any, seconds: float, metrics: dict | None, log_step: int) -> None:
+    def record(self, key: str, output: str, seconds: float, metrics: dict | None, log_step: int) -> None:
+        output = os.path.relpath(output, self.root)
         self.done[key] = {"output": output, "seconds": round(seconds, 2), **({"metrics": metrics} if metrics else {})}
         self.log_step = log_step
         self._save()

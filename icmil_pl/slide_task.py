@@ -25,6 +25,7 @@ from .callbacks.figure_writer import FigureWriter, resolve_figures
 from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
 from .metrics import flatten_per_label
+from .run_record import RECORD_KEY, check_record, record_of
 from .tasks import Classification, Task, check_data
 
 __all__ = ["ClassNames", "SlideTask"]
@@ -56,9 +57,11 @@ class SlideTask(pl.LightningModule):
         self.task = task or Classification()
         self.num_classes = aggregator.num_classes
         self.aux_loss_weight = aux_loss_weight
-        self.class_names = class_names
+        self.class_names = class_names  # as configured; `names` holds them resolved
+        self.names: list[str] | None = None  # class names in index order: from `setup`, or from a checkpoint
         self.figures = figures
         self.checkpoint_dir: str | None = None  # None: Lightning's default, <run dir>/checkpoints
+        self.record: dict | None = None  # what it was trained on (`run_record`), saved in its checkpoints
         placeholder = [str(k) for k in range(self.num_classes)]  # metrics depend on the number of outputs only
         self.metrics = torch.nn.ModuleDict(
             {stage: self.task.metrics(placeholder).clone(prefix=f"{stage}/") for stage in ("val", "test")}
@@ -74,11 +77,9 @@ class SlideTask(pl.LightningModule):
 
     @property
     def class_labels(self) -> list[str]:
-        """What outputs call the classes: `class_names` (resolved against the data's label values in `setup`, or
+        """What outputs call the classes: `class_names` resolved against the data's label values in `setup` (or
         restored from a checkpoint), else the class indices."""
-        if isinstance(self.class_names, list):
-            return self.class_names
-        return [str(c) for c in range(self.num_classes)]
+        return self.names or [str(c) for c in range(self.num_classes)]
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None
@@ -87,19 +88,28 @@ class SlideTask(pl.LightningModule):
             if stage == "fit":  # survival bins, regression scale: from the training bags' targets
                 self.task.fit_targets(torch.stack([t.float() for t in data.bag_targets("train")]))
         if getattr(data, "classes", None):
-            self.class_names = name_classes(self.class_names, [str(c) for c in data.classes])
+            self.names = name_classes(self.class_names, [str(c) for c in data.classes])
         if isinstance(data, BagDataModule) and data.splits is not None:  # the slides of each split, beside the run
             folder = output_dir(self.trainer)  # a collective: every process asks
             if self.trainer.is_global_zero:
                 save_splits(data.splits, folder)
+            if stage == "fit":
+                self.record = record_of(data)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["class_names"] = self.class_names
+        checkpoint["class_names"] = self.names
+        if self.record is not None:
+            checkpoint[RECORD_KEY] = self.record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The classes the model was trained on name its outputs, also on slides without labels."""
+        """The classes the model was trained on name its outputs, also on slides without labels; data encoded or
+        embedded otherwise than its record says is refused."""
         if checkpoint.get("class_names"):
-            self.class_names = list(checkpoint["class_names"])
+            self.names = list(checkpoint["class_names"])
+        self.record = checkpoint.get(RECORD_KEY, self.record)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if self.record is not None and isinstance(data, BagDataModule):
+            check_record(self.record, data, "the checkpoint")
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """The task's loss of the bag output, its auxiliary predictions (DTFD, DSMIL) included."""

@@ -116,8 +116,8 @@ def test_fit_test_predict(cohort, features, tmp_path, capsys):
     assert (run / "config.yaml").is_file() and (run / "predictions.csv").is_file()
     assert f"{entry['test']['auroc']:.3f}" in (run / "report.html").read_text()  # the fit's report
 
-    best = entry["checkpoint"]
-    assert Path(best).is_file()
+    best = run / entry["checkpoint"]  # relative to the run's folder
+    assert best.is_file()
     (run / "predictions.csv").unlink()
     capsys.readouterr()
     main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}"])
@@ -152,7 +152,7 @@ def test_fit_test_predict(cohort, features, tmp_path, capsys):
         assert scores["scores"].shape[0] == scores["coords"].shape[0] > 0
         assert (out / "qupath" / f"{slide}.geojson").is_file()
     assert (out / "report.html").read_text().count("#slide=") == 2 * len(splits["test"])  # a predict folder's own
-    with pytest.raises(ValueError, match=r"new\.csv: slide '.+' and \d+ more has no label, which splitting"):
+    with pytest.raises(ValueError, match=r"new\.csv: slide '.+' and \d+ more has no label, which scoring the test"):
         main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", f"--data.init_args.labels={new}"])
 
 

@@ -303,9 +303,11 @@ def test_class_names_in_the_wrong_order_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"class_names: 'tumour' is at position 0, but label 'tumour' is class 1"):
         trainer.fit(BagClassifier(MeanPool(8, hidden_dim=4), class_names=["tumour", "normal"]), datamodule=data)
     model = BagClassifier(MeanPool(8, hidden_dim=4), class_names={"tumour": "T", "normal": "N"})
-    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False).fit(
-        model, datamodule=data
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False
     )
+    trainer.fit(model, datamodule=data)
+    trainer.validate(model, datamodule=data)  # set up again: the names as configured, not as resolved, are resolved
     assert model.class_labels == ["N", "T"]
 
 

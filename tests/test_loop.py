@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,7 @@ def test_two_iterations_write_every_output(finished):
     for entry in results["iterations"]:
         for stage in ("val", "test"):
             assert set(entry[stage]) == METRICS and all(0.0 <= v <= 1.0 for v in entry[stage].values())
-        assert Path(entry["checkpoint"]).is_file() and entry["checkpoint"].startswith(
-            str(run / f"iter{entry['iteration']}")
-        )
+        assert (run / entry["checkpoint"]).is_file() and entry["checkpoint"].startswith(f"iter{entry['iteration']}/")
     assert set(results["iterations"][0]["seconds"]) == {"embed", "bag", "couple"}
     assert set(results["iterations"][1]["seconds"]) == {"embed", "bag"}
     assert (run / "iter1" / "embedder.pt").is_file() and (run / "config.yaml").is_file()
@@ -193,6 +192,65 @@ def test_a_killed_bag_gradient_coupling_resumes_bit_identically(icmil_cohort, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     results = [json.loads((out / "run" / "results.json").read_text()) for out in (whole, killed)]
     assert [it["test"] for it in results[0]["iterations"]] == [it["test"] for it in results[1]["iterations"]]
+
+
+def test_a_copied_run_is_a_whole_run_of_its_own_from_any_working_directory(finished, tmp_path, monkeypatch):
+    """`cp -r runs/base runs/copy` then `test` on the copy used to restore the original's checkpoints (state.json
+    held paths into it); from another working directory its config.yaml answered 'holds no finished ICMIL run'."""
+    out, results = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "run", copy)
+    original = out / "run" / "iter1" / "bag" / "checkpoints"
+    aside = original.with_name("aside")
+    original.rename(aside)  # the original's files are not the copy's: the copy must not need them
+    try:
+        monkeypatch.chdir(tmp_path)
+        main(["test", "-c", str(copy / "config.yaml")])
+        main(["fit", "-c", "copy/config.yaml"])  # continues the copy (nothing left to do), relative path and all
+    finally:
+        aside.rename(original)
+    tested = _rows(copy / "final" / "test" / "predictions.csv")
+    assert sorted(r["slide_id"] for r in tested) == sorted(json.loads((copy / "splits.json").read_text())["test"])
+    text = {p.name: p.read_text() for p in copy.iterdir() if p.suffix in (".json", ".yaml")}
+    assert not [name for name, t in text.items() if str(out / "run") in t and name != "config.yaml"]
+    for manifest in (copy / "features").glob("*/manifest.json"):
+        assert str(out) not in manifest.read_text()
+
+
+def test_predict_cohorts_with_one_file_name_get_folders_of_their_own(icmil_cohort, finished, tmp_path):
+    """`x/labels.csv` and `y/labels.csv` both wrote `final/predict-labels/`: the second overwrote the first."""
+    out, _ = finished
+    run = out / "run"
+    rows = _rows(icmil_cohort / "labels.csv")
+    written = {}
+    for name, picked in (("x", rows[:3]), ("y", rows[3:5]), ("x", rows[:3])):
+        (tmp_path / name).mkdir(exist_ok=True)
+        labels = write_labels(tmp_path / name / "labels.csv", [list(r.values()) for r in picked], list(rows[0]))
+        main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={labels}"])
+        written[name] = sorted(r["slide_id"] for r in picked)
+    x, y = run / "final" / "predict-labels", run / "final" / "predict-labels-2"
+    assert sorted(r["slide_id"] for r in _rows(x / "predictions.csv")) == written["x"]
+    assert sorted(r["slide_id"] for r in _rows(y / "predictions.csv")) == written["y"]
+    assert sorted(scored_slides(x)) == written["x"] and sorted(scored_slides(y)) == written["y"]
+    assert (x / "cohort.txt").read_text().strip() == str(tmp_path / "x" / "labels.csv")
+
+
+def test_icmil_predict_encodes_labels_as_the_run_was_trained(icmil_cohort, finished, tmp_path):
+    """ICMIL predict re-encoded a cohort's labels by its own sort order: one of tumour slides only was refused
+    (num_classes=2 for ['1']), relabelled slides were written as label 0 in predictions.csv and scores.zarr."""
+    out, _ = finished
+    run = out / "run"
+    rows = _rows(icmil_cohort / "labels.csv")
+    tumour = [list(r.values()) for r in rows if r["label"] == "1"]
+    labels = write_labels(tmp_path / "tumour.csv", tumour, list(rows[0]))
+    main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={labels}"])
+    final = run / "final" / "predict-tumour"
+    assert {r["label"] for r in _rows(final / "predictions.csv")} == {"1"}
+    assert {read_scores(final, name).label for name in scored_slides(final)} == {"1"}
+    renamed = [[r[0], {"0": "normal", "1": "cancer"}[r[1]], *r[2:]] for r in tumour]
+    labels = write_labels(tmp_path / "renamed.csv", renamed, list(rows[0]))
+    with pytest.raises(ValueError, match=r"renamed\.csv:2: slide '\w+' has label 'cancer', not one of the classes"):
+        main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={labels}"])
 
 
 def test_a_rerun_with_settings_that_decide_results_is_refused(icmil_cohort, finished):
@@ -405,7 +463,7 @@ def test_icmil_with_a_lora_vit_extracts_the_next_iteration_with_merged_weights(i
     e1 = torch.load(run / "iter1" / "embedder.pt", weights_only=True)
     assert e1 and not any("lora" in k for k in e1) and "backbone.blocks.0.attn.qkv.weight" in e1
     manifests = [json.loads(p.read_text()) for p in (run / "features").glob("*/manifest.json")]
-    coupled = [m for m in manifests if m["weights"] == str(run / "iter1" / "embedder.pt")]
+    coupled = [m for m in manifests if m["weights"] == "iter1/embedder.pt"]  # the run's own file, relative to it
     assert len(manifests) == 2 and len(coupled) == 1
     assert coupled[0]["finetune"] == {"kind": "LoRA", "rank": 2, "alpha": 16.0, "dropout": 0.0, "target_modules": ""}
     assert coupled[0]["output"] == "cls" and coupled[0]["feature_dim"] == 32

@@ -278,7 +278,7 @@ def test_bag_gradient_holds_out_patients_whole_with_slide_bags_too(icmil_cohort,
             "fit",
             f"--data.init_args.labels={labels}",
             '--model.init_args.coupling={"class_path": "BagGradient", "init_args": {"chunk_size": 8, '
-            '"max_instances": 16, "max_epochs": 1, "read_threads": 1, "val_fraction": 0.5}}',
+            '"max_instances": 16, "max_epochs": 1, "read_threads": 1, "val_fraction": 0.75}}',
         )
     )
     patient_of = {slide: patient for slide, _, patient, _ in rows}

@@ -250,7 +250,7 @@ def test_single_model_predictions_at_its_root(tmp_path):
 def test_cohort_predictions_when_no_predict(tmp_path):
     write_results(tmp_path, [_iteration(0, 0.7)])
     _predictions(RunDir(tmp_path).final_dir("test"), SLIDES[:1])
-    _predictions(RunDir(tmp_path).final_dir("predict", cohort="other.csv"), SLIDES[1:])
+    _predictions(RunDir(tmp_path).predict_dir("other.csv"), SLIDES[1:])
     text = write_report(tmp_path).read_text()
     assert "Slides (final/predict-other/predictions.csv)" in text
     assert len(Page(text).table("heatmap")) == 1 + 3

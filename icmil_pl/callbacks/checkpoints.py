@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -34,6 +35,25 @@ class AtomicCheckpoint(ModelCheckpoint):
             os.replace(partial, filepath)
         trainer.strategy.barrier("AtomicCheckpoint")
         self._last_checkpoint_saved = filepath
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run directory copied or moved elsewhere resumes as it would have in place: the files the state names
+        (best, k-th best, last) are this folder's. Lightning reloaded only the best path, the original run's, and
+        forgot the best score, so the next epoch became the best whatever its score."""
+        before = state_dict.get("dirpath")
+        if before and self.dirpath and before != self.dirpath:
+
+            def moved(path: str | None) -> str | None:
+                return os.path.join(self.dirpath, os.path.relpath(path, before)) if path else path
+
+            paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+            state_dict = {
+                **state_dict,
+                **{key: moved(state_dict.get(key)) for key in paths},
+                "dirpath": self.dirpath,
+                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
 
 
 def best_checkpoint(dirpath: str | os.PathLike | None, monitor: str, mode: str, **kwargs) -> AtomicCheckpoint:
