@@ -9,7 +9,10 @@ sets how much of the tissue each focus covers, i.e. the MIL witness rate.
 
     spec.py        CohortSpec: every generator setting (size, mpp, formats, tumour contrast and area, ...)
     textures.py    stroma and nuclei textures, the stain palette
-    scene.py       the procedural slide: tissue, tumour foci, pixels at any level; the ground truth (SlideInfo)
+    sites.py       Site: a site's stain (H and E vectors and amounts), light, scanner blur and JPEG quality
+    scene.py       the procedural slide: tissue, tumour foci, benign mimics, level-0 pixels; SlideInfo
+    levels.py      pixels at any pyramid level (render_region, area4)
+    truth.py       the ground truth: tissue, tumour and mimic masks, tumour patches
     tiff.py        write_slide: one slide as SVS, generic TIFF or OME-TIFF, tile by tile in bounded memory
     cohort.py      make_cohort / load_cohort / slide_infos: slides, labels.csv and cohort.json under one root
     datamodule.py  SyntheticCohortDataModule: a cohort written on first use, then read like any other
@@ -30,17 +33,12 @@ from .cohort import (
     tumour_burden,
     write_targets,
 )
-from .scene import (
-    SlideInfo,
-    TumourRegion,
-    patch_tumour_fraction,
-    render_region,
-    tissue_mask,
-    tumour_mask,
-    tumour_patches,
-)
+from .levels import render_region
+from .scene import SlideInfo, TumourRegion
+from .sites import Site
 from .spec import CLASSES, EXTENSIONS, CohortSpec, Compression, Flavour
 from .tiff import write_slide
+from .truth import mimic_mask, patch_tumour_fraction, tissue_mask, tumour_mask, tumour_patches
 
 __all__ = [
     "CLASSES",
@@ -49,11 +47,13 @@ __all__ = [
     "CohortSpec",
     "Compression",
     "Flavour",
+    "Site",
     "SlideInfo",
     "SyntheticCohortDataModule",
     "TumourRegion",
     "load_cohort",
     "make_cohort",
+    "mimic_mask",
     "render_region",
     "slide_infos",
     "survival_times",

@@ -16,9 +16,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..outlines import mask_outline
-from .scene import SlideInfo, tumour_mask
+from .scene import SlideInfo
+from .sites import make_sites
 from .spec import CLASSES, EXTENSIONS, CohortSpec
 from .tiff import write_slide
+from .truth import tumour_mask
 
 __all__ = [
     "TARGETS_FILE",
@@ -42,8 +44,10 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
 
     Slide i has flavour flavours[i % len(flavours)]; round(n_slides * positive_fraction) slides are tumour (at least
     one of each label when 0 < positive_fraction < 1); there are round(n_slides * patients_per_slide) patients, so some
-    have several slides and grouped splits matter. A cohort already complete with the same spec is left as is;
-    `workers` threads compress tiles.
+    have several slides and grouped splits matter. With `sites`, each patient belongs to one site drawn at random, so
+    every split holds slides of every site (the benchmark measures generalisation across a cohort's sites, not to a
+    site never seen); with `mimics`, that share of slides of both classes hold benign mimic foci. A cohort already
+    complete with the same spec is left as is; `workers` threads compress tiles.
     """
     root = Path(root)
     params = json.loads(json.dumps(asdict(spec)))  # as cohort.json holds it: lists, not tuples
@@ -66,14 +70,30 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     n_patients = max(1, round(n_slides * spec.patients_per_slide))
     patients = rng.permutation(np.arange(n_slides) % n_patients)
     slide_seeds = np.random.SeedSequence(seed).generate_state(n_slides, np.uint64)
+    # sites and mimics draw from streams of their own: cohorts without them keep their slides
+    sites = make_sites(spec.sites, seed, spec.site_variation)
+    of_patient = np.random.default_rng(np.random.SeedSequence([seed, n_slides, 3])).integers(
+        0, spec.sites or 1, n_patients
+    )
+    mimics = np.random.default_rng(np.random.SeedSequence([seed, n_slides, 5])).random(n_slides) < spec.mimics
 
     ids = [f"slide_{i:03d}" for i in range(n_slides)]
     infos = []
     for i, slide_id in enumerate(tqdm(ids, desc=f"writing {root}", unit="slide", leave=False)):
         flavour = spec.flavours[i % len(spec.flavours)]
         path = root / "slides" / f"{slide_id}{EXTENSIONS[flavour]}"
+        site = sites[of_patient[patients[i]]] if sites else None
         infos.append(
-            write_slide(path, spec, seed=int(slide_seeds[i]), tumour=bool(labels[i]), flavour=flavour, workers=workers)
+            write_slide(
+                path,
+                spec,
+                seed=int(slide_seeds[i]),
+                tumour=bool(labels[i]),
+                flavour=flavour,
+                workers=workers,
+                site=site,
+                mimics=bool(mimics[i]),
+            )
         )
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

@@ -1,7 +1,6 @@
-"""The procedural slide: tissue geometry, tumour foci and pixels at any level, a pure function of the slide's settings
-and the position, so any region can be regenerated (`render_region`) and the ground truth read back (`tissue_mask`,
-`tumour_mask`). Level k > 0 is the 4x4 area average of level k-1 (partial blocks at the image edge average the pixels
-that exist).
+"""The procedural slide: tissue geometry, tumour foci, benign mimics and level-0 pixels, a pure function of the
+slide's settings and the position, so any region can be regenerated (`levels.render_region`) and the ground truth
+read back (`truth`). A slide of a site (`sites.Site`) is stained, lit and blurred as that site's.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .sites import Site, recolour
 from .spec import Compression, Flavour
 from .textures import (
     GLASS,
+    MIMIC,
     NUCLEI_PERIOD,
     STROMA_PERIOD,
     TUMOUR,
@@ -34,19 +35,7 @@ from .textures import (
     window,
 )
 
-__all__ = [
-    "Scene",
-    "SlideInfo",
-    "TumourRegion",
-    "area4",
-    "cached_scene",
-    "patch_tumour_fraction",
-    "render_region",
-    "scene_of",
-    "tissue_mask",
-    "tumour_mask",
-    "tumour_patches",
-]
+__all__ = ["Scene", "SlideInfo", "TumourRegion", "cached_scene", "scene_of"]
 
 _FIELD_MARGIN = 1024  # px beyond the slide's right and bottom edges where the tissue field still varies
 _ANALYSIS_PX = 512  # resolution (longest side) at which tissue is measured and tumours are placed
@@ -90,6 +79,9 @@ class SlideInfo:
     tissue_fraction: float
     tumour_regions: tuple[TumourRegion, ...]
     tumour_types: int = 1
+    site: Site | None = None  # where it was stained and scanned (None: the generator's own colours, no blur)
+    mimic_area: tuple[float, float] | None = None  # range of the tissue fraction of each mimic focus; None: none
+    mimic_regions: tuple[TumourRegion, ...] = ()  # benign mimics: not tumour
 
     @property
     def label(self) -> int:
@@ -106,16 +98,18 @@ class SlideInfo:
 
     @classmethod
     def from_dict(cls, d: dict, relative_to: Path | None = None) -> SlideInfo:
-        regions = tuple(
-            TumourRegion(
-                centre=tuple(r["centre"]),
-                radius=r["radius"],
-                harmonics=tuple(tuple(h) for h in r["harmonics"]),
-                box=tuple(r["box"]),
-                kind=r.get("kind", 0),  # cohorts written before tumour types
+        def regions(key: str) -> tuple[TumourRegion, ...]:
+            return tuple(
+                TumourRegion(
+                    centre=tuple(r["centre"]),
+                    radius=r["radius"],
+                    harmonics=tuple(tuple(h) for h in r["harmonics"]),
+                    box=tuple(r["box"]),
+                    kind=r.get("kind", 0),  # cohorts written before tumour types
+                )
+                for r in d.get(key, ())
             )
-            for r in d["tumour_regions"]
-        )
+
         path = Path(d["path"])
         return cls(
             **{
@@ -124,7 +118,10 @@ class SlideInfo:
                 "dimensions": tuple(d["dimensions"]),
                 "tumour_area": tuple(d["tumour_area"]),
                 "level_dimensions": tuple(tuple(x) for x in d["level_dimensions"]),
-                "tumour_regions": regions,
+                "tumour_regions": regions("tumour_regions"),
+                "site": Site.from_dict(d["site"]) if d.get("site") else None,
+                "mimic_area": tuple(d["mimic_area"]) if d.get("mimic_area") else None,
+                "mimic_regions": regions("mimic_regions"),
             }
         )
 
@@ -141,45 +138,57 @@ class Scene:
         contrast: float,
         area: tuple[float, float],
         types: int = 1,
+        site: Site | None = None,
+        mimic_area: tuple[float, float] | None = None,
     ) -> None:
         self.size = size
         self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
         self.step = max(8, self.scale // 1024)  # the tissue field is bilinear between nodes this many px apart
-        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]  # the first 6: one type
-        tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng, kind_rng, tumour_b_rng = streams
+        # a child stream per part: a new part draws from new streams only, so older cohorts keep their pixels
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(10)]  # the first 6: one type
+        tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng, kind_rng, tumour_b_rng = streams[:8]
+        mimic_place_rng, mimic_rng = streams[8:]
 
         self.analysis_downsample = max(1, math.ceil(self.scale / _ANALYSIS_PX))
         self._init_tissue(tissue_rng)
-        mask = self.tissue(*_centres(size, self.analysis_downsample))
+        mask = self.tissue(*centres(size, self.analysis_downsample))
         self.tissue_fraction = float(mask.mean())
-        regions = self._place_tumours(place_rng, mask, self.analysis_downsample, area) if tumour else ()
+        regions = self._place_foci(place_rng, mask, self.analysis_downsample, area) if tumour else ()
         if types == 2:  # each focus type a or b, at random
             regions = tuple(
                 replace(r, kind=int(k)) for r, k in zip(regions, kind_rng.integers(0, 2, len(regions)), strict=True)
             )
         self.tumour_regions = regions
+        self.mimic_regions = ()
+        if mimic_area is not None:
+            self.mimic_regions = self._place_foci(mimic_place_rng, mask, self.analysis_downsample, mimic_area, regions)
+        self.blur_px = site.blur_um / mpp if site is not None else 0.0
 
         stroma = stroma_texture(stroma_rng, mpp)
         normal = nuclei_alpha(normal_rng, mpp, Nuclei())
         # tumour nuclei are paler (vesicular), which offsets part of their extra hematoxylin; lighter stroma offsets
         # the rest (see palette), so tumour and normal tissue share the mean colour
-        tumour_q = self._tumour_nuclei(tumour_rng, mpp, Nuclei().tumour(contrast), normal) if tumour else None
+        tumour_q = self._matched_nuclei(tumour_rng, mpp, Nuclei().tumour(contrast), normal) if tumour else None
         has_b = any(r.kind == 1 for r in regions)
-        tumour_b_q = self._tumour_nuclei(tumour_b_rng, mpp, Nuclei().tumour_b(contrast), normal) if has_b else None
+        tumour_b_q = self._matched_nuclei(tumour_b_rng, mpp, Nuclei().tumour_b(contrast), normal) if has_b else None
+        mimic_q = self._matched_nuclei(mimic_rng, mpp, Nuclei().lymphocytes(), normal) if self.mimic_regions else None
         normal_q = quantise(normal)
         self.palette = palette(
             stain_rng,
             histogram(stroma, 256),
             histogram(normal_q, 16),
-            *(histogram(q, 16) if q is not None else None for q in (tumour_q, tumour_b_q)),
+            *(histogram(q, 16) if q is not None else None for q in (tumour_q, tumour_b_q, mimic_q)),
+            recolour=None if site is None else functools.partial(recolour, site=site),
         )
         self.stroma, self.nuclei = doubled(stroma), doubled(normal_q)
         self.tumour_nuclei = doubled(tumour_q) if tumour_q is not None else None
         self.tumour_b_nuclei = doubled(tumour_b_q) if tumour_b_q is not None else None
+        self.mimic_nuclei = doubled(mimic_q) if mimic_q is not None else None
 
     @staticmethod
-    def _tumour_nuclei(rng: np.random.Generator, mpp: float, nuclei: Nuclei, normal: np.ndarray) -> np.ndarray:
-        """A tumour type's quantised nuclei texture, its opacity scaled to the normal nuclei's mean by sqrt."""
+    def _matched_nuclei(rng: np.random.Generator, mpp: float, nuclei: Nuclei, normal: np.ndarray) -> np.ndarray:
+        """A foreign population's quantised nuclei texture (a tumour type, a mimic), its opacity scaled to the normal
+        nuclei's mean by sqrt."""
         alpha = nuclei_alpha(rng, mpp, nuclei)
         alpha *= math.sqrt(normal.mean() / alpha.mean())
         return quantise(alpha)
@@ -198,7 +207,7 @@ class Scene:
         # the field is bilinear between nodes on a grid covering the slide plus a margin, and constant beyond it
         nx, ny = (w + _FIELD_MARGIN) // self.step + 2, (h + _FIELD_MARGIN) // self.step + 2
         self.nodes = self._analytic(np.arange(nx) * float(self.step), np.arange(ny) * float(self.step))
-        self.nodes -= np.quantile(self.field(*_centres(self.size, self.analysis_downsample)), 1 - target)
+        self.nodes -= np.quantile(self.field(*centres(self.size, self.analysis_downsample)), 1 - target)
 
     def _analytic(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         u = xs[None, :] / self.scale
@@ -230,16 +239,25 @@ class Scene:
     def tissue(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return self.field(xs, ys) > 0
 
-    def _place_tumours(
-        self, rng: np.random.Generator, mask: np.ndarray, d: int, area_range: tuple[float, float]
+    def _place_foci(
+        self,
+        rng: np.random.Generator,
+        mask: np.ndarray,
+        d: int,
+        area_range: tuple[float, float],
+        avoid: Sequence[TumourRegion] = (),
     ) -> tuple[TumourRegion, ...]:
         """1-3 foci, each covering a fraction of the tissue drawn from `area_range` (less where the tissue is too thin
-        to hold it), placed where the tissue is deep enough to contain them whole."""
+        to hold it), placed where the tissue is deep enough to contain them whole, apart from `avoid` (the tumour,
+        for mimics; with it, a slide without room gets none)."""
         depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1] * d  # the slide edge bounds tumours too
         tissue_px = self.tissue_fraction * self.size[0] * self.size[1]
-        xs, ys = _centres(self.size, d)
+        xs, ys = centres(self.size, d)
         margin = 2 * d + 1
         taken = np.zeros_like(mask)  # foci (with a margin) placed so far: keep the next one apart
+        for region in avoid:
+            reach = region.radius * (1 + sum(a for _, a, _ in region.harmonics)) + margin
+            taken |= np.hypot(xs[None, :] - region.centre[0], ys[:, None] - region.centre[1]) < reach
         regions: list[TumourRegion] = []
         for _ in range(int(rng.integers(1, 4))):
             harmonics = tuple((k, float(rng.uniform(0, 0.12)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3, 4, 5))
@@ -249,7 +267,7 @@ class Scene:
             room = np.minimum(depth, ndimage.distance_transform_edt(~taken) * d) if taken.any() else depth
             radius = min(radius, (room.max() - margin) / (1 + amp))
             if radius < 2:
-                if regions:
+                if regions or avoid:
                     break
                 raise ValueError(f"size: {self.size} has no room for a tumour region; use a larger slide")
             iy, ix = np.nonzero(room >= min(radius * (1 + amp) + margin, room.max()))  # max: exact when clipped
@@ -260,7 +278,16 @@ class Scene:
         return tuple(regions)
 
     def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Level-0 pixels [y, y+h) x [x, x+w) as uint8 (h, w, 3); defined everywhere, also outside the slide."""
+        """Level-0 pixels [y, y+h) x [x, x+w) as uint8 (h, w, 3); defined everywhere, also outside the slide. A
+        site's optics blur them (rendered with a margin, so a region's pixels do not depend on its bounds)."""
+        if self.blur_px <= 0:
+            return self._sharp(x, y, w, h)
+        m = math.ceil(4 * self.blur_px)
+        sharp = self._sharp(x - m, y - m, w + 2 * m, h + 2 * m).astype(np.float32)
+        blurred = ndimage.gaussian_filter(sharp, sigma=(self.blur_px, self.blur_px, 0), mode="nearest", truncate=4.0)
+        return np.clip(np.rint(blurred[m : m + h, m : m + w]), 0, 255).astype(np.uint8)
+
+    def _sharp(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         sg = window(self.stroma, STROMA_PERIOD, x, y, w, h).astype(np.uint16)
         xs, ys = np.arange(x, x + w, dtype=np.float64), np.arange(y, y + h, dtype=np.float64)
         cells = self._cells(xs, ys)
@@ -269,8 +296,13 @@ class Scene:
         if (nodes <= 0).all():  # bilinear interpolation cannot leave the nodes' range
             return np.take(self.palette, sg + GLASS, axis=0)
         idx = (sg << 4) | window(self.nuclei, NUCLEI_PERIOD, x, y, w, h)
-        for kind, offset, nuclei in ((0, TUMOUR, self.tumour_nuclei), (1, TUMOUR_B, self.tumour_b_nuclei)):
-            inside = _tumour([r for r in self.tumour_regions if r.kind == kind], xs, ys)
+        foci = (
+            ([r for r in self.tumour_regions if r.kind == 0], TUMOUR, self.tumour_nuclei),
+            ([r for r in self.tumour_regions if r.kind == 1], TUMOUR_B, self.tumour_b_nuclei),
+            (self.mimic_regions, MIMIC, self.mimic_nuclei),
+        )
+        for regions, offset, nuclei in foci:
+            inside = in_regions(regions, xs, ys)
             if inside is not None:
                 tumour = (sg << 4) | window(nuclei, NUCLEI_PERIOD, x, y, w, h)
                 idx = np.where(inside, tumour + offset, idx)
@@ -284,11 +316,19 @@ cached_scene = functools.lru_cache(maxsize=4)(Scene)  # a scene's textures take 
 
 def scene_of(info: SlideInfo) -> Scene:
     return cached_scene(
-        info.seed, info.dimensions, info.mpp, info.tumour, info.tumour_contrast, info.tumour_area, info.tumour_types
+        info.seed,
+        info.dimensions,
+        info.mpp,
+        info.tumour,
+        info.tumour_contrast,
+        info.tumour_area,
+        info.tumour_types,
+        info.site,
+        info.mimic_area,
     )
 
 
-def _centres(size: tuple[int, int], downsample: float) -> tuple[np.ndarray, np.ndarray]:
+def centres(size: tuple[int, int], downsample: float) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 positions of the pixel centres of a grid `downsample` times coarser than level 0."""
     w, h = size
     nx, ny = math.ceil(w / downsample), math.ceil(h / downsample)
@@ -306,9 +346,9 @@ def _region(centre: tuple[float, float], radius: float, harmonics: tuple, size: 
     return TumourRegion(centre, radius, harmonics, (x0, y0, x1 - x0, y1 - y0))
 
 
-def _tumour(regions: Sequence[TumourRegion], xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
-    """Tumour membership on the grid ys x xs (sorted level-0 positions), evaluated inside the regions' boxes only;
-    None when no box meets the grid."""
+def in_regions(regions: Sequence[TumourRegion], xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    """Membership of any of `regions` on the grid ys x xs (sorted level-0 positions), evaluated inside the regions'
+    boxes only; None when no box meets the grid."""
     mask = None
     for region in regions:
         bx, by, bw, bh = region.box
@@ -325,94 +365,3 @@ def _cell(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     g = np.clip(g, 0, n - 1)
     i = np.minimum(np.floor(g).astype(np.intp), n - 2)
     return i, g - i
-
-
-def area4(a: np.ndarray) -> np.ndarray:
-    """4x4 area average (rounded) of an RGB uint8 image; edge blocks average the pixels they have."""
-    h, w = a.shape[:2]
-    bh, bw = -(-h // 4), -(-w // 4)
-    if h % 4 or w % 4:
-        padded = np.zeros((bh * 4, bw * 4, 3), np.uint8)
-        padded[:h, :w] = a
-        a = padded
-    rows = a[0::4].astype(np.uint16)
-    rows += a[1::4]
-    rows += a[2::4]
-    rows += a[3::4]
-    sums = rows[:, 0::4] + rows[:, 1::4]
-    sums += rows[:, 2::4]
-    sums += rows[:, 3::4]  # <= 16 * 255, so 2 * sums + count fits uint16
-    count = np.minimum(4, h - 4 * np.arange(bh))[:, None, None] * np.minimum(4, w - 4 * np.arange(bw))[None, :, None]
-    count = count.astype(np.uint16)
-    return ((2 * sums + count) // (2 * count)).astype(np.uint8)
-
-
-def render_region(info: SlideInfo, location: tuple[int, int], size: tuple[int, int], level: int = 0) -> np.ndarray:
-    """The pixels the file holds before compression, OpenSlide-style: `location` in level-0 px, `size` in level px.
-
-    Level 0 is defined everywhere; other levels only inside the level and at locations on the level's pixel grid.
-    """
-    x, y = location
-    w, h = size
-    scene = scene_of(info)
-    if not 0 <= level < len(info.level_dimensions):
-        raise ValueError(f"level: expected 0..{len(info.level_dimensions) - 1}, got {level}")
-    if w < 1 or h < 1:
-        raise ValueError(f"size: expected positive (w, h), got {size}")
-    if level == 0:
-        return scene.render(x, y, w, h)
-    ds = 4**level
-    lw, lh = info.level_dimensions[level]
-    if x % ds or y % ds or x < 0 or y < 0 or x // ds + w > lw or y // ds + h > lh:
-        raise ValueError(f"location/size: level {level} region must lie inside {lw}x{lh} at multiples of {ds}")
-    return _render_level(scene, info.level_dimensions, level, x // ds, y // ds, w, h)
-
-
-def _render_level(
-    scene: Scene, dims: Sequence[tuple[int, int]], level: int, x: int, y: int, w: int, h: int
-) -> np.ndarray:
-    if level == 0:
-        return scene.render(x, y, w, h)
-    pw, ph = dims[level - 1]
-    x0, y0 = 4 * x, 4 * y
-    below = _render_level(scene, dims, level - 1, x0, y0, min(4 * w, pw - x0), min(4 * h, ph - y0))
-    return area4(below)
-
-
-def tissue_mask(info: SlideInfo, downsample: float) -> np.ndarray:
-    """Tissue ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds))."""
-    return scene_of(info).tissue(*_centres(info.dimensions, _check_downsample(downsample)))
-
-
-def tumour_mask(info: SlideInfo, downsample: float, kind: int | None = None) -> np.ndarray:
-    """Tumour ground truth on a grid `downsample` times coarser than level 0, shape (ceil(h/ds), ceil(w/ds)); with
-    `kind` (0: type a, 1: type b), that type's only."""
-    xs, ys = _centres(info.dimensions, _check_downsample(downsample))
-    regions = [r for r in info.tumour_regions if kind is None or r.kind == kind]
-    mask = _tumour(regions, xs, ys)
-    return np.zeros((len(ys), len(xs)), bool) if mask is None else mask
-
-
-def patch_tumour_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
-    """(N,): the fraction of each square patch (level-0 top-left `coords`, `side` level-0 pixels) inside the tumour,
-    on the `tumour_mask` grid at `downsample`; at most one mask pixel of error along each edge."""
-    mask = tumour_mask(info, downsample)
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # sums over any box in O(1)
-    h, w = mask.shape
-    cell = max(1, round(side / downsample))
-    x0 = np.clip(np.asarray(coords[:, 0]) // downsample, 0, w).astype(int)
-    y0 = np.clip(np.asarray(coords[:, 1]) // downsample, 0, h).astype(int)
-    x1, y1 = np.minimum(x0 + cell, w), np.minimum(y0 + cell, h)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / (cell * cell)
-
-
-def tumour_patches(info: SlideInfo, coords: np.ndarray, side: float) -> np.ndarray:
-    """(N,) bool: the patches at least half inside the tumour, the patch-level truth every measurement uses."""
-    return patch_tumour_fraction(info, coords, side) >= 0.5
-
-
-def _check_downsample(downsample: float) -> float:
-    if not downsample >= 1:
-        raise ValueError(f"downsample: expected >= 1, got {downsample}")
-    return float(downsample)

@@ -54,6 +54,25 @@ class CohortSpec:
             "nuclei) at random, and targets.csv gains tumour_a, tumour_b"
         },
     )
+    sites: int = field(
+        default=0,
+        metadata={
+            "help": "sites the patients come from, each with its own stain (H and E vectors and amounts), light, "
+            "scanner blur and JPEG quality (0: none, every slide stained alike)"
+        },
+    )
+    site_variation: float = field(default=1.0, metadata={"help": "how far sites differ (0: alike, 1: as between labs)"})
+    mimics: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of slides, of either class, holding benign mimics: dense lymphocyte aggregates, unusual "
+            "tissue that is not tumour (their own masks; their patches are negatives)"
+        },
+    )
+    mimic_area: tuple[float, float] = field(
+        default=(0.02, 0.1),
+        metadata={"help": "range of the tissue fraction each mimic focus covers", "metavar": ("LOW", "HIGH")},
+    )
 
     def __post_init__(self) -> None:
         w_h = tuple(self.size)
@@ -102,9 +121,22 @@ class CohortSpec:
             self.tumour_area,
         )
         check("tumour_types", self.tumour_types in (1, 2), "1 or 2", self.tumour_types)
+        check("sites", isinstance(self.sites, int) and 0 <= self.sites <= 64, "an int in [0, 64]", self.sites)
+        check("site_variation", 0 <= self.site_variation <= 3, "a float in [0, 3]", self.site_variation)
+        check("mimics", 0 <= self.mimics <= 1, "a float in [0, 1]", self.mimics)
+        mimic = tuple(self.mimic_area)
+        check(
+            "mimic_area",
+            len(mimic) == 2 and 0 < mimic[0] <= mimic[1] <= 0.5,
+            "(low, high) with 0 < low <= high <= 0.5",
+            self.mimic_area,
+        )
         # tuples and floats whatever was passed (lists from YAML, ints from the command line): equal specs compare equal
         object.__setattr__(self, "size", w_h)
         object.__setattr__(self, "flavours", tuple(self.flavours))
         object.__setattr__(self, "mpp", float(self.mpp))
         object.__setattr__(self, "tumour_contrast", float(self.tumour_contrast))
         object.__setattr__(self, "tumour_area", (float(area[0]), float(area[1])))
+        object.__setattr__(self, "site_variation", float(self.site_variation))
+        object.__setattr__(self, "mimics", float(self.mimics))
+        object.__setattr__(self, "mimic_area", (float(mimic[0]), float(mimic[1])))

@@ -7,13 +7,14 @@ that any window of a slide is a slice of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "GLASS",
+    "MIMIC",
     "NUCLEI_PERIOD",
     "STROMA_PERIOD",
     "TUMOUR",
@@ -32,8 +33,9 @@ __all__ = [
 
 STROMA_PERIOD = 1024  # stroma texture period in px (FFT-friendly)
 NUCLEI_PERIOD = 1021  # nuclei texture period: prime, so the two textures never line up again on a slide
-# palette offsets: normal tissue [0, 4096), tumour [4096, 8192), glass [8192, 8448), type-b tumour [8448, 12544)
-TUMOUR, GLASS, TUMOUR_B = 4096, 8192, 8448
+# palette offsets: normal tissue [0, 4096), tumour [4096, 8192), glass [8192, 8448), type-b tumour [8448, 12544),
+# benign mimics [12544, 16640)
+TUMOUR, GLASS, TUMOUR_B, MIMIC = 4096, 8192, 8448, 12544
 
 _LIGHT_STROMA = np.array([240.0, 186.0, 216.0])
 _DARK_STROMA = np.array([214.0, 124.0, 176.0])
@@ -61,6 +63,12 @@ class Nuclei:
             aspect_sd=self.aspect_sd + 0.15 * contrast,
             lobes=self.lobes + 0.10 * contrast,
         )
+
+    def lymphocytes(self) -> Nuclei:
+        """A benign mimic: a dense aggregate of lymphocytes, small round dark nuclei packed closely. Unusual tissue,
+        like tumour type b in size and crowding, but regular: what a detector of "unusual" flags and a tumour
+        detector must not."""
+        return Nuclei(radius_um=1.9, radius_sd_um=0.12, per_100um2=self.per_100um2 * 2.6, aspect_sd=0.03, lobes=0.01)
 
     def tumour_b(self, contrast: float) -> Nuclei:
         """Type b: small, round, uniform nuclei, crowded (a small-cell pattern, unlike type a in every measure)."""
@@ -174,12 +182,19 @@ def palette(
     p_normal: np.ndarray,
     p_tumour: np.ndarray | None,
     p_tumour_b: np.ndarray | None = None,
+    p_mimic: np.ndarray | None = None,
+    recolour: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """RGB for every (class, stroma byte, nucleus level); tumour stroma is shifted so that tumour and normal tissue
     have the same expected colour. With `p_tumour_b`, type b's block follows glass (`TUMOUR_B`), matched the same
-    way, so a one-type palette is the first part of a two-type one."""
+    way, so a one-type palette is the first part of a two-type one; `p_mimic` (benign mimics, `MIMIC`) follows it,
+    matched too. `recolour` (a site's stain and light, `sites.recolour`) changes the stroma, nucleus and glass colours
+    before the classes are mixed and matched."""
     stain = rng.uniform(0.96, 1.04, (3, 3))  # per-slide stain variation
     light, dark, nucleus = _LIGHT_STROMA * stain[0], _DARK_STROMA * stain[1], _NUCLEUS * stain[2]
+    glass_rgb = _GLASS_RGB
+    if recolour is not None:
+        light, dark, nucleus, glass_rgb = recolour(np.stack([light, dark, nucleus, _GLASS_RGB]))
     sg = np.arange(256)
     stroma = light + (dark - light) * ((sg >> 3) / 31)[:, None]  # (256, 3)
     noise = ((sg & 7) - 3.5) * _PIXEL_NOISE
@@ -200,8 +215,10 @@ def palette(
 
     normal = tissue(np.zeros(3))
     tumour = normal if p_tumour is None else matched(p_tumour)
-    glass = np.clip(_GLASS_RGB + noise[:, None], 0, 255)
+    glass = np.clip(glass_rgb + noise[:, None], 0, 255)
     blocks = [normal.reshape(-1, 3), tumour.reshape(-1, 3), glass]
-    if p_tumour_b is not None:
-        blocks.append(matched(p_tumour_b).reshape(-1, 3))
+    if p_tumour_b is not None or p_mimic is not None:
+        blocks.append((normal if p_tumour_b is None else matched(p_tumour_b)).reshape(-1, 3))
+    if p_mimic is not None:
+        blocks.append(matched(p_mimic).reshape(-1, 3))
     return np.rint(np.concatenate(blocks)).astype(np.uint8)

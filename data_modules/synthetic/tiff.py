@@ -14,7 +14,9 @@ import tifffile
 
 from data_modules.checks import check
 
-from .scene import Scene, SlideInfo, area4, cached_scene
+from .levels import area4
+from .scene import Scene, SlideInfo, cached_scene
+from .sites import Site
 from .spec import CohortSpec, Compression, Flavour
 
 __all__ = ["write_slide"]
@@ -197,6 +199,8 @@ def write_slide(
     flavour: Flavour | None = None,
     levels: int | None = None,
     workers: int = 1,
+    site: Site | None = None,
+    mimics: bool = False,
 ) -> SlideInfo:
     """Write one synthetic slide with `spec`'s size, mpp, tiles and tumour settings atomically (temp name, then
     rename) and return its ground truth. `seed` is the slide's own (64 bits); `flavour` defaults to the first of
@@ -206,7 +210,8 @@ def write_slide(
     and a macro image. "tiff": generic pyramidal TIFF, levels as reduced-resolution pages, mpp in X/YResolution (per
     cm); OpenSlide reads it as "generic-tiff". "ome": OME-TIFF with the levels as SubIFDs and PhysicalSizeX/Y in um.
     `levels` (default: down to about one tile) sets the pyramid depth; `workers` threads compress tiles (memory grows
-    by 8 tiles per worker).
+    by 8 tiles per worker). A slide of `site` is stained, lit, blurred and compressed as the site's, jittered a little
+    (from `seed`); with `mimics`, it holds benign mimic foci (`spec.mimic_area`).
     """
     flavour = spec.flavours[0] if flavour is None else flavour
     check("seed", isinstance(seed, int) and 0 <= seed < 2**64, "an int in [0, 2**64)", seed)
@@ -216,8 +221,19 @@ def write_slide(
     path = Path(path)
     (width, height), tile_size = spec.size, spec.tile_size
     dims = _level_dimensions(width, height, tile_size, levels)
+    if site is not None:
+        site = site.jittered(np.random.default_rng(np.random.SeedSequence([seed, 11])))
+    mimic_area = spec.mimic_area if mimics else None
     scene = cached_scene(
-        seed, spec.size, spec.mpp, bool(tumour), spec.tumour_contrast, spec.tumour_area, spec.tumour_types
+        seed,
+        spec.size,
+        spec.mpp,
+        bool(tumour),
+        spec.tumour_contrast,
+        spec.tumour_area,
+        spec.tumour_types,
+        site,
+        mimic_area,
     )
     info = SlideInfo(
         path=path,
@@ -229,12 +245,15 @@ def write_slide(
         tumour_area=spec.tumour_area,
         flavour=flavour,
         compression=spec.compression,
-        quality=spec.quality,
+        quality=spec.quality if site is None else site.quality,
         tile_size=tile_size,
         level_dimensions=tuple(dims),
         tissue_fraction=scene.tissue_fraction,
         tumour_regions=scene.tumour_regions,
         tumour_types=spec.tumour_types,
+        site=site,
+        mimic_area=mimic_area,
+        mimic_regions=scene.mimic_regions,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
