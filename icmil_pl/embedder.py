@@ -3,17 +3,23 @@ LightningModule whose `predict` is extraction."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from data_modules.patches import PatchDataset
+from data_modules.tiling import SlidePatches
 
 from .encoders import (
     PRESETS,
@@ -28,7 +34,7 @@ from .encoders import (
 )
 from .finetune import Finetune, FullFinetune
 
-__all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm"]
+__all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm", "reestimated"]
 
 
 class PatchEmbedder(pl.LightningModule):
@@ -173,6 +179,32 @@ class PatchEmbedder(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch["image"])
 
+    @torch.no_grad()
+    def reestimate_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Re-estimate every BatchNorm's running statistics on `batches` of uint8 patches: one pass with BatchNorm
+        in training mode, the statistics averaged over the batches, no weight moved. A random-init or ImageNet CNN
+        normalises H&E by statistics that are not its own; this is the cheap gain any CNN gets on a cohort before
+        anything learns, so a coupling must not be credited with it. Returns how many patches it saw."""
+        frozen = self.config["batchnorm"] == "frozen"
+        thaw_batchnorm(self.backbone)
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        training, momenta = self.training, [m.momentum for m in norms]
+        self.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the batches, not an exponential one
+            norm.train()
+        seen = 0
+        for images in batches:
+            self(images.to(self.mean.device))
+            seen += len(images)
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        self.train(training)
+        if frozen:
+            freeze_batchnorm(self.backbone)
+        return seen
+
     def start_finetune(self) -> PatchEmbedder:
         """Marks what trains by `finetune` (adapters injected), once; returns self."""
         if not self._finetuning:
@@ -213,6 +245,25 @@ class PatchEmbedder(pl.LightningModule):
             "weights_hash": self.weights_hash(),
             "feature_dim": self.feature_dim,
         }
+
+
+def reestimated(
+    embedder: PatchEmbedder,
+    slides: Sequence[SlidePatches],
+    max_patches: int,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> PatchEmbedder:
+    """A copy of `embedder` (on the CPU) whose BatchNorm statistics are re-estimated on a seeded sample of at most
+    `max_patches` patches of `slides` (`PatchEmbedder.reestimate_batchnorm`), read in batches of `batch_size`."""
+    patches = PatchDataset(slides)
+    sample = np.sort(np.random.default_rng(seed).permutation(len(patches))[:max_patches])
+    loader = DataLoader(Subset(patches, sample.tolist()), batch_size=batch_size)
+    calibrated = copy.deepcopy(embedder).to(device)
+    calibrated.reestimate_batchnorm(batch["image"] for batch in loader)
+    return calibrated.cpu()
 
 
 class _AlwaysEval:

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_modules.checks import check
 from data_modules.cohort import require_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.feature_cache import FeatureCache
@@ -32,13 +33,11 @@ from data_modules.splits import SplitConfig, make_splits, save_splits
 
 from .bag_classifier import BagClassifier
 from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
-from .callbacks.outputs import report_skipped
 from .coupling import CouplingStrategy, Distillation
-from .embedder import PatchEmbedder
+from .embedder import PatchEmbedder, reestimated
 from .phase_logger import PhaseLogger
-from .plots import iteration_figure, save_png
 from .report import REPORT_FILE, write_report
-from .results import log_final, print_table, stage_metrics, write_results
+from .results import log_run_results, print_table, stage_metrics, write_run_results
 from .run_dir import (
     PHASES,
     Phase,
@@ -60,6 +59,7 @@ PHASE_TEXT = {
     "embed": "extracting features",
     "bag": "training the bag classifier",
     "couple": "fine-tuning the embedder from the bag classifier",
+    "calibrate": "re-estimating the embedder's BatchNorm statistics on the training patches",
 }
 _say = rank_zero_only(print)  # one line per event, not one per process
 
@@ -70,6 +70,9 @@ class ICMIL(pl.LightningModule):
     `bag_trainer`, `couple_trainer` and `embed_trainer` override the config's `trainer` settings per phase (e.g.
     `{max_epochs: 200}` for the bag phase, `{precision: bf16-mixed}` for extraction). `bag_level: patient` makes a
     bag of all slides of a patient in the bag phase and in `BagGradient` coupling (`data_modules.patient_bags`).
+    `reestimate_batchnorm: k` re-estimates E_0's BatchNorm statistics on up to k patches of the training slides before
+    the first extraction (`PatchEmbedder.reestimate_batchnorm`; no weight moves): the free gain of any random or
+    ImageNet CNN on H&E, which iteration 0 of a fair comparison has, so that no coupling is credited with it.
     """
 
     def __init__(
@@ -85,17 +88,15 @@ class ICMIL(pl.LightningModule):
         couple_trainer: dict[str, Any] | None = None,
         embed_trainer: dict[str, Any] | None = None,
         bag_level: BagLevel = "slide",
+        reestimate_batchnorm: int | None = None,
     ) -> None:
         super().__init__()
-        if bag_level not in ("slide", "patient"):
-            raise ValueError(f"bag_level: expected 'slide' or 'patient', got {bag_level!r}")
-        if iterations < 0:
-            raise ValueError(f"iterations: expected an int >= 0 (0 = the two-stage baseline only), got {iterations}")
-        if embedder.feature_dim != bag.aggregator.in_dim:
-            raise ValueError(
-                f"bag aggregator in_dim={bag.aggregator.in_dim}, "
-                f"but the embedder gives {embedder.feature_dim}-d features"
-            )
+        check("bag_level", bag_level in ("slide", "patient"), "'slide' or 'patient'", bag_level)
+        check("iterations", iterations >= 0, "an int >= 0 (0 = the two-stage baseline only)", iterations)
+        patches = reestimate_batchnorm
+        check("reestimate_batchnorm", patches is None or patches >= 1, "null or a number of patches >= 1", patches)
+        width = f"the embedder's feature width, {embedder.feature_dim}"
+        check("bag.aggregator.in_dim", bag.aggregator.in_dim == embedder.feature_dim, width, bag.aggregator.in_dim)
         self.embedder = embedder
         self.bag = bag
         self.coupling = coupling or Distillation()
@@ -104,6 +105,7 @@ class ICMIL(pl.LightningModule):
         self.splits = splits
         self.feature_dtype = feature_dtype
         self.bag_level = bag_level
+        self.reestimate_batchnorm = reestimate_batchnorm
         self.phase_trainer = {"bag": bag_trainer or {}, "couple": couple_trainer or {}, "embed": embed_trainer or {}}
 
 
@@ -142,6 +144,8 @@ class ICMILLoop:
         self.state.check_slides(slide_record(cohort), cohort.labels_path)
         self.data.setup()
         embedder = self.icmil.embedder
+        if self.icmil.reestimate_batchnorm:
+            embedder = self._load_embedder(self._phase(0, "calibrate", self._calibrate, embedder))
         splits = None
         for i in range(self.icmil.iterations + 1):
             cache = self._phase(i, "embed", self._embed, embedder)
@@ -177,6 +181,23 @@ class ICMILLoop:
         output, metrics = work(i, *args)
         self.state.record(key, output, time.perf_counter() - start, metrics, self._step)
         return output
+
+    def _calibrate(self, i: int, embedder: PatchEmbedder) -> tuple[str, None]:
+        """E_0 with its BatchNorm statistics re-estimated on a seeded sample of the training split's patches (the
+        split of the slides tiling could read; one the extraction then finds unreadable is left out of the run's
+        splits, not of this sample)."""
+        train = set(self._splits()["train"])
+        slides = [s for s in self.data.slide_patches if s.slide_id in train]
+        cpu = {**self.trainer_kwargs, **self.icmil.phase_trainer["embed"]}.get("accelerator") == "cpu"
+        calibrated = reestimated(
+            embedder,
+            slides,
+            self.icmil.reestimate_batchnorm,
+            batch_size=self.data.batch_size,
+            seed=phase_seed(self.seed, i, "calibrate"),
+            device=torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu"),
+        )
+        return self.run_dir.save_embedder(0, calibrated), None
 
     def _embed(self, i: int, embedder: PatchEmbedder) -> tuple[str, None]:
         kwargs = self._trainer("embed", i, self.run_dir.root)
@@ -228,17 +249,8 @@ class ICMILLoop:
             patients=patients,
             patient_bags=self.icmil.bag_level == "patient",
         )
-        path = self.run_dir.embedder_path(i + 1)
-
-        def save() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(coupled.state_dict(), tmp)
-            os.replace(tmp, path)
-
-        written_by_rank_zero(save)
         self._step += 1
-        return str(path), None
+        return self.run_dir.save_embedder(i + 1, coupled), None
 
     # -- a finished run ----------------------------------------------------------------------------------------------
     def evaluate(self, stage: Literal["validate", "test", "predict"]) -> list:
@@ -268,7 +280,7 @@ class ICMILLoop:
         else:  # the run's splits: only on the cohort it was trained on
             self.state.check_slides(slides, cohort.labels_path)
             root = self.run_dir.final_dir(stage)
-        embedder = self._load_embedder(self.state.output(phase_key(n - 1, "couple"))) if n else self.icmil.embedder
+        embedder = self._final_embedder()
         cache = self._extract(embedder, {**self._trainer("embed", n, root, f"final/{stage}/embed"), "logger": False})
         best = self.state.output(phase_key(n, "bag"))
         data = self._bag_data(str(cache.path), None)
@@ -289,9 +301,17 @@ class ICMILLoop:
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+    def _final_embedder(self) -> PatchEmbedder:
+        """E_n: the last coupling's, else the calibrated E_0, else E_0 as configured."""
+        for key in (phase_key(self.icmil.iterations - 1, "couple"), phase_key(0, "calibrate")):
+            if key in self.state.done:
+                return self._load_embedder(self.state.output(key))
+        return self.icmil.embedder
+
     def _skipped(self) -> dict[str, str]:
-        """Slides left out as unreadable (on_slide_error: skip) by any iteration's extraction, with why."""
-        skipped: dict[str, str] = {}
+        """Slides left out as unreadable (on_slide_error: skip) by tiling or by any iteration's extraction, with
+        why."""
+        skipped: dict[str, str] = dict(self.data.skipped)
         for i in range(self.icmil.iterations + 1):
             key = phase_key(i, "embed")
             if key in self.state.done:
@@ -361,21 +381,10 @@ class ICMILLoop:
             bag = done[phase_key(i, "bag")]
             seconds = {p: done[phase_key(i, p)]["seconds"] for p in PHASES if phase_key(i, p) in done}
             iterations.append({"iteration": i, "checkpoint": bag["output"], **bag["metrics"], "seconds": seconds})
-        metric = self.icmil.bag.task.monitor
+        coupling, metric, skipped = type(self.icmil.coupling).__name__, self.icmil.bag.task.monitor, self._skipped()
         figure = self.run_dir.figures_dir / f"{metric}_by_iteration.png"
-        skipped = self._skipped()
-        extra = {"skipped": skipped} if skipped else {}
-
-        def save() -> None:
-            coupling = type(self.icmil.coupling).__name__
-            write_results(self.run_dir.root, iterations, model="ICMIL", coupling=coupling, **extra)
-            save_png(iteration_figure(iterations, metric), figure)
-
-        written_by_rank_zero(save)
-        if rank_zero_only.rank == 0:
-            report_skipped(skipped)
-        if isinstance(self.logger, WandbLogger):
-            self.logger.log_image(key=f"final/{metric}_by_iteration", images=[str(figure)])
-        if self.logger is not None:  # stable names for sweeps: the final iteration's metrics
-            log_final([self.logger], iterations[-1], step=self._step)
+        written_by_rank_zero(
+            lambda: write_run_results(self.run_dir.root, iterations, coupling, skipped, figure, metric)
+        )
+        log_run_results(self.logger, iterations, figure, self._step)
         return {"iterations": iterations}

@@ -16,11 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from .callbacks.outputs import output_dir, report_skipped
 from .metrics import METRIC_NAMES
+from .plots import iteration_figure, save_png
 
 __all__ = [
     "FINAL_METRICS",
@@ -29,11 +30,13 @@ __all__ = [
     "final_metrics",
     "final_name",
     "log_final",
+    "log_run_results",
     "print_table",
     "read_results",
     "record_fit",
     "stage_metrics",
     "write_results",
+    "write_run_results",
 ]
 
 RESULTS_FILE = "results.json"
@@ -125,3 +128,21 @@ def print_table(results: dict, metrics: tuple[str, ...]) -> None:
         cells = " ".join(f"{v:>{w}.4f}" for v, w in zip(values, widths, strict=True))
         seconds = f"{s.get('embed', 0):7.1f} {s.get('bag', 0):6.1f} {s.get('couple', 0):8.1f}"
         print(f"{r['iteration']:5d} {cells}  {seconds}")
+
+
+def write_run_results(
+    root: str | os.PathLike, iterations: list[dict], coupling: str, skipped: dict[str, str], figure: Path, metric: str
+) -> None:
+    """An ICMIL run's results.json, its `figure` of `metric` by iteration, and the slides it left out, said once."""
+    write_results(root, iterations, model="ICMIL", coupling=coupling, **({"skipped": skipped} if skipped else {}))
+    save_png(iteration_figure(iterations, metric), figure)
+    report_skipped(skipped)
+
+
+def log_run_results(logger: Logger | None, iterations: list[dict], figure: Path, step: int) -> None:
+    """The by-iteration figure to W&B, and the final iteration's metrics under their stable names (the sweep
+    metric) to the run's logger."""
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=f"final/{figure.stem}", images=[str(figure)])
+    if logger is not None:
+        log_final([logger], iterations[-1], step=step)

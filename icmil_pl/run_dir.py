@@ -8,7 +8,7 @@ run directory copied or moved elsewhere is a whole run of its own.
     <run>/features/<key>/         the feature cache of each iteration's embedder (keyed by its weights)
     <run>/iter<i>/bag/            bag-classifier checkpoints (best by validation AUROC, last)
     <run>/iter<i>/couple/         coupling checkpoints
-    <run>/iter<i>/embedder.pt     E_i (i >= 1)
+    <run>/iter<i>/embedder.pt     E_i (i >= 1; E_0 where its BatchNorm statistics were re-estimated)
     <run>/results.json, figures/  per-iteration metrics and times; AUROC by iteration
     <run>/report.html             the run at a glance (icmil_pl.report), rewritten after fit, test and predict
     <run>/final/<stage>/          validate / test / predict outputs of the finished run
@@ -62,8 +62,8 @@ __all__ = [
 
 COHORT_FILE = "cohort.txt"  # in a predict folder of another cohort: the labels file it belongs to
 
-Phase = Literal["embed", "bag", "couple"]
-PHASES: tuple[Phase, ...] = ("embed", "bag", "couple")
+Phase = Literal["embed", "bag", "couple", "calibrate"]
+PHASES: tuple[Phase, ...] = ("embed", "bag", "couple", "calibrate")  # appended only: phase_seed is by index
 
 # What may change when a run is continued: where things are and how fast they go, and the number of iterations.
 RESUMABLE_SETTINGS = frozenset(
@@ -231,8 +231,21 @@ class RunDir:
         return self.root / f"iter{iteration}" / "couple"
 
     def embedder_path(self, iteration: int) -> Path:
-        """E_i, the embedder of iteration i >= 1 (written by the couple phase of iteration i - 1)."""
+        """E_i, the embedder of iteration i: for i >= 1 written by the couple phase of iteration i - 1; E_0 by the
+        calibrate phase, where the run re-estimates its BatchNorm statistics."""
         return self.root / f"iter{iteration}" / "embedder.pt"
+
+    def save_embedder(self, iteration: int, embedder: torch.nn.Module) -> str:
+        """Write E_i's weights (whole or not at all, by rank 0) and return their path."""
+        path = self.embedder_path(iteration)
+
+        def save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(embedder.state_dict(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+
+        written_by_rank_zero(save)
+        return str(path)
 
     def final_dir(self, stage: str) -> Path:
         """Outputs of `stage` with the final model on the run's own cohort."""

@@ -71,3 +71,19 @@ def test_a_truncated_random_init_draws_the_random_stream_as_before():
     reference = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(2,))
     ours = embedder.backbone.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
+
+
+def test_batchnorm_reestimation_moves_the_statistics_and_nothing_else():
+    """One pass in training mode, averaged over the batches: the first BatchNorm's running mean is the mean of its
+    input over every patch; weights, and the frozen policy, stay."""
+    embedder = PatchEmbedder("resnet18", truncate_after="layer1")
+    before = {k: v.clone() for k, v in embedder.state_dict().items()}
+    patches = (torch.rand(2, 16, 3, 32, 32) * 255).to(torch.uint8)
+    assert embedder.reestimate_batchnorm(iter(patches)) == 32
+    after = embedder.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    with torch.no_grad():
+        conv = embedder.backbone.conv1(embedder.preprocess(patches.flatten(0, 1)))
+    torch.testing.assert_close(embedder.backbone.bn1.running_mean, conv.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert isinstance(embedder.backbone.bn1, FrozenBatchNorm2d)

@@ -253,6 +253,23 @@ def test_icmil_predict_encodes_labels_as_the_run_was_trained(icmil_cohort, finis
         main(["predict", "-c", str(run / "config.yaml"), f"--data.init_args.labels={labels}"])
 
 
+def test_reestimated_batchnorm_statistics_are_the_runs_e0(icmil_cohort, tmp_path, capsys):
+    """`reestimate_batchnorm: k`: a calibrate phase writes E_0 with BatchNorm statistics from training patches (no
+    weight moved), which iteration 0 embeds with and test uses, without re-embedding."""
+    args = ["--model.init_args.iterations=0", "--model.init_args.reestimate_batchnorm=256"]
+    main(icmil_args(icmil_cohort, tmp_path, "fit", *args))
+    run = tmp_path / "run"
+    assert list(json.loads((run / "state.json").read_text())["done"]) == ["iter0/calibrate", "iter0/embed", "iter0/bag"]
+    e0 = torch.load(run / "iter0" / "embedder.pt", weights_only=True)
+    config = main(icmil_args(icmil_cohort, tmp_path, "fit", *args)[1:], run=False).model.embedder.state_dict()
+    moved = {k for k in e0 if not torch.equal(e0[k], config[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    (manifest,) = (json.loads(p.read_text()) for p in (run / "features").glob("*/manifest.json"))
+    assert manifest["weights"] == "iter0/embedder.pt"
+    main(icmil_args(icmil_cohort, tmp_path, "test", *args))
+    assert len([p for p in (run / "features").iterdir() if p.is_dir()]) == 1  # the calibrated E_0's cache, reused
+
+
 def test_a_rerun_with_settings_that_decide_results_is_refused(icmil_cohort, finished):
     """Continuing a run with other settings would mix two experiments: refused with the keys named, nothing touched;
     how fast it runs is not what it is, so that may change."""
