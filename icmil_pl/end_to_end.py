@@ -4,15 +4,26 @@ Three ways to pay for a bag, comparable from one config:
 - `chunk_size: int`: exact gradient of the whole bag in bounded memory (`chunked.bag_backward`);
 - `chunk_size: null`: the plain full-bag forward/backward (the baseline; memory grows with the bag);
 - `max_instances: k`: train on k random patches of the bag per step (Koriakina et al.), cheap but approximate.
+
+`head: <bag classifier checkpoint>` warm-starts the aggregator from a two-stage model (its weights and its feature
+standardisation; iteration 0 of an ICMIL run), so that end to end starts where that model ended, with the embedder its
+features came from (`embedder.init_args.weights: <run>/iter0/embedder.pt`, or `embedder_from: <slide model
+checkpoint>`). `trains` picks what learns: both, the aggregator alone on the frozen embedder's features (a two-stage
+model, features computed on the fly), or the embedder alone through the frozen aggregator (ICMIL's exact coupling).
+`stain_jitter` augments every training patch (`data_modules.augment.StainJitter`), alike in both passes of the chunked
+backward.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from data_modules.augment import StainedBag, StainJitter
 
 from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
@@ -49,9 +60,13 @@ class EndToEndMIL(SlideTask):
         class_names: ClassNames = None,
         figures: FigureWriter | bool = True,
         task: Task | None = None,
+        stain_jitter: StainJitter | None = None,
+        head: str | None = None,
+        embedder_from: str | None = None,
+        trains: Literal["both", "aggregator", "embedder"] = "both",
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
-        self.save_hyperparameters(ignore=["embedder", "aggregator", "figures", "task"])
+        self.save_hyperparameters(ignore=["embedder", "aggregator", "figures", "task", "stain_jitter"])
         if self.task.needs_several_bags:
             raise ValueError(
                 "task: a Cox loss compares bags, but end to end each bag's gradient is taken on its own; use "
@@ -68,6 +83,8 @@ class EndToEndMIL(SlideTask):
             scheduler=scheduler,
             gradient_clip_val=gradient_clip_val,
             eval_chunk_size=eval_chunk_size,
+            stain_jitter=stain_jitter,
+            trains=trains,
         )
         self.automatic_optimization = False
         if chunk_size is not None and chunk_size < 1:
@@ -82,6 +99,51 @@ class EndToEndMIL(SlideTask):
         if hasattr(embedder, "start_finetune"):  # a PatchEmbedder: its `finetune` setting says what trains
             embedder.start_finetune()
         self.embedder = embedder
+        self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))  # identity unless warm-started
+        self.register_buffer("feature_std", torch.ones(aggregator.in_dim))
+        if head is not None:
+            self._warm_start(head)
+        if embedder_from is not None:
+            self._start_embedder(embedder_from)
+        if trains not in ("both", "aggregator", "embedder"):
+            raise ValueError(f"trains: expected 'both', 'aggregator' or 'embedder', got {trains!r}")
+        frozen = {"aggregator": self.embedder, "embedder": self.aggregator}.get(trains)
+        if frozen is not None:
+            frozen.requires_grad_(False)
+
+    def _start_embedder(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            self.embedder.load_state_dict(
+                {k.removeprefix("embedder."): v for k, v in state.items() if k.startswith("embedder.")}
+            )
+        except (OSError, KeyError, RuntimeError) as error:
+            first = " ".join(str(error).split())[:200]
+            raise ValueError(
+                f"embedder_from: {path}: not a slide model checkpoint of this embedder ({first})"
+            ) from None
+
+    def _warm_start(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            own = {k.removeprefix("aggregator."): v for k, v in state.items() if k.startswith("aggregator.")}
+            self.aggregator.load_state_dict(own)
+            self.feature_mean.copy_(state["feature_mean"])
+            self.feature_std.copy_(state["feature_std"])
+        except (OSError, KeyError, RuntimeError) as error:
+            first = " ".join(str(error).split())[:200]
+            raise ValueError(f"head: {path}: not a bag classifier checkpoint of this aggregator ({first})") from None
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Embeddings standardised as the warm-starting bag classifier's features were (identity otherwise)."""
+        return (h - self.feature_mean) / self.feature_std
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints from before the standardisation buffers: identity."""
+        state = checkpoint["state_dict"]
+        state.setdefault("feature_mean", torch.zeros_like(self.feature_mean))
+        state.setdefault("feature_std", torch.ones_like(self.feature_std))
+        super().on_load_checkpoint(checkpoint)
 
     # -- evaluation: chunked, no graph -------------------------------------------------------------------------------
     def embed(self, patches: Bag) -> torch.Tensor:
@@ -89,7 +151,7 @@ class EndToEndMIL(SlideTask):
         return embed_chunked(self.embedder, patches, chunk)
 
     def instances(self, batch: dict) -> torch.Tensor:
-        return self.embed(batch["patches"])
+        return self.normalize(self.embed(batch["patches"]))
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Everything but the patches: a bag may be far larger than the accelerator's memory."""
@@ -102,15 +164,23 @@ class EndToEndMIL(SlideTask):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         cfg = self.cfg
         patches, label = self._sample(batch["patches"]), batch["label"]
+        if cfg.stain_jitter is not None:  # drawn per bag, the same in both passes of the chunked backward
+            patches = StainedBag(patches, cfg.stain_jitter, int(torch.randint(2**62, ())))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.scale if scaler is not None else None
 
         def bag_loss(h: torch.Tensor) -> torch.Tensor:
-            return self.loss(self.aggregator(h), label) / cfg.bags_per_step
+            return self.loss(self.aggregator(self.normalize(h)), label) / cfg.bags_per_step
 
         loss = None
         with self.unless_unreadable(batch):  # pass 1 reads every chunk before any backward: a skip leaves no gradient
-            if cfg.chunk_size is None:
+            if cfg.trains == "aggregator":  # the embedder is frozen: its features need no graph
+                self.embedder.eval()
+                loss = bag_loss(self.embed(patches))
+                (loss if scale is None else scale(loss)).backward()
+                self.embedder.train()
+                loss = loss.detach()
+            elif cfg.chunk_size is None:
                 loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
                 (loss if scale is None else scale(loss)).backward()
                 loss = loss.detach()

@@ -7,9 +7,11 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from icmil_pl.aggregators import ABMIL
+from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.end_to_end import EndToEndMIL
 
@@ -130,3 +132,33 @@ def test_ddp_update_equals_single_process_update(tmp_path):
     diffs = [(single.state_dict()[k].float() - v.float()).abs().max().item() for k, v in ddp.items()]
     assert max(diffs) < 1e-5
     assert _max_diff(single, _model()) > 1e-4
+
+
+def test_end_to_end_warm_starts_from_a_bag_classifiers_checkpoint(tmp_path):
+    """`head`: the aggregator's weights and the bag classifier's feature standardisation, so that end to end starts
+    where the two-stage model ended; anything else is refused in one line."""
+    bag = BagClassifier(ABMIL(12, hidden_dim=8, attention_dim=4))
+    bag.feature_mean.normal_()
+    bag.feature_std.uniform_(0.5, 2.0)
+    path = tmp_path / "bag.ckpt"
+    torch.save({"state_dict": bag.state_dict()}, path)
+    model = EndToEndMIL(nn.Linear(1, 12), ABMIL(12, hidden_dim=8, attention_dim=4), head=str(path))
+    assert all(torch.equal(v, bag.aggregator.state_dict()[k]) for k, v in model.aggregator.state_dict().items())
+    h = torch.randn(5, 12)
+    torch.testing.assert_close(model.aggregator(model.normalize(h)).logits, bag.aggregator(bag.normalize(h)).logits)
+    with pytest.raises(ValueError, match=r"^head: .*bag\.ckpt: not a bag classifier checkpoint of this aggregator"):
+        EndToEndMIL(nn.Linear(1, 12), ABMIL(12, hidden_dim=16), head=str(path))
+
+
+@pytest.mark.parametrize(("trains", "moves"), [("aggregator", "aggregator"), ("embedder", "embedder")])
+def test_trains_moves_only_what_it_names(tmp_path, trains, moves):
+    """`trains: aggregator` is a two-stage model on the frozen embedder's features; `trains: embedder` is ICMIL's
+    exact coupling through the frozen aggregator (its step equals end to end's on the embedder)."""
+    start = _model(chunk_size=3, trains=trains)
+    stepped = _one_step(copy.deepcopy(start), _Data(), tmp_path)
+    frozen = "embedder" if moves == "aggregator" else "aggregator"
+    assert _max_diff(getattr(start, frozen), getattr(stepped, frozen)) == 0
+    assert _max_diff(getattr(start, moves), getattr(stepped, moves)) > 1e-4
+    if trains == "embedder":
+        both = _one_step(copy.deepcopy(_model(chunk_size=3)), _Data(), tmp_path)
+        assert _max_diff(both.embedder, stepped.embedder) < 1e-5  # Adam per parameter: the same embedder step

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 from torch import Tensor
 
+from data_modules.augment import StainJitter
 from data_modules.checks import check
 from data_modules.slide_bags import SlideBagSplits
 from data_modules.splits import hold_out
@@ -37,8 +38,9 @@ class BagGradient(CouplingStrategy):
     Each step embeds every patch of a training slide (`SlideBag`, read lazily) and back-propagates the bag loss
     (the task's loss of the standardised head's bag output against the slide's target, plus its auxiliary terms as in
     `SlideTask.loss`) exactly, in `chunk_size` chunks (`EndToEndMIL` with `chunked.bag_backward`: DDP averaging and
-    clipping included; `max_instances` samples patches per slide instead). `train_head` lets a copy of the head learn
-    too (it is discarded: the next bag phase retrains the head on new features).
+    clipping included; `max_instances` samples patches per slide instead; `stain_jitter` augments the patches).
+    `train_head` lets a copy of the head learn too (it is discarded: the next bag phase retrains the head on new
+    features).
 
     Needs `labels` (slide id -> encoded target) in `fit`. Validation: a stratified, seeded `val_fraction` of the
     training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins ("loss":
@@ -64,6 +66,7 @@ class BagGradient(CouplingStrategy):
         select_by: Literal["loss", "auroc", "monitor"] = "loss",
         read_threads: int = 4,
         max_epochs: int = 5,
+        stain_jitter: StainJitter | None = None,
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("chunk_size", chunk_size >= 1, "an int >= 1", chunk_size)
@@ -82,6 +85,7 @@ class BagGradient(CouplingStrategy):
         self.select_by = select_by
         self.read_threads = read_threads
         self.max_epochs = max_epochs
+        self.stain_jitter = stain_jitter
 
     def _fit(
         self,
@@ -119,6 +123,7 @@ class BagGradient(CouplingStrategy):
             weight_decay=self.weight_decay,
             gradient_clip_val=clip,
             task=copy.deepcopy(bag.task),  # its fitted bins or target scale included
+            stain_jitter=self.stain_jitter,
         )
         overrides: dict[str, Any] = {"max_epochs": self.max_epochs}
         if val_ids:

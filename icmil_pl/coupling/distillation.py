@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from data_modules.augment import random_flip_resized_crop
+from data_modules.augment import StainJitter, random_flip_resized_crop
 from data_modules.checks import check
 from data_modules.patches import PatchSampleDataModule
 from data_modules.tiling import SlidePatches
@@ -201,6 +201,8 @@ class DistillationModule(pl.LightningModule):
             if self.cfg.confidence_beta is not None:
                 scores = self.teacher_head.attention_scores(t_features)
                 weights = confidence_weights(scores, self.cfg.confidence_beta)
+        if self.cfg.stain_jitter is not None:  # the student's view only: the teacher sees the patch as it is
+            images = self.cfg.stain_jitter(images, int(torch.randint(2**62, ())))
         s_features = self.student(random_flip_resized_crop(images, self.cfg.crop_scale))
         reduced = s_features if self.cfg.feature_input == "student" else t_features
         loss = distillation_loss(
@@ -310,19 +312,15 @@ class Distillation(CouplingStrategy):
         student_batchnorm: StudentBatchNorm = "as_embedder",
         tier1_weight: float = 0.0,
         patch_pool: PatchPool = "train",
+        stain_jitter: StainJitter | None = None,
     ) -> None:
         check_optimizer(lr, weight_decay, max_epochs)
         check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
-        check(
-            "patches_per_epoch",
-            patches_per_epoch is None or patches_per_epoch >= 1,
-            "an int >= 1 or null",
-            patches_per_epoch,
-        )
+        per_epoch = patches_per_epoch
+        check("patches_per_epoch", per_epoch is None or per_epoch >= 1, "an int >= 1 or null", per_epoch)
         check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
-        check(
-            "confidence_beta", confidence_beta is None or confidence_beta >= 0, "a float >= 0 or null", confidence_beta
-        )
+        beta = confidence_beta
+        check("confidence_beta", beta is None or beta >= 0, "a float >= 0 or null", beta)
         check("head_weight", head_weight >= 0, "a float >= 0", head_weight)
         check("feature_weight", feature_weight >= 0, "a float >= 0", feature_weight)
         check(
@@ -335,12 +333,8 @@ class Distillation(CouplingStrategy):
         check("reduction", reduction in ("batchmean", "mean"), "'batchmean' or 'mean'", reduction)
         check("feature_input", feature_input in ("student", "teacher"), "'student' or 'teacher'", feature_input)
         check("select_by", select_by in ("agreement", "mae"), "'agreement' or 'mae'", select_by)
-        check(
-            "student_batchnorm",
-            student_batchnorm in ("as_embedder", "train"),
-            "'as_embedder' or 'train'",
-            student_batchnorm,
-        )
+        bn = student_batchnorm
+        check("student_batchnorm", bn in ("as_embedder", "train"), "'as_embedder' or 'train'", bn)
         check("head_clip_norm", head_clip_norm is None or head_clip_norm > 0, "a float > 0 or null", head_clip_norm)
         check("tier1_weight", 0 <= tier1_weight <= 1, "a float in [0, 1]", tier1_weight)
         check("patch_pool", patch_pool in ("train", "train+val"), "'train' or 'train+val'", patch_pool)
@@ -362,6 +356,7 @@ class Distillation(CouplingStrategy):
         self.student_batchnorm = student_batchnorm
         self.tier1_weight = tier1_weight
         self.patch_pool = patch_pool
+        self.stain_jitter = stain_jitter
 
     def _fit(
         self,
