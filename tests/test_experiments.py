@@ -96,3 +96,12 @@ def test_help_names_the_other_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(f"python -m icmil_pl {command}" in " ".join(out.split()) for command in COMMANDS), out
+
+
+def test_the_hard_cohorts_ssl_start_pretrains_on_the_hard_cohort(capsys):
+    """experiments/ssl/hard_cohort.yaml composes with pretrain_ssl.yaml and names the cohort hard_cohort.yaml trains
+    on, setting for setting (a copy that drifted would write, and pretrain on, another cohort)."""
+    ssl = _print_config(capsys, "fit", ROOT / "pretrain_ssl.yaml", ROOT / "ssl" / "hard_cohort.yaml")
+    hard = _print_config(capsys, "fit", ROOT / "hard_cohort.yaml")
+    assert ssl["data"]["init_args"]["cohort"]["init_args"]["cohort"] == hard["data"]["init_args"]["cohort"]
+    assert ssl["data"]["init_args"]["cohort"]["init_args"]["root"] == hard["data"]["init_args"]["root"]
