@@ -3,7 +3,10 @@ on it, on patch-level truth from the generator's masks (a tumour patch is at lea
 mimic patches are negatives).
 
     python benchmarks/bench_difficulty.py --config experiments/hard_cohort.yaml --seed S [--weights <ssl embedder.pt>]
-        [--oracle-epochs 8] [--calibration-patches 8192]
+        [--oracle-epochs 16] [--calibration-patches 8192] [--<config key>=<value> ...]
+
+Other `--key=value` arguments override the config (another cohort to measure: `--data.init_args.root=data/try
+--data.init_args.cohort.tumour_contrast=0.2`); `--oracle-epochs 0` skips the oracle.
 
 - frozen: the linear-probe patch AUROC (logistic regression fitted on the training slides' patches, scored on the
   test slides') of the config's embedder as it starts, after its BatchNorm statistics are re-estimated on the training
@@ -40,16 +43,16 @@ from data_modules.patches import PatchDataset  # noqa: E402
 from data_modules.splits import make_splits  # noqa: E402
 from data_modules.synthetic import slide_infos, tumour_patches  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
-from icmil_pl.embedder import PatchEmbedder, reestimated  # noqa: E402
+from icmil_pl.embedder import PatchEmbedder, reestimated, thaw_batchnorm  # noqa: E402
 from icmil_pl.patch_probes import linear_probe_auroc  # noqa: E402
 from icmil_pl.run_dir import phase_seed  # noqa: E402
 
 BATCH = 256
 
 
-def setup(config: Path, seed: int, weights: Path | None = None):
+def setup(config: Path, seed: int, overrides: list[str], weights: Path | None = None):
     """The config's ICMIL model and cohort (written on first use) for `seed`, and that seed's run splits."""
-    extra = [f"--model.init_args.embedder.init_args.weights={weights}"] if weights else []
+    extra = [*overrides, *([f"--model.init_args.embedder.init_args.weights={weights}"] if weights else [])]
     args = ["-c", str(config), f"--seed_everything={seed}", f"--model.init_args.splits.seed={seed}", *extra]
     built = cli(args, run=False)
     icmil, data = built.model, built.datamodule
@@ -82,14 +85,17 @@ def probe(embedder: PatchEmbedder, slides: dict, infos, seed: int, patches: int)
 
 
 def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int, patches: int) -> float:
-    """Test patch AUROC of the architecture trained on patch labels, at its best validation epoch."""
+    """Test patch AUROC of the architecture trained on patch labels (BatchNorm learning too, a cosine schedule), at its
+    best validation epoch."""
     torch.manual_seed(seed)
     start = reestimated(embedder, slides["train"], patches, batch_size=BATCH, seed=phase_seed(seed, 0, "calibrate"))
+    thaw_batchnorm(start.backbone)
     model = nn.Sequential(copy.deepcopy(start), nn.Linear(start.feature_dim, 1))
     data, labels = PatchDataset(slides["train"]), torch.from_numpy(truth(slides["train"], infos)).float()
     positive = float(labels.mean())
     loss_of = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - positive) / max(positive, 1e-6)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
     rng = np.random.default_rng(seed)
     best, best_test = -1.0, float("nan")
     for epoch in range(epochs):
@@ -105,6 +111,7 @@ def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        schedule.step()
         scores = {name: _scores(model, slides[name]) for name in ("val", "test")}
         val = roc_auc_score(truth(slides["val"], infos), scores["val"])
         test = roc_auc_score(truth(slides["test"], infos), scores["test"])
@@ -127,10 +134,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="an ICMIL config on a synthetic cohort")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything and the split seed")
     parser.add_argument("--weights", type=Path, help="an SSL-pretrained embedder's weights (the ssl measure)")
-    parser.add_argument("--oracle-epochs", type=int, default=8)
+    parser.add_argument("--oracle-epochs", type=int, default=16)
     parser.add_argument("--calibration-patches", type=int, default=8192, help="patches BatchNorm is re-estimated on")
-    args = parser.parse_args()
-    icmil, data, slides = setup(args.config, args.seed)
+    args, overrides = parser.parse_known_args()
+    icmil, data, slides = setup(args.config, args.seed, overrides)
     infos = slide_infos(data.root)
     counts = {name: (len(s), len(truth(s, infos)), int(truth(s, infos).sum())) for name, s in slides.items()}
     print("slides, patches, tumour patches per split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -138,15 +145,16 @@ def main() -> None:
     print(f"frozen: linear probe patch AUROC {frozen:.3f}")
     ssl = None
     if args.weights:
-        ssl = probe(
-            setup(args.config, args.seed, args.weights)[0].embedder, slides, infos, args.seed, args.calibration_patches
-        )
+        start = setup(args.config, args.seed, overrides, args.weights)[0].embedder
+        ssl = probe(start, slides, infos, args.seed, args.calibration_patches)
         print(f"ssl: linear probe patch AUROC {ssl:.3f}")
+    shown = "-" if ssl is None else f"{ssl:.3f}"
+    if not args.oracle_epochs:
+        print(f"difficulty: frozen {frozen:.3f} ssl {shown} oracle - room -")
+        return
     best = oracle(icmil.embedder, slides, infos, args.seed, args.oracle_epochs, args.calibration_patches)
     room = best - max(frozen, ssl if ssl is not None else frozen)
-    print(
-        f"difficulty: frozen {frozen:.3f} ssl {'-' if ssl is None else f'{ssl:.3f}'} oracle {best:.3f} room {room:.3f}"
-    )
+    print(f"difficulty: frozen {frozen:.3f} ssl {shown} oracle {best:.3f} room {room:.3f}")
 
 
 if __name__ == "__main__":
