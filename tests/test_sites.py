@@ -3,6 +3,8 @@ and benign mimics in slides of both classes, each off by default, drawn from new
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -18,8 +20,9 @@ from data_modules.synthetic import (
     tumour_patches,
     write_slide,
 )
-from data_modules.synthetic.scene import Scene
+from data_modules.synthetic.scene import Scene, SlideInfo
 from data_modules.synthetic.sites import REFERENCE_EOSIN, REFERENCE_HEMATOXYLIN, Site, make_sites, recolour
+from data_modules.synthetic.textures import Nuclei
 
 SPEC = CohortSpec(size=(1024, 1024), tumour_contrast=1.0, compression="lzw")
 
@@ -101,6 +104,41 @@ def test_a_cohort_puts_each_patient_in_one_site_and_mimics_in_both_classes(tmp_p
     assert reloaded.site == original.site and reloaded.mimic_regions == original.mimic_regions
 
 
+def test_reactive_mimics_are_as_large_and_crowded_as_tumour_but_regular(tmp_path):
+    """Reactive atypia: size and crowding of type a tumour, the regularity of normal nuclei, the mean colour of normal
+    tissue; the kind is kept in cohort.json (an older manifest reads as lymphocytes)."""
+    tumour, reactive, normal = Nuclei().tumour(0.6), Nuclei().reactive(0.6), Nuclei()
+    assert (reactive.radius_um, reactive.per_100um2) == (tumour.radius_um, tumour.per_100um2)
+    assert (reactive.radius_sd_um, reactive.aspect_sd, reactive.lobes) == (
+        normal.radius_sd_um,
+        normal.aspect_sd,
+        normal.lobes,
+    )
+    spec = CohortSpec(size=(1024, 1024), tumour_contrast=1.0, compression="lzw", mimic_area=(0.04, 0.08))
+    kinds = {}
+    for kind in ("lymphocytes", "reactive"):
+        info = write_slide(
+            tmp_path / f"{kind}.tif",
+            replace(spec, mimic_kind=kind),
+            seed=3,
+            tumour=False,
+            flavour="tiff",
+            levels=1,
+            mimics=True,
+        )
+        image, mimic = render_region(info, (0, 0), (1024, 1024)), mimic_mask(info, 1)
+        normal_px = tissue_mask(info, 1) & ~ndimage.binary_dilation(mimic, iterations=32)
+        # texture, not colour: matched in expectation; larger nuclei are fewer, so a focus's mean varies more
+        assert (np.abs(image[mimic].mean(0) - image[normal_px].mean(0)) < 6).all()
+        kinds[kind] = (info, image[mimic])
+    assert kinds["reactive"][0].mimic_regions == kinds["lymphocytes"][0].mimic_regions  # only the nuclei differ
+    assert not np.array_equal(kinds["reactive"][1], kinds["lymphocytes"][1])
+    info = kinds["reactive"][0]
+    assert SlideInfo.from_dict(info.to_dict()).mimic_kind == "reactive"
+    old = {k: v for k, v in info.to_dict().items() if k != "mimic_kind"}
+    assert SlideInfo.from_dict(old).mimic_kind == "lymphocytes"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -108,6 +146,7 @@ def test_a_cohort_puts_each_patient_in_one_site_and_mimics_in_both_classes(tmp_p
         ({"site_variation": 5}, "site_variation"),
         ({"mimics": 2}, "mimics"),
         ({"mimic_area": (0.2, 0.1)}, "mimic_area"),
+        ({"mimic_kind": "plasma"}, "mimic_kind"),
     ],
 )
 def test_bad_confounder_settings_name_the_field(kwargs, field):

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from .sites import Site, recolour
-from .spec import Compression, Flavour
+from .spec import Compression, Flavour, MimicKind
 from .textures import (
     GLASS,
     MIMIC,
@@ -82,6 +82,7 @@ class SlideInfo:
     site: Site | None = None  # where it was stained and scanned (None: the generator's own colours, no blur)
     mimic_area: tuple[float, float] | None = None  # range of the tissue fraction of each mimic focus; None: none
     mimic_regions: tuple[TumourRegion, ...] = ()  # benign mimics: not tumour
+    mimic_kind: MimicKind = "lymphocytes"
 
     @property
     def label(self) -> int:
@@ -140,6 +141,7 @@ class Scene:
         types: int = 1,
         site: Site | None = None,
         mimic_area: tuple[float, float] | None = None,
+        mimic_kind: MimicKind = "lymphocytes",
     ) -> None:
         self.size = size
         self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
@@ -171,7 +173,8 @@ class Scene:
         tumour_q = self._matched_nuclei(tumour_rng, mpp, Nuclei().tumour(contrast), normal) if tumour else None
         has_b = any(r.kind == 1 for r in regions)
         tumour_b_q = self._matched_nuclei(tumour_b_rng, mpp, Nuclei().tumour_b(contrast), normal) if has_b else None
-        mimic_q = self._matched_nuclei(mimic_rng, mpp, Nuclei().lymphocytes(), normal) if self.mimic_regions else None
+        mimic = Nuclei().lymphocytes() if mimic_kind == "lymphocytes" else Nuclei().reactive(contrast)
+        mimic_q = self._matched_nuclei(mimic_rng, mpp, mimic, normal) if self.mimic_regions else None
         normal_q = quantise(normal)
         self.palette = palette(
             stain_rng,
@@ -325,6 +328,7 @@ def scene_of(info: SlideInfo) -> Scene:
         info.tumour_types,
         info.site,
         info.mimic_area,
+        info.mimic_kind,
     )
 
 

@@ -11,10 +11,11 @@ from typing import Literal, get_args
 
 from data_modules.checks import check
 
-__all__ = ["CLASSES", "EXTENSIONS", "CohortSpec", "Compression", "Flavour"]
+__all__ = ["CLASSES", "EXTENSIONS", "CohortSpec", "Compression", "Flavour", "MimicKind"]
 
 Flavour = Literal["svs", "ome", "tiff"]
 Compression = Literal["jpeg", "jpeg2000", "lzw", "deflate"]
+MimicKind = Literal["lymphocytes", "reactive"]
 
 EXTENSIONS: dict[str, str] = {"svs": ".svs", "tiff": ".tif", "ome": ".ome.tif"}
 CLASSES = ("normal", "tumour")  # labels.csv label 0 / 1
@@ -73,6 +74,14 @@ class CohortSpec:
         default=(0.02, 0.1),
         metadata={"help": "range of the tissue fraction each mimic focus covers", "metavar": ("LOW", "HIGH")},
     )
+    mimic_kind: MimicKind = field(
+        default="lymphocytes",
+        metadata={
+            "help": "what the mimics are: lymphocytes (dense aggregates of small round nuclei) or reactive (atypia: "
+            "nuclei as large and crowded as the tumour's at tumour_contrast, but regular in size and outline, so "
+            "only pleomorphism tells tumour)"
+        },
+    )
 
     def __post_init__(self) -> None:
         w_h = tuple(self.size)
@@ -124,6 +133,7 @@ class CohortSpec:
         check("sites", isinstance(self.sites, int) and 0 <= self.sites <= 64, "an int in [0, 64]", self.sites)
         check("site_variation", 0 <= self.site_variation <= 3, "a float in [0, 3]", self.site_variation)
         check("mimics", 0 <= self.mimics <= 1, "a float in [0, 1]", self.mimics)
+        check("mimic_kind", self.mimic_kind in get_args(MimicKind), f"one of {get_args(MimicKind)}", self.mimic_kind)
         mimic = tuple(self.mimic_area)
         check(
             "mimic_area",

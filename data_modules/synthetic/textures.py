@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -69,6 +69,13 @@ class Nuclei:
         like tumour type b in size and crowding, but regular: what a detector of "unusual" flags and a tumour
         detector must not."""
         return Nuclei(radius_um=1.9, radius_sd_um=0.12, per_100um2=self.per_100um2 * 2.6, aspect_sd=0.03, lobes=0.01)
+
+    def reactive(self, contrast: float) -> Nuclei:
+        """A benign mimic: reactive atypia, nuclei as large and crowded as type a tumour's at `contrast`, but as
+        regular in size and outline as normal nuclei. Size and crowding, what any texture feature sees first, do not
+        tell it from tumour; only pleomorphism does."""
+        tumour = self.tumour(contrast)
+        return replace(tumour, radius_sd_um=self.radius_sd_um, aspect_sd=self.aspect_sd, lobes=self.lobes)
 
     def tumour_b(self, contrast: float) -> Nuclei:
         """Type b: small, round, uniform nuclei, crowded (a small-cell pattern, unlike type a in every measure)."""

@@ -211,7 +211,7 @@ def write_slide(
     cm); OpenSlide reads it as "generic-tiff". "ome": OME-TIFF with the levels as SubIFDs and PhysicalSizeX/Y in um.
     `levels` (default: down to about one tile) sets the pyramid depth; `workers` threads compress tiles (memory grows
     by 8 tiles per worker). A slide of `site` is stained, lit, blurred and compressed as the site's, jittered a little
-    (from `seed`); with `mimics`, it holds benign mimic foci (`spec.mimic_area`).
+    (from `seed`); with `mimics`, it holds benign mimic foci (`spec.mimic_area`, `spec.mimic_kind`).
     """
     flavour = spec.flavours[0] if flavour is None else flavour
     check("seed", isinstance(seed, int) and 0 <= seed < 2**64, "an int in [0, 2**64)", seed)
@@ -234,6 +234,7 @@ def write_slide(
         spec.tumour_types,
         site,
         mimic_area,
+        spec.mimic_kind,
     )
     info = SlideInfo(
         path=path,
@@ -254,6 +255,7 @@ def write_slide(
         site=site,
         mimic_area=mimic_area,
         mimic_regions=scene.mimic_regions,
+        mimic_kind=spec.mimic_kind,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
