@@ -3,6 +3,7 @@ seeds, each against the best frozen baseline of the same seed, on slide labels a
 
     python benchmarks/bench_verdict.py --config experiments/hard_cohort.yaml --ssl runs/ssl_hard/embedder.pt
         [--seeds 5] [--arms frozen BagGradient ...] [--out runs/bench_verdict] [--resume] [--report]
+        [--oracle-seed 0] [--<config key>=<value> ...]
 
 Arms (`ARMS`): the frozen baselines (ICMIL iteration 0 with E_0's BatchNorm statistics re-estimated on the training
 patches: from the config's random-init start, and from the SSL-pretrained start `--ssl`); one ICMIL iteration with
@@ -10,13 +11,17 @@ patches: from the config's random-init start, and from the SSL-pretrained start 
 stain augmentation; end to end (exact chunked gradients), warm-started from a frozen baseline's iteration 0 (its
 embedder and bag head), with its own embedder learning rate, until the validation loss stops improving; and end to
 end with within-bag sampling (approximate, always evaluated on whole bags). Seed s sets `seed_everything` and the
-split seed.
+split seed. An ICMIL arm continues a copy of its start's frozen run (iteration 0 does not depend on the coupling), so
+every method of a seed starts from the very same E_0 and bag head; its cost still counts iteration 0. Other
+`--key=value` arguments override the config in every arm (e.g. `--model.init_args.reestimate_batchnorm=8192` on a
+config without it).
 
 Per arm: slide test AUROC; the linear-probe patch AUROC of its embedder (logistic regression on the training slides'
 patches, scored on the test slides'); the instance AUROC of its bag head per patch; each as a mean with its 95 %
 interval, the paired difference to the best frozen baseline of the seed (by test AUROC), the share of the probe room
-closed, (probe - best frozen probe) / (oracle - best frozen probe), with the oracle of `bench_difficulty.py` (run per
-seed), and the cost: the arm's seconds over its two-stage baseline's (calibrate + embed + bag).
+closed, (probe - best frozen probe) / (oracle - best frozen probe), and the cost: the arm's seconds over its two-stage
+baseline's (calibrate + embed + bag). The oracle is `bench_difficulty.py`'s patch-label ceiling, measured once, on
+`--oracle-seed`'s split (about 11 minutes on 2 CPU cores): the cohort's ceiling, used for every seed's room.
 """
 
 from __future__ import annotations
@@ -69,9 +74,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
 MEASURES = ("test", "probe", "instance")
 
 
-def icmil_arm(run: Path, config: Path, seed: int, iterations: int, extra: list[str]) -> dict:
-    """ICMIL on `config` for `seed` with `iterations`; its last iteration's measures and its cost."""
+def icmil_arm(run: Path, config: Path, seed: int, iterations: int, extra: list[str], start: Path | None) -> dict:
+    """ICMIL on `config` for `seed` with `iterations`, continuing a copy of the finished run `start` (its iteration 0)
+    when given; its last iteration's measures and its cost."""
     shutil.rmtree(run, ignore_errors=True)
+    if start is not None:
+        shutil.copytree(start, run, ignore=shutil.ignore_patterns("bench.json", "config.yaml", "final", "logs"))
     args = ["-c", str(config), *extra, f"--seed_everything={seed}", f"--model.init_args.splits.seed={seed}"]
     args += [f"--model.init_args.run_dir={run}", f"--model.init_args.iterations={iterations}"]
     args += [f"--trainer.logger.init_args.save_dir={run / 'logs'}"]
@@ -92,10 +100,12 @@ def icmil_arm(run: Path, config: Path, seed: int, iterations: int, extra: list[s
     }
 
 
-def e2e_arm(run: Path, frozen: Path, config: Path, seed: int, epochs: int, extra: list[str]) -> dict:
+def e2e_arm(
+    run: Path, frozen: Path, config: Path, seed: int, epochs: int, extra: list[str], overrides: list[str]
+) -> dict:
     """End to end warm-started from the frozen run's iteration 0, early-stopped on the validation loss."""
     shutil.rmtree(run, ignore_errors=True)
-    built = cli(["-c", str(config), f"--seed_everything={seed}"], run=False)
+    built = cli(["-c", str(config), *overrides, f"--seed_everything={seed}"], run=False)
     data, tiling = built.datamodule, built.datamodule.tiling
     head = frozen / json.loads((frozen / "results.json").read_text())["iterations"][0]["checkpoint"]
     splits = built.model.splits
@@ -174,13 +184,13 @@ def _patch_measures(model, data, splits: dict) -> tuple[float, float]:
     return probe, float(roc_auc_score(truth["test"], margin.numpy()))
 
 
-def oracle(config: Path, seed: int, ssl: Path | None, out: Path) -> dict:
+def oracle(config: Path, seed: int, ssl: Path | None, out: Path, overrides: list[str]) -> dict:
     """`bench_difficulty.py`'s measures for the seed, from its last line."""
     cached = out / "difficulty.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_difficulty.py"), "--config", str(config)]
-    command += ["--seed", str(seed), *(["--weights", str(ssl)] if ssl else [])]
+    command += ["--seed", str(seed), *(["--weights", str(ssl)] if ssl else []), *overrides]
     last = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     found = dict(zip(*[iter(last.removeprefix("difficulty: ").split())] * 2, strict=True))
     result = {k: None if v == "-" else float(v) for k, v in found.items()}
@@ -189,8 +199,8 @@ def oracle(config: Path, seed: int, ssl: Path | None, out: Path) -> dict:
     return result
 
 
-def report(rows: dict[str, dict[int, dict]], difficulty: dict[int, dict]) -> None:
-    seeds = sorted(difficulty)
+def report(rows: dict[str, dict[int, dict]], difficulty: dict | None) -> None:
+    seeds = sorted({k for by_seed in rows.values() for k in by_seed})
     best = {
         k: max((rows[a][k] for a in ("frozen", "frozen ssl") if k in rows.get(a, {})), key=lambda r: r["test"])
         for k in seeds
@@ -201,6 +211,7 @@ def report(rows: dict[str, dict[int, dict]], difficulty: dict[int, dict]) -> Non
         + "".join(f" {m + ' AUROC':>22s} {'d ' + m:>23s}" for m in MEASURES)
         + f" {'room closed':>22s} {'x baseline':>10s}"
     )
+    ceiling = difficulty["oracle"] if difficulty and difficulty.get("oracle") is not None else float("nan")
     for arm, by_seed in rows.items():
         ks = [k for k in seeds if k in by_seed]
         if not ks:
@@ -209,19 +220,18 @@ def report(rows: dict[str, dict[int, dict]], difficulty: dict[int, dict]) -> Non
         for m in MEASURES:
             line += f" {mean_interval([by_seed[k][m] for k in ks])!s:>22s}"
             line += f" {mean_interval([by_seed[k][m] - best[k][m] for k in ks])!s:>23s}"
-        share = [
-            (by_seed[k]["probe"] - best[k]["probe"]) / max(difficulty[k]["oracle"] - best[k]["probe"], 1e-9) for k in ks
-        ]
+        share = [(by_seed[k]["probe"] - best[k]["probe"]) / max(ceiling - best[k]["probe"], 1e-9) for k in ks]
         cost = [by_seed[k]["seconds"] / by_seed[k]["baseline_seconds"] for k in ks]
         print(line + f" {mean_interval(share)!s:>22s} {np.mean(cost):10.2f}")
     print("\nper seed: slide test AUROC (the best frozen baseline marked *)")
     for arm, by_seed in rows.items():
         cells = [f"s{k}: {by_seed[k]['test']:.3f}{'*' if by_seed[k] is best[k] else ''}" for k in seeds if k in by_seed]
         print(f"{arm:<20s} " + "  ".join(cells))
-    print(
-        "\ndifficulty per seed: "
-        + "; ".join(f"s{k}: " + " ".join(f"{n} {v}" for n, v in d.items()) for k, d in difficulty.items())
-    )
+    if difficulty:
+        print(
+            "\ndifficulty (bench_difficulty.py, the oracle's seed): "
+            + " ".join(f"{n} {v}" for n, v in difficulty.items())
+        )
 
 
 def main() -> None:
@@ -232,35 +242,39 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_verdict")
     parser.add_argument("--e2e-epochs", type=int, default=12)
+    parser.add_argument("--oracle-seed", type=int, default=0, help="the split the oracle is measured on")
     parser.add_argument("--resume", action="store_true", help="keep finished arms in --out")
     parser.add_argument("--report", action="store_true", help="only print the table of the finished arms in --out")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
     seeds = range(args.seeds[0]) if len(args.seeds) == 1 else args.seeds
     arms = [a for a in args.arms if args.ssl or ARMS[a][1] != "ssl"]
     rows: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    difficulty: dict[int, dict] = {}
+    cached = args.out / "difficulty.json"
+    if args.report:
+        difficulty = json.loads(cached.read_text()) if cached.is_file() else None
+    else:
+        difficulty = oracle(args.config, args.oracle_seed, args.ssl, args.out, overrides)
     for seed in seeds:
         folder = args.out / f"seed{seed}"
-        if not args.report:
-            difficulty[seed] = oracle(args.config, seed, args.ssl, folder)
-        elif (folder / "difficulty.json").is_file():
-            difficulty[seed] = json.loads((folder / "difficulty.json").read_text())
         for arm in arms:
             run = folder / arm.replace(" ", "_")
-            cached = run / "bench.json"
-            if cached.is_file() and (args.resume or args.report):
-                rows[arm][seed] = json.loads(cached.read_text())
+            finished = run / "bench.json"
+            if finished.is_file() and (args.resume or args.report):
+                rows[arm][seed] = json.loads(finished.read_text())
                 continue
             if args.report:
                 continue
             kind, start, extra = ARMS[arm]
-            weights = [f"--model.init_args.embedder.init_args.weights={args.ssl.resolve()}"] if start == "ssl" else []
+            frozen = folder / ("frozen_ssl" if start == "ssl" else "frozen")
             if kind == "e2e":
-                frozen = folder / ("frozen_ssl" if start == "ssl" else "frozen")
-                row = e2e_arm(run, frozen, args.config, seed, args.e2e_epochs, extra)
+                row = e2e_arm(run, frozen, args.config, seed, args.e2e_epochs, extra, overrides)
             else:
-                row = icmil_arm(run, args.config, seed, 0 if kind == "frozen" else 1, [*weights, *extra])
-            cached.write_text(json.dumps(row, indent=1))
+                weights = (
+                    [f"--model.init_args.embedder.init_args.weights={args.ssl.resolve()}"] if start == "ssl" else []
+                )
+                copied = frozen if kind == "icmil" and (frozen / "bench.json").is_file() else None
+                row = icmil_arm(run, args.config, seed, int(kind == "icmil"), [*weights, *overrides, *extra], copied)
+            finished.write_text(json.dumps(row, indent=1))
             rows[arm][seed] = row
     report(rows, difficulty)
 
