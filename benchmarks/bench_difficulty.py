@@ -18,6 +18,10 @@ Other `--key=value` arguments override the config (another cohort to measure: `-
   the methods do: from a random start, 5,000 patches with a few hundred positives train a weaker embedder than the
   SSL start already is, and that is no ceiling.
 
+Each measure also says where its errors are: its AUROC against each kind of negative patch alone (normal tissue,
+touching neither tumour nor mimic; benign mimics, at least half inside one; tumour edges, under half inside the
+tumour), with their counts.
+
 The splits are the ICMIL run's of that seed (`--seed_everything` and the split seed). The last line is exactly
 `difficulty: frozen F ssl S oracle O room R` (S is `-` without weights; R = O minus the best of F and S).
 """
@@ -43,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 from data_modules.patches import PatchDataset  # noqa: E402
 from data_modules.splits import make_splits  # noqa: E402
-from data_modules.synthetic import slide_infos, tumour_patches  # noqa: E402
+from data_modules.synthetic import patch_mimic_fraction, patch_tumour_fraction, slide_infos  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.embedder import PatchEmbedder, reestimated, thaw_batchnorm  # noqa: E402
-from icmil_pl.patch_probes import linear_probe_auroc  # noqa: E402
+from icmil_pl.patch_probes import linear_probe_scores  # noqa: E402
 from icmil_pl.run_dir import phase_seed  # noqa: E402
 
 BATCH = 256
@@ -66,8 +70,31 @@ def setup(config: Path, seed: int, overrides: list[str], weights: Path | None = 
     return icmil, data, slides
 
 
+def fraction(of, slides, infos) -> np.ndarray:
+    """`of` (patch_tumour_fraction or patch_mimic_fraction) over the slides' patches, in order."""
+    return np.concatenate([of(infos[s.slide_id], s.grid.coords, s.grid.level0_size) for s in slides])
+
+
 def truth(slides, infos) -> np.ndarray:
-    return np.concatenate([tumour_patches(infos[s.slide_id], s.grid.coords, s.grid.level0_size) for s in slides])
+    """The patch truth every measurement uses: at least half inside the tumour (`tumour_patches`)."""
+    return fraction(patch_tumour_fraction, slides, infos) >= 0.5
+
+
+def by_negatives(scores: np.ndarray, slides, infos) -> str:
+    """The AUROC of `scores` against each kind of negative patch alone, with its count."""
+    tumour, mimic = fraction(patch_tumour_fraction, slides, infos), fraction(patch_mimic_fraction, slides, infos)
+    positive = tumour >= 0.5
+    kinds = {
+        "normal tissue": (tumour == 0) & (mimic == 0),
+        "mimics": (mimic >= 0.5) & ~positive,
+        "tumour edges": (tumour > 0) & ~positive,
+    }
+    parts = [
+        f"{name} {roc_auc_score(positive[positive | negative], scores[positive | negative]):.3f} ({negative.sum()})"
+        for name, negative in kinds.items()
+        if negative.any() and positive.any()
+    ]
+    return "against " + ", ".join(parts)
 
 
 @torch.no_grad()
@@ -77,18 +104,19 @@ def embed(embedder: nn.Module, slides) -> np.ndarray:
     return torch.cat([embedder(batch["image"]).float() for batch in loader]).numpy()
 
 
-def probe(embedder: PatchEmbedder, slides: dict, infos, seed: int, patches: int) -> float:
-    """Linear-probe test AUROC after BatchNorm re-estimation on the training patches (as ICMIL's calibrate phase)."""
+def probe(embedder: PatchEmbedder, slides: dict, infos, seed: int, patches: int) -> np.ndarray:
+    """Linear-probe scores of the test patches after BatchNorm re-estimation on the training patches (as ICMIL's
+    calibrate phase)."""
     calibrated = reestimated(
         embedder, slides["train"], patches, batch_size=BATCH, seed=phase_seed(seed, 0, "calibrate")
     )
     x_train, x_test = embed(calibrated, slides["train"]), embed(calibrated, slides["test"])
-    return linear_probe_auroc(x_train, truth(slides["train"], infos), x_test, truth(slides["test"], infos), seed)
+    return linear_probe_scores(x_train, truth(slides["train"], infos), x_test, seed)
 
 
-def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int, patches: int) -> float:
-    """Test patch AUROC of the architecture trained on patch labels (BatchNorm learning too, a cosine schedule), at its
-    best validation epoch."""
+def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int, patches: int) -> np.ndarray:
+    """Test patch scores of the architecture trained on patch labels (BatchNorm learning too, a cosine schedule), at
+    its best validation epoch."""
     torch.manual_seed(seed)
     start = reestimated(embedder, slides["train"], patches, batch_size=BATCH, seed=phase_seed(seed, 0, "calibrate"))
     thaw_batchnorm(start.backbone)
@@ -99,7 +127,7 @@ def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int,
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
     rng = np.random.default_rng(seed)
-    best, best_test = -1.0, float("nan")
+    best, best_scores = -1.0, None
     for epoch in range(epochs):
         model.train()
         start_time = time.perf_counter()
@@ -120,8 +148,8 @@ def oracle(embedder: PatchEmbedder, slides: dict, infos, seed: int, epochs: int,
         took = time.perf_counter() - start_time
         print(f"oracle epoch {epoch}: val patch AUROC {val:.3f}, test {test:.3f} ({took:.0f} s)")
         if val > best:
-            best, best_test = val, test
-    return float(best_test)
+            best, best_scores = val, scores["test"]
+    return best_scores
 
 
 @torch.no_grad()
@@ -143,19 +171,26 @@ def main() -> None:
     infos = slide_infos(data.root)
     counts = {name: (len(s), len(truth(s, infos)), int(truth(s, infos).sum())) for name, s in slides.items()}
     print("slides, patches, tumour patches per split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    frozen = probe(icmil.embedder, slides, infos, args.seed, args.calibration_patches)
-    print(f"frozen: linear probe patch AUROC {frozen:.3f}")
+    test = truth(slides["test"], infos)
+
+    def measured(name: str, scores: np.ndarray) -> float:
+        auroc = float(roc_auc_score(test, scores))
+        print(f"{name}: patch AUROC {auroc:.3f}; {by_negatives(scores, slides['test'], infos)}")
+        return auroc
+
+    patches = args.calibration_patches
+    frozen = measured("frozen (linear probe)", probe(icmil.embedder, slides, infos, args.seed, patches))
     ssl, start = None, icmil.embedder
     if args.weights:
         pretrained = setup(args.config, args.seed, overrides, args.weights)[0].embedder
-        ssl = probe(pretrained, slides, infos, args.seed, args.calibration_patches)
-        print(f"ssl: linear probe patch AUROC {ssl:.3f}")
+        ssl = measured("ssl (linear probe)", probe(pretrained, slides, infos, args.seed, patches))
         start = pretrained if ssl > frozen else start
     shown = "-" if ssl is None else f"{ssl:.3f}"
     if not args.oracle_epochs:
         print(f"difficulty: frozen {frozen:.3f} ssl {shown} oracle - room -")
         return
-    best = oracle(start, slides, infos, args.seed, args.oracle_epochs, args.calibration_patches)
+    scores = oracle(start, slides, infos, args.seed, args.oracle_epochs, patches)
+    best = measured("oracle (best validation epoch)", scores)
     room = best - max(frozen, ssl if ssl is not None else frozen)
     print(f"difficulty: frozen {frozen:.3f} ssl {shown} oracle {best:.3f} room {room:.3f}")
 

@@ -185,16 +185,18 @@ def _patch_measures(model, data, splits: dict) -> tuple[float, float]:
 
 
 def oracle(config: Path, seed: int, ssl: Path | None, out: Path, overrides: list[str]) -> dict:
-    """`bench_difficulty.py`'s measures for the seed, from its last line."""
+    """`bench_difficulty.py`'s measures for the seed, from its last line (all it printed: difficulty.txt)."""
     cached = out / "difficulty.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_difficulty.py"), "--config", str(config)]
     command += ["--seed", str(seed), *(["--weights", str(ssl)] if ssl else []), *overrides]
-    last = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "difficulty.txt").write_text(printed)
+    last = printed.strip().splitlines()[-1]
     found = dict(zip(*[iter(last.removeprefix("difficulty: ").split())] * 2, strict=True))
     result = {k: None if v == "-" else float(v) for k, v in found.items()}
-    out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result))
     return result
 

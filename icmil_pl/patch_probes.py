@@ -26,7 +26,7 @@ from data_modules.synthetic import slide_infos, tumour_patches
 from .bag_classifier import BagClassifier
 from .run_dir import RunDir, RunState, phase_key
 
-__all__ = ["instance_auroc", "linear_probe_auroc", "probe_run"]
+__all__ = ["instance_auroc", "linear_probe_auroc", "linear_probe_scores", "probe_run"]
 
 
 def linear_probe_auroc(
@@ -34,9 +34,14 @@ def linear_probe_auroc(
 ) -> float:
     """Test AUROC of an L2-regularised logistic regression (C = 1, standardised features) fitted on the training
     patches: the standard linear probe of a representation."""
+    return float(roc_auc_score(test_y, linear_probe_scores(train_x, train_y, test_x, seed)))
+
+
+def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The linear probe's decision values on the test patches (`linear_probe_auroc` without the scoring)."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     probe.fit(train_x.astype(np.float32), train_y)
-    return float(roc_auc_score(test_y, probe.decision_function(test_x.astype(np.float32))))
+    return probe.decision_function(test_x.astype(np.float32))
 
 
 @torch.no_grad()

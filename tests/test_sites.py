@@ -14,6 +14,7 @@ from data_modules.synthetic import (
     CohortSpec,
     make_cohort,
     mimic_mask,
+    patch_mimic_fraction,
     render_region,
     tissue_mask,
     tumour_mask,
@@ -81,9 +82,15 @@ def test_mimics_are_masked_apart_from_the_tumour_and_are_not_tumour(tmp_path):
     image = render_region(info, (0, 0), (1024, 1024)).astype(float)
     normal = tissue_mask(info, 1) & ~ndimage.binary_dilation(mimic | tumour, iterations=32)
     assert (np.abs(image[mimic].mean(0) - image[normal].mean(0)) < 4).all()  # texture, not colour
-    ys, xs = np.nonzero(mimic)
-    coords = np.array([[xs.mean() - 16, ys.mean() - 16]])
+
+    def deepest(mask):  # the top-left of a 32 px patch around the pixel farthest from the mask's edge
+        y, x = np.unravel_index(ndimage.distance_transform_edt(mask).argmax(), mask.shape)
+        return np.array([[x - 16, y - 16]])
+
+    coords = deepest(mimic)
     assert not tumour_patches(info, coords, 32).any()  # a patch inside a mimic is a negative
+    assert patch_mimic_fraction(info, coords, 32) == pytest.approx([1.0])
+    assert patch_mimic_fraction(info, deepest(tumour), 32) == pytest.approx([0.0])
     normal_slide = write_slide(tmp_path / "n.tif", spec, seed=4, tumour=False, flavour="tiff", levels=1, mimics=True)
     assert normal_slide.mimic_regions and not normal_slide.tumour_regions
 

@@ -38,7 +38,7 @@ from .scene import SlideInfo, TumourRegion
 from .sites import Site
 from .spec import CLASSES, EXTENSIONS, CohortSpec, Compression, Flavour
 from .tiff import write_slide
-from .truth import mimic_mask, patch_tumour_fraction, tissue_mask, tumour_mask, tumour_patches
+from .truth import mimic_mask, patch_mimic_fraction, patch_tumour_fraction, tissue_mask, tumour_mask, tumour_patches
 
 __all__ = [
     "CLASSES",
@@ -54,6 +54,7 @@ __all__ = [
     "load_cohort",
     "make_cohort",
     "mimic_mask",
+    "patch_mimic_fraction",
     "render_region",
     "slide_infos",
     "survival_times",

@@ -8,7 +8,14 @@ import numpy as np
 
 from .scene import SlideInfo, centres, in_regions, scene_of
 
-__all__ = ["mimic_mask", "patch_tumour_fraction", "tissue_mask", "tumour_mask", "tumour_patches"]
+__all__ = [
+    "mimic_mask",
+    "patch_mimic_fraction",
+    "patch_tumour_fraction",
+    "tissue_mask",
+    "tumour_mask",
+    "tumour_patches",
+]
 
 
 def tissue_mask(info: SlideInfo, downsample: float) -> np.ndarray:
@@ -36,7 +43,15 @@ def _mask(regions, info: SlideInfo, downsample: float) -> np.ndarray:
 def patch_tumour_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
     """(N,): the fraction of each square patch (level-0 top-left `coords`, `side` level-0 pixels) inside the tumour,
     on the `tumour_mask` grid at `downsample`; at most one mask pixel of error along each edge."""
-    mask = tumour_mask(info, downsample)
+    return _box_fraction(tumour_mask(info, downsample), coords, side, downsample)
+
+
+def patch_mimic_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
+    """(N,): as `patch_tumour_fraction`, inside the benign mimics."""
+    return _box_fraction(mimic_mask(info, downsample), coords, side, downsample)
+
+
+def _box_fraction(mask: np.ndarray, coords: np.ndarray, side: float, downsample: int) -> np.ndarray:
     integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # sums over any box in O(1)
     h, w = mask.shape
     cell = max(1, round(side / downsample))
