@@ -122,31 +122,26 @@ class CohortSpec:
             "a float in [0, 3]",
             self.tumour_contrast,
         )
-        area = tuple(self.tumour_area)
-        check(
-            "tumour_area",
-            len(area) == 2 and 0 < area[0] <= area[1] <= 0.5,
-            "(low, high) with 0 < low <= high <= 0.5",
-            self.tumour_area,
-        )
+        area = _area_range("tumour_area", self.tumour_area)
         check("tumour_types", self.tumour_types in (1, 2), "1 or 2", self.tumour_types)
         check("sites", isinstance(self.sites, int) and 0 <= self.sites <= 64, "an int in [0, 64]", self.sites)
         check("site_variation", 0 <= self.site_variation <= 3, "a float in [0, 3]", self.site_variation)
         check("mimics", 0 <= self.mimics <= 1, "a float in [0, 1]", self.mimics)
         check("mimic_kind", self.mimic_kind in get_args(MimicKind), f"one of {get_args(MimicKind)}", self.mimic_kind)
-        mimic = tuple(self.mimic_area)
-        check(
-            "mimic_area",
-            len(mimic) == 2 and 0 < mimic[0] <= mimic[1] <= 0.5,
-            "(low, high) with 0 < low <= high <= 0.5",
-            self.mimic_area,
-        )
+        mimic = _area_range("mimic_area", self.mimic_area)
         # tuples and floats whatever was passed (lists from YAML, ints from the command line): equal specs compare equal
         object.__setattr__(self, "size", w_h)
         object.__setattr__(self, "flavours", tuple(self.flavours))
         object.__setattr__(self, "mpp", float(self.mpp))
         object.__setattr__(self, "tumour_contrast", float(self.tumour_contrast))
-        object.__setattr__(self, "tumour_area", (float(area[0]), float(area[1])))
+        object.__setattr__(self, "tumour_area", area)
         object.__setattr__(self, "site_variation", float(self.site_variation))
         object.__setattr__(self, "mimics", float(self.mimics))
-        object.__setattr__(self, "mimic_area", (float(mimic[0]), float(mimic[1])))
+        object.__setattr__(self, "mimic_area", mimic)
+
+
+def _area_range(name: str, value) -> tuple[float, float]:
+    """A (low, high) range of tissue fractions, checked, as floats."""
+    pair = tuple(value)
+    check(name, len(pair) == 2 and 0 < pair[0] <= pair[1] <= 0.5, "(low, high) with 0 < low <= high <= 0.5", value)
+    return float(pair[0]), float(pair[1])
