@@ -23,7 +23,7 @@ from data_modules.synthetic import (
 )
 from data_modules.synthetic.scene import Scene, SlideInfo
 from data_modules.synthetic.sites import REFERENCE_EOSIN, REFERENCE_HEMATOXYLIN, Site, make_sites, recolour
-from data_modules.synthetic.textures import Nuclei
+from data_modules.synthetic.textures import NUCLEI_PERIOD, Nuclei
 
 SPEC = CohortSpec(size=(1024, 1024), tumour_contrast=1.0, compression="lzw")
 
@@ -159,3 +159,27 @@ def test_reactive_mimics_are_as_large_and_crowded_as_tumour_but_regular(tmp_path
 def test_bad_confounder_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}: expected"):
         CohortSpec(**kwargs)
+
+
+def test_tumour_cellularity_mixes_tumour_cells_among_normal_nuclei(tmp_path):
+    """A low-cellularity focus holds a few tumour nuclei among normal ones: its share of nuclei larger than nearly all
+    normal ones lies between normal tissue's and a solid tumour's; an older manifest reads as solid tumour."""
+
+    def large_share(texture: np.ndarray, limit: float | None = None) -> tuple[float, float]:
+        labels, n = ndimage.label(texture[:NUCLEI_PERIOD, :NUCLEI_PERIOD] >= 4)
+        areas = np.bincount(labels.ravel())[1:]
+        limit = float(np.quantile(areas, 0.95)) if limit is None else limit
+        return float((areas > limit).mean()), limit
+
+    def scene(cellularity: float) -> Scene:
+        return Scene(5, (512, 512), 0.5, True, 1.0, (0.05, 0.1), cellularity=cellularity)
+
+    solid, sparse = scene(1.0), scene(0.25)
+    normal_share, limit = large_share(solid.nuclei)
+    shares = [large_share(s.tumour_nuclei, limit)[0] for s in (sparse, solid)]
+    assert normal_share < shares[0] - 0.05 and shares[0] < shares[1] - 0.2, (normal_share, shares)
+    assert np.array_equal(sparse.nuclei, solid.nuclei) and sparse.tumour_regions == solid.tumour_regions
+    info = write_slide(tmp_path / "x.tif", CohortSpec(size=(256, 256), tumour_cellularity=0.25), seed=1, tumour=True)
+    assert SlideInfo.from_dict(info.to_dict()).tumour_cellularity == 0.25
+    old = {k: v for k, v in info.to_dict().items() if k != "tumour_cellularity"}
+    assert SlideInfo.from_dict(old).tumour_cellularity == 1.0

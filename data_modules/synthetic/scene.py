@@ -83,6 +83,7 @@ class SlideInfo:
     mimic_area: tuple[float, float] | None = None  # range of the tissue fraction of each mimic focus; None: none
     mimic_regions: tuple[TumourRegion, ...] = ()  # benign mimics: not tumour
     mimic_kind: MimicKind = "lymphocytes"
+    tumour_cellularity: float = 1.0
 
     @property
     def label(self) -> int:
@@ -142,14 +143,15 @@ class Scene:
         site: Site | None = None,
         mimic_area: tuple[float, float] | None = None,
         mimic_kind: MimicKind = "lymphocytes",
+        cellularity: float = 1.0,
     ) -> None:
         self.size = size
         self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
         self.step = max(8, self.scale // 1024)  # the tissue field is bilinear between nodes this many px apart
         # a child stream per part: a new part draws from new streams only, so older cohorts keep their pixels
-        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(10)]  # the first 6: one type
+        streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(12)]  # the first 6: one type
         tissue_rng, stroma_rng, normal_rng, tumour_rng, stain_rng, place_rng, kind_rng, tumour_b_rng = streams[:8]
-        mimic_place_rng, mimic_rng = streams[8:]
+        mimic_place_rng, mimic_rng, among_rng, among_b_rng = streams[8:]
 
         self.analysis_downsample = max(1, math.ceil(self.scale / _ANALYSIS_PX))
         self._init_tissue(tissue_rng)
@@ -170,11 +172,19 @@ class Scene:
         normal = nuclei_alpha(normal_rng, mpp, Nuclei())
         # tumour nuclei are paler (vesicular), which offsets part of their extra hematoxylin; lighter stroma offsets
         # the rest (see palette), so tumour and normal tissue share the mean colour
-        tumour_q = self._matched_nuclei(tumour_rng, mpp, Nuclei().tumour(contrast), normal) if tumour else None
+        tumour_q = (
+            self._matched(self._focus(tumour_rng, among_rng, mpp, Nuclei().tumour(contrast), cellularity), normal)
+            if tumour
+            else None
+        )
         has_b = any(r.kind == 1 for r in regions)
-        tumour_b_q = self._matched_nuclei(tumour_b_rng, mpp, Nuclei().tumour_b(contrast), normal) if has_b else None
+        tumour_b_q = (
+            self._matched(self._focus(tumour_b_rng, among_b_rng, mpp, Nuclei().tumour_b(contrast), cellularity), normal)
+            if has_b
+            else None
+        )
         mimic = Nuclei().lymphocytes() if mimic_kind == "lymphocytes" else Nuclei().reactive(contrast)
-        mimic_q = self._matched_nuclei(mimic_rng, mpp, mimic, normal) if self.mimic_regions else None
+        mimic_q = self._matched(nuclei_alpha(mimic_rng, mpp, mimic), normal) if self.mimic_regions else None
         normal_q = quantise(normal)
         self.palette = palette(
             stain_rng,
@@ -189,11 +199,21 @@ class Scene:
         self.mimic_nuclei = doubled(mimic_q) if mimic_q is not None else None
 
     @staticmethod
-    def _matched_nuclei(rng: np.random.Generator, mpp: float, nuclei: Nuclei, normal: np.ndarray) -> np.ndarray:
+    def _focus(
+        rng: np.random.Generator, among: np.random.Generator, mpp: float, nuclei: Nuclei, cellularity: float
+    ) -> np.ndarray:
+        """A tumour focus's nuclei opacity: `cellularity` of the density tumour cells, the rest normal nuclei among
+        them (drawn from `among`, so a solid tumour's pixels do not depend on it)."""
+        alpha = nuclei_alpha(rng, mpp, nuclei, share=cellularity)
+        if cellularity < 1:
+            alpha = np.maximum(alpha, nuclei_alpha(among, mpp, Nuclei(), share=1 - cellularity))
+        return alpha
+
+    @staticmethod
+    def _matched(alpha: np.ndarray, normal: np.ndarray) -> np.ndarray:
         """A foreign population's quantised nuclei texture (a tumour type, a mimic), its opacity scaled to the normal
         nuclei's mean by sqrt."""
-        alpha = nuclei_alpha(rng, mpp, nuclei)
-        alpha *= math.sqrt(normal.mean() / alpha.mean())
+        alpha = alpha * math.sqrt(normal.mean() / alpha.mean())
         return quantise(alpha)
 
     # tissue: a sum of elliptical Gaussians plus two octaves of value noise, thresholded at a target area quantile
@@ -329,6 +349,7 @@ def scene_of(info: SlideInfo) -> Scene:
         info.site,
         info.mimic_area,
         info.mimic_kind,
+        info.tumour_cellularity,
     )
 
 

@@ -44,6 +44,13 @@ class CohortSpec:
     tumour_contrast: float = field(
         default=0.5, metadata={"help": "how much tumour nuclei differ from normal ones (0: not at all)"}
     )
+    tumour_cellularity: float = field(
+        default=1.0,
+        metadata={
+            "help": "share of the nuclei in a tumour focus that are tumour cells, the rest normal ones among them "
+            "(1: solid tumour; low: infiltrating single cells, a sparse cue any pooled texture statistic dilutes)"
+        },
+    )
     tumour_area: tuple[float, float] = field(
         default=(0.01, 0.05),
         metadata={"help": "range of the tissue fraction each tumour focus covers", "metavar": ("LOW", "HIGH")},
@@ -122,6 +129,7 @@ class CohortSpec:
             "a float in [0, 3]",
             self.tumour_contrast,
         )
+        check("tumour_cellularity", 0 < self.tumour_cellularity <= 1, "a float in (0, 1]", self.tumour_cellularity)
         area = _area_range("tumour_area", self.tumour_area)
         check("tumour_types", self.tumour_types in (1, 2), "1 or 2", self.tumour_types)
         check("sites", isinstance(self.sites, int) and 0 <= self.sites <= 64, "an int in [0, 64]", self.sites)
@@ -134,6 +142,7 @@ class CohortSpec:
         object.__setattr__(self, "flavours", tuple(self.flavours))
         object.__setattr__(self, "mpp", float(self.mpp))
         object.__setattr__(self, "tumour_contrast", float(self.tumour_contrast))
+        object.__setattr__(self, "tumour_cellularity", float(self.tumour_cellularity))
         object.__setattr__(self, "tumour_area", area)
         object.__setattr__(self, "site_variation", float(self.site_variation))
         object.__setattr__(self, "mimics", float(self.mimics))

@@ -129,10 +129,11 @@ def stroma_texture(rng: np.random.Generator, mpp: float) -> np.ndarray:
     return (density << 3) | rng.integers(0, 8, (p, p), dtype=np.uint8)
 
 
-def nuclei_alpha(rng: np.random.Generator, mpp: float, nuclei: Nuclei) -> np.ndarray:
-    """Periodic hematoxylin opacity in [0, 1] of a Poisson population of irregular elliptical nuclei."""
+def nuclei_alpha(rng: np.random.Generator, mpp: float, nuclei: Nuclei, share: float = 1.0) -> np.ndarray:
+    """Periodic hematoxylin opacity in [0, 1] of a Poisson population of irregular elliptical nuclei; `share` of the
+    population's density (the rest left to another population mixed in)."""
     p = NUCLEI_PERIOD
-    n = int(rng.poisson(nuclei.per_100um2 / 100 * (p * mpp) ** 2))
+    n = int(rng.poisson(nuclei.per_100um2 / 100 * (p * mpp) ** 2 * share))
     cx, cy = rng.uniform(0, p, (2, n))
     radius = rng.normal(nuclei.radius_um, nuclei.radius_sd_um, n).clip(0.6 * nuclei.radius_um, 1.8 * nuclei.radius_um)
     radius /= mpp

@@ -235,6 +235,7 @@ def write_slide(
         site,
         mimic_area,
         spec.mimic_kind,
+        spec.tumour_cellularity,
     )
     info = SlideInfo(
         path=path,
@@ -256,6 +257,7 @@ def write_slide(
         mimic_area=mimic_area,
         mimic_regions=scene.mimic_regions,
         mimic_kind=spec.mimic_kind,
+        tumour_cellularity=spec.tumour_cellularity,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
