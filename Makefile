@@ -41,7 +41,7 @@ demo-survival: install
 bench: install
 	$(PY) benchmarks/bench_slides.py
 	$(PY) benchmarks/bench_features.py
-	$(PY) benchmarks/bench_digits_e2e.py --epochs 5
+	$(PY) benchmarks/bench_digits_e2e.py --epochs 5 --seeds 5
 	$(PY) benchmarks/bench_chunked.py --sizes 256 1024
 	$(PY) benchmarks/bench_chunked.py --embedder vit_small_lora --chunk-size 32 --sizes 64 128 256 1024 8192 \
 		--variants chunked full --steps 1 --large 256 --warmup-size 32 --budget-gb 16
