@@ -154,6 +154,7 @@ def test_reactive_mimics_are_as_large_and_crowded_as_tumour_but_regular(tmp_path
         ({"mimics": 2}, "mimics"),
         ({"mimic_area": (0.2, 0.1)}, "mimic_area"),
         ({"mimic_kind": "plasma"}, "mimic_kind"),
+        ({"mimic_extent": "patchy"}, "mimic_extent"),
     ],
 )
 def test_bad_confounder_settings_name_the_field(kwargs, field):
@@ -183,3 +184,27 @@ def test_tumour_cellularity_mixes_tumour_cells_among_normal_nuclei(tmp_path):
     assert SlideInfo.from_dict(info.to_dict()).tumour_cellularity == 0.25
     old = {k: v for k, v in info.to_dict().items() if k != "tumour_cellularity"}
     assert SlideInfo.from_dict(old).tumour_cellularity == 1.0
+
+
+def test_diffuse_mimics_fill_the_tissue_outside_the_tumour(tmp_path):
+    """A reactive background: every tissue pixel outside the tumour is a mimic, the tumour's pixels are those of the
+    same slide with mimic foci (the tumour paints over the mimic); an older manifest reads as foci."""
+    spec = replace(SPEC, mimic_kind="reactive", mimic_area=(0.04, 0.08))
+    infos = {
+        extent: write_slide(
+            tmp_path / f"{extent}.tif", replace(spec, mimic_extent=extent), seed=3, tumour=True, levels=1, mimics=True
+        )
+        for extent in ("foci", "diffuse")
+    }
+    diffuse, foci = infos["diffuse"], infos["foci"]
+    assert diffuse.tumour_regions == foci.tumour_regions and len(diffuse.mimic_regions) == 1
+    tissue, tumour = tissue_mask(diffuse, 1), tumour_mask(diffuse, 1)
+    mimic = mimic_mask(diffuse, 1)
+    assert mimic[tissue].all() and tumour.any()
+    images = {extent: render_region(info, (0, 0), (1024, 1024)) for extent, info in infos.items()}
+    assert np.array_equal(images["diffuse"][tumour], images["foci"][tumour])
+    normal = tissue & ~tumour & ~ndimage.binary_dilation(mimic_mask(foci, 1), iterations=8)
+    assert (images["diffuse"][normal] != images["foci"][normal]).any(axis=1).mean() > 0.1  # reactive, not normal
+    assert SlideInfo.from_dict(diffuse.to_dict()).mimic_extent == "diffuse"
+    old = {k: v for k, v in diffuse.to_dict().items() if k != "mimic_extent"}
+    assert SlideInfo.from_dict(old).mimic_extent == "foci"

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from .sites import Site, recolour
-from .spec import Compression, Flavour, MimicKind
+from .spec import Compression, Flavour, MimicExtent, MimicKind
 from .textures import (
     GLASS,
     MIMIC,
@@ -84,6 +84,7 @@ class SlideInfo:
     mimic_regions: tuple[TumourRegion, ...] = ()  # benign mimics: not tumour
     mimic_kind: MimicKind = "lymphocytes"
     tumour_cellularity: float = 1.0
+    mimic_extent: MimicExtent = "foci"
 
     @property
     def label(self) -> int:
@@ -144,6 +145,7 @@ class Scene:
         mimic_area: tuple[float, float] | None = None,
         mimic_kind: MimicKind = "lymphocytes",
         cellularity: float = 1.0,
+        mimic_extent: MimicExtent = "foci",
     ) -> None:
         self.size = size
         self.scale = max(size)  # tissue geometry is defined relative to the slide, in units of its longest side
@@ -164,7 +166,9 @@ class Scene:
             )
         self.tumour_regions = regions
         self.mimic_regions = ()
-        if mimic_area is not None:
+        if mimic_area is not None and mimic_extent == "diffuse":  # one region over the whole slide, under the tumour
+            self.mimic_regions = (_region((size[0] / 2, size[1] / 2), math.hypot(*size) / 2 + 1, (), size),)
+        elif mimic_area is not None:
             self.mimic_regions = self._place_foci(mimic_place_rng, mask, self.analysis_downsample, mimic_area, regions)
         self.blur_px = site.blur_um / mpp if site is not None else 0.0
 
@@ -319,10 +323,10 @@ class Scene:
         if (nodes <= 0).all():  # bilinear interpolation cannot leave the nodes' range
             return np.take(self.palette, sg + GLASS, axis=0)
         idx = (sg << 4) | window(self.nuclei, NUCLEI_PERIOD, x, y, w, h)
-        foci = (
+        foci = (  # later ones paint over earlier ones: the tumour over a diffuse mimic (foci never overlap)
+            (self.mimic_regions, MIMIC, self.mimic_nuclei),
             ([r for r in self.tumour_regions if r.kind == 0], TUMOUR, self.tumour_nuclei),
             ([r for r in self.tumour_regions if r.kind == 1], TUMOUR_B, self.tumour_b_nuclei),
-            (self.mimic_regions, MIMIC, self.mimic_nuclei),
         )
         for regions, offset, nuclei in foci:
             inside = in_regions(regions, xs, ys)
@@ -350,6 +354,7 @@ def scene_of(info: SlideInfo) -> Scene:
         info.mimic_area,
         info.mimic_kind,
         info.tumour_cellularity,
+        info.mimic_extent,
     )
 
 

@@ -11,11 +11,12 @@ from typing import Literal, get_args
 
 from data_modules.checks import check
 
-__all__ = ["CLASSES", "EXTENSIONS", "CohortSpec", "Compression", "Flavour", "MimicKind"]
+__all__ = ["CLASSES", "EXTENSIONS", "CohortSpec", "Compression", "Flavour", "MimicExtent", "MimicKind"]
 
 Flavour = Literal["svs", "ome", "tiff"]
 Compression = Literal["jpeg", "jpeg2000", "lzw", "deflate"]
 MimicKind = Literal["lymphocytes", "reactive"]
+MimicExtent = Literal["foci", "diffuse"]
 
 EXTENSIONS: dict[str, str] = {"svs": ".svs", "tiff": ".tif", "ome": ".ome.tif"}
 CLASSES = ("normal", "tumour")  # labels.csv label 0 / 1
@@ -89,6 +90,13 @@ class CohortSpec:
             "only pleomorphism tells tumour)"
         },
     )
+    mimic_extent: MimicExtent = field(
+        default="foci",
+        metadata={
+            "help": "where the mimics are: foci (1-3 round foci of mimic_area each) or diffuse (all the tissue outside "
+            "the tumour: a reactive background, as a lymph node's reactive hyperplasia; mimic_area is then unused)"
+        },
+    )
 
     def __post_init__(self) -> None:
         w_h = tuple(self.size)
@@ -136,6 +144,8 @@ class CohortSpec:
         check("site_variation", 0 <= self.site_variation <= 3, "a float in [0, 3]", self.site_variation)
         check("mimics", 0 <= self.mimics <= 1, "a float in [0, 1]", self.mimics)
         check("mimic_kind", self.mimic_kind in get_args(MimicKind), f"one of {get_args(MimicKind)}", self.mimic_kind)
+        extents = get_args(MimicExtent)
+        check("mimic_extent", self.mimic_extent in extents, f"one of {extents}", self.mimic_extent)
         mimic = _area_range("mimic_area", self.mimic_area)
         # tuples and floats whatever was passed (lists from YAML, ints from the command line): equal specs compare equal
         object.__setattr__(self, "size", w_h)

@@ -211,7 +211,7 @@ def write_slide(
     cm); OpenSlide reads it as "generic-tiff". "ome": OME-TIFF with the levels as SubIFDs and PhysicalSizeX/Y in um.
     `levels` (default: down to about one tile) sets the pyramid depth; `workers` threads compress tiles (memory grows
     by 8 tiles per worker). A slide of `site` is stained, lit, blurred and compressed as the site's, jittered a little
-    (from `seed`); with `mimics`, it holds benign mimic foci (`spec.mimic_area`, `spec.mimic_kind`).
+    (from `seed`); with `mimics`, it holds benign mimics (`spec.mimic_area`, `spec.mimic_kind`, `spec.mimic_extent`).
     """
     flavour = spec.flavours[0] if flavour is None else flavour
     check("seed", isinstance(seed, int) and 0 <= seed < 2**64, "an int in [0, 2**64)", seed)
@@ -236,6 +236,7 @@ def write_slide(
         mimic_area,
         spec.mimic_kind,
         spec.tumour_cellularity,
+        spec.mimic_extent,
     )
     info = SlideInfo(
         path=path,
@@ -258,6 +259,7 @@ def write_slide(
         mimic_regions=scene.mimic_regions,
         mimic_kind=spec.mimic_kind,
         tumour_cellularity=spec.tumour_cellularity,
+        mimic_extent=spec.mimic_extent,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
