@@ -50,7 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_tasks.py
 	$(PY) -m icmil_pl fit -c experiments/pretrain_ssl.yaml -c experiments/ssl/hard_cohort.yaml
 	$(PY) benchmarks/bench_verdict.py --config experiments/hard_cohort.yaml --ssl runs/ssl_hard/embedder.pt --seeds 5 \
-		--arms frozen "frozen ssl" "BagGradient ssl" "Distillation ssl" "end to end ssl" --e2e-epochs 8
+		--arms frozen "frozen ssl" BagGradient "BagGradient ssl" "Distillation ssl" "end to end ssl" --e2e-epochs 8
 
 clean:
 	rm -rf $(VENV) *.egg-info $(VIEWER)/node_modules
