@@ -9,8 +9,9 @@ Arms (`ARMS`): the frozen baselines (ICMIL iteration 0 with E_0's BatchNorm stat
 patches: from the config's random-init start, and from the SSL-pretrained start `--ssl`); one ICMIL iteration with
 `BagGradient` or `Distillation` (the authors' preset; TMI's confidence weights) from either start, with and without
 stain augmentation; end to end (exact chunked gradients), warm-started from a frozen baseline's iteration 0 (its
-embedder and bag head), with its own embedder learning rate, until the validation loss stops improving; and end to
-end with within-bag sampling (approximate, always evaluated on whole bags). Seed s sets `seed_everything` and the
+embedder and bag head), with its own embedder learning rate, until the validation loss stops improving, with stain
+augmentation or an EMA of the weights (validated, selected and tested as the average); and end to end with within-bag
+sampling (approximate, always evaluated on whole bags). Seed s sets `seed_everything` and the
 split seed. An ICMIL arm continues a copy of its start's frozen run (iteration 0 does not depend on the coupling), so
 every method of a seed starts from the very same E_0 and bag head; its cost still counts iteration 0. Other
 `--key=value` arguments override the config in every arm (e.g. `--model.init_args.reestimate_batchnorm=8192` on a
@@ -51,6 +52,8 @@ from icmil_pl.statistics import mean_interval  # noqa: E402
 
 DISTILLATION = ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]
 STAIN = '{"sigma": 0.1, "bias": 0.01}'  # HED jitter between light and strong (data_modules.augment.StainJitter)
+# an EMA of the weights (icmil_pl.callbacks.WeightEMA), a window of about 100 steps: two epochs of 48 bags
+EMA = '--trainer.callbacks+={"class_path": "WeightEMA", "init_args": {"decay": 0.99}}'
 # arm -> (kind, start, extra arguments); kind: "frozen", "icmil" (iteration 1 of ICMIL) or "e2e" (from a frozen arm)
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "frozen": ("frozen", "random", []),
@@ -70,6 +73,7 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "end to end ssl": ("e2e", "ssl", []),
     "end to end stain": ("e2e", "random", [f"--model.init_args.stain_jitter={STAIN}"]),
     "end to end sampled": ("e2e", "random", ["--model.init_args.max_instances=32"]),
+    "end to end ssl ema": ("e2e", "ssl", [EMA]),
 }
 MEASURES = ("test", "probe", "instance")
 
@@ -125,7 +129,6 @@ def e2e_arm(
         "--model.embedder_lr=1e-4",
         "--model.weight_decay=1e-4",
         "--model.gradient_clip_val=5.0",
-        *extra,
         "--data=SlideBagDataModule",
         f"--data.labels={Path(data.labels).resolve()}",
         f"--data.slides={Path(data.slides).resolve()}",
@@ -144,6 +147,7 @@ def e2e_arm(
         '--trainer.callbacks=[{"class_path": "EarlyStopping", "init_args": {"monitor": "val/loss", "patience": 2}}]',
         f"--trainer.default_root_dir={run}",
         f"--trainer.logger.init_args.save_dir={run}",
+        *extra,
     ]
     start = time.perf_counter()
     fitted = cli(["fit", *args])

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from icmil_pl.aggregators import ABMIL
 from icmil_pl.bag_classifier import BagClassifier
+from icmil_pl.callbacks import WeightEMA
 from icmil_pl.embedder import PatchEmbedder
 from icmil_pl.end_to_end import EndToEndMIL
 
@@ -162,3 +163,33 @@ def test_trains_moves_only_what_it_names(tmp_path, trains, moves):
     if trains == "embedder":
         both = _one_step(copy.deepcopy(_model(chunk_size=3)), _Data(), tmp_path)
         assert _max_diff(both.embedder, stepped.embedder) < 1e-5  # Adam per parameter: the same embedder step
+
+
+class _DataWithVal(_Data):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Bags(self.sizes, seed=1), batch_size=None, shuffle=False)
+
+
+def test_weight_ema_follows_manual_steps_and_checkpoints_score_the_average(tmp_path):
+    """`WeightEMA` updates after every manual optimizer step, and a checkpoint loaded after `fit` (as results.json's
+    scores of the best one are) holds the averaged weights it validated, not the raw training weights that Lightning's
+    own callback would restore."""
+    ema = WeightEMA(decay=0.5)
+    model = _model(chunk_size=4)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[ema],
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=_DataWithVal())
+    assert int(ema._average_model.n_averaged) == 3
+    path = trainer.checkpoint_callback.best_model_path  # the model's own: results.json scores it
+    saved = torch.load(path, weights_only=False)
+    averaged, raw = saved["state_dict"], saved["current_model_state"]
+    assert max((averaged[k].float() - raw[k].float()).abs().max().item() for k in averaged) > 1e-4
+    trainer.validate(model, datamodule=_DataWithVal(), ckpt_path=path, verbose=False)
+    assert all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
