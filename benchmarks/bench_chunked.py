@@ -62,8 +62,7 @@ def make_embedder(name: str, grad_checkpointing: bool = False) -> nn.Module:
 
     if name == "resnet18":
         return timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
-    from icmil_pl.embedder import PatchEmbedder
-    from icmil_pl.finetune import FullFinetune, LoRA
+    from icmil_pl.encoders import FullFinetune, LoRA, PatchEmbedder
 
     finetune = LoRA(rank=8, alpha=16.0) if name == "vit_small_lora" else FullFinetune()
     embedder = PatchEmbedder("vit_small_patch16_224", finetune=finetune, grad_checkpointing=grad_checkpointing)
@@ -73,8 +72,7 @@ def make_embedder(name: str, grad_checkpointing: bool = False) -> nn.Module:
 def parameter_summary() -> None:
     """Trainable parameters and Adam's state (exp_avg, exp_avg_sq, step) after one step, LoRA vs full fine-tuning;
     for the large presets, built on the meta device, the counts and Adam's float32 state (8 bytes a parameter)."""
-    from icmil_pl.embedder import PatchEmbedder
-    from icmil_pl.finetune import LoRA, trainable_parameter_count
+    from icmil_pl.encoders import LoRA, PatchEmbedder, trainable_parameter_count
 
     rows = {}
     for name in ("vit_small_lora", "vit_small_full"):

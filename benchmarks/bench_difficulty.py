@@ -49,7 +49,7 @@ from data_modules.patches import PatchDataset  # noqa: E402
 from data_modules.splits import make_splits  # noqa: E402
 from data_modules.synthetic import patch_mimic_fraction, patch_tumour_fraction, slide_infos  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
-from icmil_pl.embedder import PatchEmbedder, reestimated, thaw_batchnorm  # noqa: E402
+from icmil_pl.encoders import PatchEmbedder, reestimated, thaw_batchnorm  # noqa: E402
 from icmil_pl.patch_probes import linear_probe_scores  # noqa: E402
 from icmil_pl.run_dir import phase_seed  # noqa: E402
 

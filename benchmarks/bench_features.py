@@ -26,7 +26,7 @@ from data_modules.patches import SlidePatchDataModule
 from data_modules.synthetic import CohortSpec, make_cohort
 from data_modules.tiling import TilingConfig
 from icmil_pl.callbacks import extract_features
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import PatchEmbedder
 
 
 def loading(root: Path, bags: int, instances: int, dim: int) -> None:

@@ -37,7 +37,7 @@ def sync(device: torch.device) -> None:
 
 
 def embedder_for(args: argparse.Namespace, finetune=None, grad_checkpointing: bool = False):
-    from icmil_pl.embedder import PatchEmbedder
+    from icmil_pl.encoders import PatchEmbedder
 
     if args.smoke:  # a ViT of a few layers, same code path
         kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -123,7 +123,7 @@ def bag_variant(
 
     from icmil_pl.aggregators import ABMIL
     from icmil_pl.chunked import bag_backward
-    from icmil_pl.finetune import LoRA, trainable_parameter_count
+    from icmil_pl.encoders import LoRA, trainable_parameter_count
 
     embedder = embedder_for(args, LoRA(rank=8, alpha=16.0), checkpointing).start_finetune().to(device).train()
     head = ABMIL(embedder.feature_dim).to(device)

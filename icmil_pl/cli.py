@@ -32,8 +32,8 @@ import data_modules.slide_bags  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 import data_modules.unlabelled_patches  # noqa: F401
 from data_modules.bag_base import BagDataModule
-from icmil_pl import aggregators, bag_classifier, callbacks, coupling, embedder, end_to_end, ssl_pretrain, tasks  # noqa: F401
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders, end_to_end, ssl_pretrain, tasks  # noqa: F401
+from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from . import wandb_run

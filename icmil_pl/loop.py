@@ -34,7 +34,7 @@ from data_modules.splits import SplitConfig, make_splits, save_splits
 from .bag_classifier import BagClassifier
 from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
 from .coupling import CouplingStrategy, Distillation
-from .embedder import PatchEmbedder, reestimated
+from .encoders import PatchEmbedder, reestimated
 from .phase_logger import PhaseLogger
 from .report import REPORT_FILE, write_report
 from .results import log_run_results, print_table, stage_metrics, write_run_results

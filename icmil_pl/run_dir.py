@@ -19,6 +19,7 @@ run directory copied or moved elsewhere is a whole run of its own.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import json
 import os
@@ -160,7 +161,8 @@ def absolute_path(value: str | list[str] | None) -> str | list[str] | None:
 
 def changed_settings(before: dict, after: dict) -> list[str]:
     """Dotted keys of the model, data and seed settings that differ, apart from `RESUMABLE_SETTINGS`; paths compare
-    as absolute paths (a config.yaml saved before paths were written absolute holds them relative)."""
+    as absolute paths (a config.yaml saved before paths were written absolute holds them relative), class paths as
+    the classes they import (a class that moved keeps its old path as an alias)."""
 
     def flat(value, prefix: str) -> dict:
         if isinstance(value, dict):
@@ -169,7 +171,19 @@ def changed_settings(before: dict, after: dict) -> list[str]:
 
     a, b = ({k[1:]: v for k, v in flat(config, "").items()} for config in (before, after))
     keys = {k for k in a.keys() | b.keys() if k.split(".")[0] in ("model", "data", "seed_everything")}
-    return sorted(k for k in keys - RESUMABLE_SETTINGS if a.get(k) != b.get(k))
+    def value(config: dict, key: str) -> Any:
+        return _imported(config[key]) if key.endswith(".class_path") and key in config else config.get(key)
+
+    return sorted(k for k in keys - RESUMABLE_SETTINGS if value(a, k) != value(b, k))
+
+
+def _imported(class_path: Any) -> Any:
+    """The object a dotted class path names; anything else (a short name, a path that no longer imports) as it is."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from data_modules.checks import check
 from data_modules.unlabelled_patches import UnlabelledPatchDataModule
 
 from .callbacks import ProgressLog
-from .embedder import PatchEmbedder
+from .encoders import PatchEmbedder
 from .patch_probes import linear_probe_auroc
 from .plots import probe_figure, save_png
 

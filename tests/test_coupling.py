@@ -29,8 +29,7 @@ from icmil_pl.coupling import (
     reduced_features,
 )
 from icmil_pl.coupling.distillation import DistillationModule
-from icmil_pl.embedder import PatchEmbedder
-from icmil_pl.finetune import LoRA
+from icmil_pl.encoders import LoRA, PatchEmbedder
 from icmil_pl.tasks import MultiLabel
 
 # ---------------------------------------------------------------------------------------------------- pure functions

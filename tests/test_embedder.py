@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from icmil_pl.embedder import FrozenBatchNorm2d, PatchEmbedder
+from icmil_pl.encoders import FrozenBatchNorm2d, PatchEmbedder
 
 
 def test_truncation_gives_the_stage_width():

@@ -13,9 +13,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from safetensors.torch import save_file
 
-from icmil_pl import encoders
-from icmil_pl.embedder import PatchEmbedder
-from icmil_pl.encoders import PRESETS, WEIGHTS_MAP_ENV, resolve_kwargs
+from icmil_pl.encoders import PRESETS, WEIGHTS_MAP_ENV, PatchEmbedder, resolve_kwargs
 
 # name: (feature dim, prefix tokens (class + registers), the number of tokens the authors' cls+mean skips or None)
 DOCUMENTED = {
@@ -230,7 +228,7 @@ def test_hub_ids_take_model_kwargs(monkeypatch):
         model.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 0.8, "mean": (0.5,) * 3, "std": (0.25,) * 3}
         return model
 
-    monkeypatch.setattr(encoders.timm, "create_model", create_model)
+    monkeypatch.setattr(timm, "create_model", create_model)  # the module backbones.py calls
     kwargs = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "dynamic_img_size": True}
     embedder = PatchEmbedder("hf-hub:org/model", model_kwargs=kwargs, pretrained=True, output="cls")
     assert seen["name"] == "hf-hub:org/model" and seen["pretrained"] and seen["mlp_layer"] is timm.layers.SwiGLUPacked

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from icmil_pl.aggregators import ABMIL
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.callbacks import WeightEMA
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.end_to_end import EndToEndMIL
 
 

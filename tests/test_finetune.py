@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from icmil_pl.aggregators import ABMIL
 from icmil_pl.chunked import bag_backward
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import LastBlocks, LoRA, NormsOnly, PatchEmbedder, trainable_parameter_count
 from icmil_pl.end_to_end import EndToEndMIL
-from icmil_pl.finetune import LastBlocks, LoRA, NormsOnly, trainable_parameter_count
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}
 DROPOUTS = {"attn_drop_rate": 0.1, "proj_drop_rate": 0.1}

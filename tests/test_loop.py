@@ -314,11 +314,24 @@ def test_changed_settings_names_the_keys_that_decide_results():
     assert {"model.init_args.run_dir", "model.init_args.iterations", "data.init_args.batch_size"} <= RESUMABLE_SETTINGS
 
 
+def test_a_moved_class_keeps_its_old_path_for_saved_configs():
+    """Runs saved before the encoders moved into `icmil_pl.encoders` name `icmil_pl.embedder.PatchEmbedder`: the
+    path still imports, and a rerun of such a run sees no changed setting."""
+    from icmil_pl import embedder, encoders, finetune
+
+    assert embedder.PatchEmbedder is encoders.PatchEmbedder and finetune.LoRA is encoders.LoRA
+    old = {"model": {"init_args": {"embedder": {"class_path": "icmil_pl.embedder.PatchEmbedder"}}}}
+    new = {"model": {"init_args": {"embedder": {"class_path": "icmil_pl.encoders.embedder.PatchEmbedder"}}}}
+    assert changed_settings(old, new) == []
+    new["model"]["init_args"]["embedder"]["class_path"] = "icmil_pl.encoders.embedder.LeNetEmbedder"
+    assert changed_settings(old, new) == ["model.init_args.embedder.class_path"]
+
+
 def test_evaluate_needs_a_finished_run(tmp_path):
     from data_modules.patches import SlidePatchDataModule
     from icmil_pl.aggregators import ABMIL
     from icmil_pl.bag_classifier import BagClassifier
-    from icmil_pl.embedder import PatchEmbedder
+    from icmil_pl.encoders import PatchEmbedder
     from icmil_pl.loop import ICMIL, ICMILLoop
 
     icmil = ICMIL(

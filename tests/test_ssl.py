@@ -14,7 +14,7 @@ from data_modules.synthetic import slide_infos, tumour_patches
 from data_modules.tiling import TilingConfig
 from data_modules.unlabelled_patches import UnlabelledPatchDataModule
 from icmil_pl.cli import main
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import PatchEmbedder
 
 CONF = Path(__file__).parent / "conf" / "ssl.yaml"
 

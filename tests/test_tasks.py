@@ -26,7 +26,7 @@ from helpers import write_labels
 from icmil_pl.aggregators import ABMIL, MeanPool, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.coupling import BagGradient, Distillation
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.metrics import ConcordanceIndex, regression_metrics
 from icmil_pl.results import read_results, record_fit
 from icmil_pl.tasks import Classification, MultiLabel, Regression, Survival, cox_loss

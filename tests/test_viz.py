@@ -29,7 +29,7 @@ from data_modules.tiling import TilingConfig
 from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.callbacks import FigureWriter, extract_features
-from icmil_pl.embedder import PatchEmbedder
+from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.patch_scores import read_scores
 from icmil_pl.plots import (
     confusion_figure,

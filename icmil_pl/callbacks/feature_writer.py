@@ -21,7 +21,7 @@ from data_modules.feature_cache import FeatureCache, FeatureDtype, SlideFeatureW
 from data_modules.patches import SlidePatchDataModule
 from data_modules.tiling import TilingConfig
 
-from ..embedder import PatchEmbedder
+from ..encoders import PatchEmbedder
 from .outputs import report_skipped
 
 __all__ = ["FeatureWriter", "cache_key", "extract_features"]

@@ -18,7 +18,7 @@ from data_modules.splits import hold_out
 from data_modules.tiling import SlidePatches
 
 from ..bag_classifier import BagClassifier
-from ..embedder import PatchEmbedder
+from ..encoders import PatchEmbedder
 from ..end_to_end import EndToEndMIL
 from .base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best, trainable_copy
 

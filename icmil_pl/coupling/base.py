@@ -21,7 +21,7 @@ from data_modules.tiling import SlidePatches
 from ..aggregators import Aggregator, MILOutput
 from ..bag_classifier import BagClassifier
 from ..callbacks.checkpoints import best_checkpoint, latest_checkpoint
-from ..embedder import PatchEmbedder
+from ..encoders import PatchEmbedder
 from ..run_dir import checkpoint_dir, resume_checkpoint
 
 __all__ = [

@@ -24,7 +24,7 @@ from data_modules.tiling import SlidePatches
 
 from ..aggregators import DTFDMIL
 from ..bag_classifier import BagClassifier
-from ..embedder import PatchEmbedder, thaw_batchnorm
+from ..encoders import PatchEmbedder, thaw_batchnorm
 from .base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best, trainable_copy
 
 __all__ = [
