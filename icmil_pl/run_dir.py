@@ -171,6 +171,7 @@ def changed_settings(before: dict, after: dict) -> list[str]:
 
     a, b = ({k[1:]: v for k, v in flat(config, "").items()} for config in (before, after))
     keys = {k for k in a.keys() | b.keys() if k.split(".")[0] in ("model", "data", "seed_everything")}
+
     def value(config: dict, key: str) -> Any:
         return _imported(config[key]) if key.endswith(".class_path") and key in config else config.get(key)
 

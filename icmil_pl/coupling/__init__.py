@@ -2,7 +2,7 @@
 
 Two swappable strategies, each run by `loop.py` as `strategy.fit(embedder, bag, train_slides, ...)` on a fresh
 Trainer of its own:
-- `Distillation` (the paper, `distillation.py`): the bag head applied per instance is a teacher of patch
+- `Distillation` (the paper, `distillation/`): the bag head applied per instance is a teacher of patch
   pseudo-labels; a student copy of embedder + head learns them on augmented patches.
 - `BagGradient` (`bag_gradient.py`): the exact slide-level gradient through the bag head, over whole slides.
 
