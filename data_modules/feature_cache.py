@@ -30,6 +30,7 @@ import zarr
 from filelock import FileLock
 
 from .file_names import safe_name
+from .io import atomic_write
 
 __all__ = ["FINGERPRINT", "FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 
@@ -126,10 +127,7 @@ class FeatureCache:
         self._save_manifest({**self.manifest(), _SKIPPED: {k: v for k, v in sorted(merged.items()) if not self.has(k)}})
 
     def _save_manifest(self, manifest: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{_MANIFEST}.{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, self.path / _MANIFEST)
+        atomic_write(self.path / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
     def read(self, slide_id: str) -> SlideFeatures:
         """The bag of `slide_id`, from `<id>.zarr` (ours, verified whole) or `<id>.h5` (CLAM/TRIDENT)."""

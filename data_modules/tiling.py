@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.filters.rank import median
 
+from .io import atomic_path
 from .slides import Slide, SlideError, file_signature, open_slide
 
 __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
@@ -228,15 +228,8 @@ def _cache_key(path: Path, mpp: float, patch_size: int, threshold: float, tissue
 
 def _save(file: Path, grid: PatchGrid) -> None:
     """Write to a temporary name then rename: a killed run never leaves a half-written grid."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in asdict(grid).items()})
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(file) as tmp, tmp.open("wb") as fh:  # a file object: np.savez adds no suffix to it
+        np.savez(fh, **{k: np.asarray(v) for k, v in asdict(grid).items()})
 
 
 def _load(file: Path) -> PatchGrid:

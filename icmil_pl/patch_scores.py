@@ -24,6 +24,8 @@ import zarr
 
 from data_modules.file_names import safe_name
 
+from .tasks import TASKS
+
 __all__ = ["SCORES_STORE", "PatchScores", "read_scores", "scored_slides", "write_scores"]
 
 SCORES_STORE = "scores.zarr"
@@ -51,7 +53,12 @@ class PatchScores:
     @property
     def probabilities(self) -> bool:
         """Whether `probs` are per-class (or per-label) probabilities rather than a value or a risk."""
-        return self.task in ("classification", "multilabel")
+        return TASKS[self.task].probabilities is not None
+
+    @property
+    def one_class(self) -> bool:
+        """Whether a patch's call is its most probable class (`probs` a softmax over `classes`)."""
+        return TASKS[self.task].probabilities == "softmax"
 
     @property
     def name(self) -> str:

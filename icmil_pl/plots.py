@@ -18,6 +18,8 @@ from matplotlib.lines import Line2D
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from data_modules.io import atomic_path
+
 __all__ = [
     "confusion_figure",
     "kaplan_meier_figure",
@@ -264,13 +266,6 @@ def probe_figure(aurocs: Sequence[float]) -> Figure:
 
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     """Write `fig` as PNG atomically (temp file, then rename), so a killed run leaves no half image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

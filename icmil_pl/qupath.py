@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_modules.io import atomic_path
 from data_modules.outlines import cells_outline
 
 from .patch_scores import PatchScores
@@ -38,7 +39,7 @@ def slide_geojson(scores: PatchScores) -> dict:
     if scores.probs is not None:
         prefix = "prob_" if scores.probabilities else ""
         measurements.update({f"{prefix}{c}": scores.probs[:, k] for k, c in enumerate(scores.classes)})
-    best = scores.probs.argmax(1) if scores.probs is not None and scores.task == "classification" else None
+    best = scores.probs.argmax(1) if scores.probs is not None and scores.one_class else None
     columns = {name: values.astype(float).tolist() for name, values in measurements.items()}
     features = []
     for i, (x, y) in enumerate(np.asarray(scores.coords, dtype=np.int64).tolist()):
@@ -68,9 +69,6 @@ def slide_geojson(scores: PatchScores) -> dict:
 def write_geojson(folder: str | os.PathLike, scores: PatchScores) -> Path:
     """`<folder>/qupath/<slide>.geojson`, written whole or not at all."""
     path = Path(folder) / QUPATH_DIR / f"{scores.name}.geojson"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
         json.dump(slide_geojson(scores), fh, separators=(",", ":"))
-    os.replace(tmp, path)
     return path

@@ -34,15 +34,16 @@ from urllib.parse import quote
 from PIL import Image
 
 from data_modules.file_names import safe_name
+from data_modules.io import atomic_write
 from data_modules.splits import SPLITS, SPLITS_FILE
 
 from .callbacks.figure_writer import SLIDE_FIGURES
 from .callbacks.prediction_writer import PREDICTIONS_FILE
-from .metrics import METRIC_NAMES
 from .qupath import QUPATH_DIR
 from .results import RESULTS_FILE, STAGES, read_results
 from .run_dir import RunDir
 from .statistics import mean_interval
+from .tasks import METRIC_NAMES
 
 __all__ = ["REPORT_FILE", "THUMBNAIL_PX", "find_runs", "main", "write_report"]
 
@@ -368,13 +369,7 @@ def write_report(run_dir: str | os.PathLike, viewer_port: int = 8000) -> Path:
     root = Path(run_dir)
     text = _render(root, find_runs(root), viewer_port)
     path = root / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,9 +19,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_modules.io import atomic_write
+
 from .callbacks.outputs import output_dir, report_skipped
-from .metrics import METRIC_NAMES
 from .plots import iteration_figure, save_png
+from .tasks import METRIC_NAMES
 
 __all__ = [
     "FINAL_METRICS",
@@ -74,12 +76,7 @@ def log_final(loggers: Iterable[Logger], iteration: dict, step: int) -> None:
 
 def write_results(run_dir: str | os.PathLike, iterations: list[dict], **extra) -> Path:
     """`{"iterations": [{"iteration", "val", "test", "seconds"}, ...], ...}`; a single model is iteration 0."""
-    path = Path(run_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"iterations": iterations, **extra}, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(run_dir) / RESULTS_FILE, json.dumps({"iterations": iterations, **extra}, indent=1))
 
 
 def read_results(run_dir: str | os.PathLike) -> dict:

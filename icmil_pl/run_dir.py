@@ -37,6 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.cohort import SlideCohort
 from data_modules.file_names import safe_name
+from data_modules.io import atomic_path, atomic_write
 from data_modules.slides import file_signature
 from data_modules.splits import SPLITS_FILE
 
@@ -187,13 +188,6 @@ def _imported(class_path: Any) -> Any:
         return class_path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def slide_record(cohort: SlideCohort) -> dict[str, list]:
     """What decides a slide's results besides the config (`RunState.check_slides`): its CSV row and its file
     (`file_signature`: size, mtime and a content sample)."""
@@ -255,9 +249,8 @@ class RunDir:
         path = self.embedder_path(iteration)
 
         def save() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(embedder.state_dict(), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
+            with atomic_path(path) as tmp:
+                torch.save(embedder.state_dict(), tmp)
 
         written_by_rank_zero(save)
         return str(path)
@@ -279,7 +272,7 @@ class RunDir:
         written_by_rank_zero(lambda: None)  # every process looks before one writes
         candidates = (self.root / "final" / (base if k == 1 else f"{base}-{k}") for k in itertools.count(1))
         folder = next(folder for folder in candidates if free(folder))
-        written_by_rank_zero(lambda: _atomic_write(folder / COHORT_FILE, f"{source}\n"))
+        written_by_rank_zero(lambda: atomic_write(folder / COHORT_FILE, f"{source}\n"))
         return folder
 
     @contextlib.contextmanager
@@ -303,7 +296,7 @@ class RunDir:
             ) from None
         try:
             since = time.strftime("%Y-%m-%d %H:%M:%S")
-            _atomic_write(holder, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+            atomic_write(holder, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
             yield
         finally:
             holder.unlink(missing_ok=True)
@@ -321,7 +314,7 @@ class RunDir:
                     f"({', '.join(changed)}: not as in {self.config_path}); give a new run_dir, or delete this one "
                     "to start over"
                 )
-        written_by_rank_zero(lambda: _atomic_write(self.config_path, text))
+        written_by_rank_zero(lambda: atomic_write(self.config_path, text))
 
 
 class RunState:
@@ -365,4 +358,4 @@ class RunState:
 
     def _save(self) -> None:
         text = json.dumps({"done": self.done, "log_step": self.log_step, "slides": self.slides}, indent=1)
-        written_by_rank_zero(lambda: _atomic_write(self.path, text))
+        written_by_rank_zero(lambda: atomic_write(self.path, text))

@@ -24,9 +24,8 @@ from .callbacks.divergence import DivergenceGuard
 from .callbacks.figure_writer import FigureWriter, resolve_figures
 from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
-from .metrics import flatten_per_label
 from .run_record import RECORD_KEY, check_record, record_of
-from .tasks import Classification, Task, check_data
+from .tasks import Classification, Task, check_data, flatten_per_label
 
 __all__ = ["ClassNames", "SlideTask"]
 
@@ -62,7 +61,7 @@ class SlideTask(pl.LightningModule):
         self.figures = figures
         self.checkpoint_dir: str | None = None  # None: Lightning's default, <run dir>/checkpoints
         self.record: dict | None = None  # what it was trained on (`run_record`), saved in its checkpoints
-        placeholder = [str(k) for k in range(self.num_classes)]  # metrics depend on the number of outputs only
+        placeholder = [str(k) for k in range(self.task.name_count(self.num_classes))]  # metrics need only how many
         self.metrics = torch.nn.ModuleDict(
             {stage: self.task.metrics(placeholder).clone(prefix=f"{stage}/") for stage in ("val", "test")}
         )
@@ -79,7 +78,7 @@ class SlideTask(pl.LightningModule):
     def class_labels(self) -> list[str]:
         """What outputs call the classes: `class_names` resolved against the data's label values in `setup` (or
         restored from a checkpoint), else the class indices."""
-        return self.names or [str(c) for c in range(self.num_classes)]
+        return self.names or [str(c) for c in range(self.task.name_count(self.num_classes))]
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None

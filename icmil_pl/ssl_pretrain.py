@@ -4,7 +4,6 @@ suitable pretrained weights exist, and the start ICMIL's paper assumes (an embed
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from data_modules.checks import check
+from data_modules.io import atomic_path
 from data_modules.unlabelled_patches import UnlabelledPatchDataModule
 
 from .callbacks import ProgressLog
@@ -119,10 +119,8 @@ class SSLPretrain(pl.LightningModule):
 
     @rank_zero_only
     def _save(self) -> None:
-        self.weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.weights.with_name(f".{self.weights.name}.{os.getpid()}.tmp")
-        torch.save(self.embedder.state_dict(), tmp)
-        os.replace(tmp, self.weights)
+        with atomic_path(self.weights) as tmp:
+            torch.save(self.embedder.state_dict(), tmp)
         lines = [f"embedder weights: {self.weights} (--model.init_args.embedder.init_args.weights={self.weights})"]
         if any(not math.isnan(a) for a in self.probe_aurocs):
             figure = save_png(probe_figure(self.probe_aurocs), self.weights.with_name(f"{self.weights.stem}_probe.png"))

@@ -36,10 +36,12 @@ from typing import Any, Literal, TypedDict, get_args
 import numpy as np
 import yaml
 
+from data_modules.io import atomic_write
+
 from .cli import main as cli_main
 from .loop import ICMIL
-from .metrics import METRIC_NAMES
 from .results import FINAL_METRICS, read_results
+from .tasks import METRIC_NAMES
 
 with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1 way, which pydantic 2 warns about
     warnings.simplefilter("ignore")
@@ -309,9 +311,7 @@ def _save(out: Path, state: dict, sweep: dict) -> None:
             ]
         )
     for name, text in (("state.json", json.dumps(state, indent=1)), ("trials.csv", table.getvalue())):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

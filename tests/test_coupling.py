@@ -24,13 +24,14 @@ from icmil_pl.coupling import (
     Distillation,
     StandardizedHead,
     confidence_weights,
-    distillation,
     distillation_loss,
     reduced_features,
 )
 from icmil_pl.coupling.distillation import DistillationModule
+from icmil_pl.coupling.distillation import strategy as distillation_strategy
 from icmil_pl.encoders import LoRA, PatchEmbedder
 from icmil_pl.tasks import MultiLabel
+from icmil_pl.tasks.ordinal import Ordinal
 
 # ---------------------------------------------------------------------------------------------------- pure functions
 
@@ -311,11 +312,13 @@ def test_distillation_fit(cohort, tmp_path):
     assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in student.state_dict().items())
 
 
-def test_distillation_couples_a_multilabel_head(cohort, tmp_path):
+@pytest.mark.parametrize("task", [MultiLabel(), Ordinal()], ids=["multilabel", "ordinal"])
+def test_distillation_couples_a_head_of_binary_teachers(cohort, tmp_path, task):
+    """Multi-label heads teach each label, ordinal (CORN) heads each threshold, as a binary (sigmoid) teacher."""
     slides, _ = cohort
     torch.manual_seed(0)
     embedder = PatchEmbedder("resnet18", truncate_after="layer1")
-    bag = BagClassifier(ABMIL(64, num_classes=3, hidden_dim=32, attention_dim=16), task=MultiLabel())
+    bag = BagClassifier(ABMIL(64, num_classes=3, hidden_dim=32, attention_dim=16), task=task)
     module = DistillationModule(embedder, bag, Distillation(), seed=0)
     assert module.outputs == "sigmoid" and isinstance(module.agreement, MultilabelAccuracy)
     strategy = Distillation(lr=1e-3, batch_size=16, patches_per_epoch=32, num_workers=0, max_epochs=1)
@@ -333,14 +336,14 @@ def test_distillation_patch_pool(cohort, tmp_path, monkeypatch, pool):
     slides, _ = cohort
     embedder, bag = _models()
     seen = {}
-    real = distillation.PatchSampleDataModule
+    real = distillation_strategy.PatchSampleDataModule
 
     def spy(pool_slides, **kwargs):
         data = real(pool_slides, **kwargs)
         seen.update(ids=[s.slide_id for s in pool_slides], data=data)
         return data
 
-    monkeypatch.setattr(distillation, "PatchSampleDataModule", spy)
+    monkeypatch.setattr(distillation_strategy, "PatchSampleDataModule", spy)
     strategy = Distillation(batch_size=16, patches_per_epoch=None, num_workers=0, max_epochs=1, patch_pool=pool)
     probe = _Probe("teacher,teacher_head")
     kwargs = _trainer_kwargs(tmp_path, probe)

@@ -27,6 +27,7 @@ from icmil_pl.coupling import bag_gradient
 from icmil_pl.coupling.bag_gradient import hold_out_bags
 from icmil_pl.patch_scores import read_scores, scored_slides
 from icmil_pl.results import read_results, record_fit
+from icmil_pl.tasks import Classification
 
 
 class _Tensors:
@@ -153,11 +154,11 @@ def test_bag_gradient_holds_out_patients_whole():
     slides = [f"p{p}_{k}" for p in range(10) for k in range(3)]
     patients = {s: s.split("_")[0] for s in slides}
     labels = {s: torch.tensor(int(s[1]) % 2) for s in slides}
-    fit, val = hold_out_bags(slides, labels, patients, "classification", 0.3, seed=0)
+    fit, val = hold_out_bags(slides, labels, patients, Classification(), 0.3, seed=0)
     assert sorted(fit + val) == sorted(slides) and val
     assert not {patients[s] for s in fit} & {patients[s] for s in val}
     assert len(val) == 12 and {int(labels[s]) for s in val} == {0, 1}  # 2 of each class's 5 patients
-    assert hold_out_bags(slides, labels, None, "classification", 0.3, seed=0)[1] != val  # slides, not patients
+    assert hold_out_bags(slides, labels, None, Classification(), 0.3, seed=0)[1] != val  # slides, not patients
 
 
 def _paired(cohort) -> list[tuple[str, str, str]]:

@@ -15,8 +15,8 @@ import yaml
 from helpers import ICMIL_COHORT
 from icmil_pl import sweep as sweep_module
 from icmil_pl.cli import main as cli_main
-from icmil_pl.metrics import TASK_METRICS
 from icmil_pl.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
+from icmil_pl.tasks import Classification
 
 ROOT = Path(__file__).parents[1]
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
@@ -32,7 +32,7 @@ SMALL_DIGITS = [
     "--data.init_args.mean_bag_size=4",
 ]
 
-CLASSIFICATION = TASK_METRICS["classification"]
+CLASSIFICATION = Classification.metric_names
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def test_a_trial_runs_with_fast_dev_run(path, icmil_cohort, tmp_path):
     assert [r["iteration"] for r in results["iterations"]] == [0, 1]
     for entry in results["iterations"]:
         for stage in ("val", "test"):
-            assert set(entry[stage]) == set(TASK_METRICS["classification"]) and all(
+            assert set(entry[stage]) == set(Classification.metric_names) and all(
                 0.0 <= v <= 1.0 for v in entry[stage].values()
             )
     config = yaml.safe_load((run / "config.yaml").read_text())

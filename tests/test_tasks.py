@@ -20,16 +20,24 @@ from data_modules.cohort import read_labels
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.splits import SplitConfig, make_splits
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, survival_times, tumour_burden
-from data_modules.targets import Targets
+from data_modules.targets import Targets, quantile_strata
 from data_modules.tiling import SlidePatches, TissueParams, patch_grid
 from helpers import write_labels
 from icmil_pl.aggregators import ABMIL, MeanPool, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.coupling import BagGradient, Distillation
 from icmil_pl.encoders import PatchEmbedder
-from icmil_pl.metrics import ConcordanceIndex, regression_metrics
 from icmil_pl.results import read_results, record_fit
-from icmil_pl.tasks import Classification, MultiLabel, Regression, Survival, cox_loss
+from icmil_pl.tasks import (
+    Classification,
+    ConcordanceIndex,
+    MultiLabel,
+    Regression,
+    Survival,
+    cox_loss,
+    regression_metrics,
+)
+from icmil_pl.tasks.ordinal import Ordinal
 
 SURVIVAL_HEADER = ("slide_id", "patient_id", "time", "event")
 
@@ -359,3 +367,53 @@ def test_chunked_gradient_of_a_survival_bag_equals_the_full_bag():
         grads.append([p.grad.clone() for p in itertools.chain(embedder.parameters(), head.parameters())])
     for full, chunked in zip(*grads, strict=True):
         torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_task_strata_agree_with_the_data_side():
+    """A coupling's hold-out stratifies bags as the cohort's splits stratify slides: regression by quartile (with two
+    bags a quartile at least, else one stratum), survival by the event, classification by the class."""
+    values = [float(v) for v in range(12)]
+    assert Regression().strata([torch.tensor([v]) for v in values]) == quantile_strata(values)
+    assert set(quantile_strata(values)) == {"q1", "q2", "q3", "q4"}
+    assert set(Regression().strata([torch.tensor([v]) for v in values[:5]])) == {"all"}
+    assert Survival().strata([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.0])]) == ["1", "0"]
+    assert Classification().strata([torch.tensor(1), torch.tensor(0)]) == ["1", "0"]
+
+
+def test_corn_grade_probabilities_and_conditional_losses():
+    """Ordinal: K - 1 logits give K grade probabilities summing to 1, P(grade > k) never rises with k, the call counts
+    the thresholds passed, and a bag of grade g is trained on thresholds 0 .. g only."""
+    task, logits = Ordinal(), torch.tensor([2.0, 1.0, -3.0])
+    probs = task.outputs(logits)
+    assert probs.shape == (4,) and float(probs.sum()) == pytest.approx(1.0) and (probs >= 0).all()
+    assert torch.all(task.exceeds(logits).diff() <= 0) and int(task.call(probs)) == 2
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert float(task.bag_loss(logits, torch.tensor(1))) == pytest.approx(
+        float(bce(logits[:2], torch.tensor([1.0, 0])))
+    )
+    assert float(task.bag_loss(logits, torch.tensor(3))) == pytest.approx(float(bce(logits, torch.ones(3))))
+    assert task.head_size(4) == 3
+
+
+def test_the_ordinal_task_trains_from_feature_bags(tmp_path):
+    """Grades 0-3 from the burden plain in the features: kappa selects, predictions.csv names grades."""
+    rows, folder = _bags(tmp_path)
+    for row in rows:
+        row["label"] = min(3, math.ceil(float(row["burden"]) * 3 - 1e-9))  # 0, then 1-3 by thirds of the burden
+    labels = _csv(tmp_path / "labels.csv", rows, ["slide_id", "patient_id", "label"])
+    data = FeatureBagDataModule(
+        str(labels), str(folder), splits=SplitConfig(folds=3, val_fraction=0.25), targets=Targets("ordinal")
+    )
+    torch.manual_seed(0)
+    model = BagClassifier(ABMIL(8, num_classes=3, hidden_dim=16), lr=5e-3, task=Ordinal())
+    trainer = pl.Trainer(
+        max_epochs=15, accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=data)
+    assert trainer.checkpoint_callback.monitor == "val/qwk"
+    results = read_results(record_fit(trainer, model, data, 1.0))["iterations"][0]
+    assert set(results["test"]) == {"qwk", "accuracy", "mae"} and results["test"]["qwk"] > 0.7
+    with (tmp_path / "predictions.csv").open() as fh:
+        written = list(csv.DictReader(fh))
+    assert list(written[0]) == ["slide_id", "label", "predicted", "prob_0", "prob_1", "prob_2", "prob_3"]
+    assert (tmp_path / "figures" / "test_confusion.png").is_file()

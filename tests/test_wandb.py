@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from icmil_pl import wandb_run
 from icmil_pl.cli import main
-from icmil_pl.metrics import TASK_METRICS
+from icmil_pl.tasks import Classification
 
 CONF = Path(__file__).parent / "conf"
 LR = 3.0e-3  # the sweep's proposal, as `wandb agent` passes it: flat key in the run config and a CLI override
@@ -40,7 +40,7 @@ _ISOLATE = (
     "NETRC",
 )
 
-CLASSIFICATION = TASK_METRICS["classification"]
+CLASSIFICATION = Classification.metric_names
 
 
 @contextlib.contextmanager
@@ -149,7 +149,7 @@ def test_resolved_config_and_sweep_keys_coexist(sweep_run):
 def test_final_metrics_are_logged_for_a_bag_classifier(sweep_run):
     final = sweep_run["results"]["iterations"][-1]
     for stage in ("val", "test"):
-        for name in TASK_METRICS["classification"]:
+        for name in Classification.metric_names:
             assert sweep_run["summary"][f"final/{stage}/{name}"] == pytest.approx(final[stage][name])
 
 
@@ -157,7 +157,7 @@ def test_final_metrics_reach_every_logger(features, no_credentials):
     out = no_credentials / "out"
     main([*_fit_args(features, out)[:-3], "--trainer.logger=CSVLogger", f"--trainer.logger.init_args.save_dir={out}"])
     metrics = (out / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert {f"final/{s}/{m}" for s in ("val", "test") for m in TASK_METRICS["classification"]} <= set(
+    assert {f"final/{s}/{m}" for s in ("val", "test") for m in Classification.metric_names} <= set(
         metrics[0].split(",")
     )
     assert wandb.run is None  # no W&B logger: no run

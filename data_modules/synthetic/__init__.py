@@ -24,6 +24,7 @@ Importing this package loads no torch: the data module is imported on first use.
 from importlib import import_module
 
 from .cohort import (
+    GRADES_FILE,
     TARGETS_FILE,
     load_cohort,
     make_cohort,
@@ -42,6 +43,7 @@ from .truth import mimic_mask, patch_mimic_fraction, patch_tumour_fraction, tiss
 
 __all__ = [
     "CLASSES",
+    "GRADES_FILE",
     "TARGETS_FILE",
     "EXTENSIONS",
     "CohortSpec",

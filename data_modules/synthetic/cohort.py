@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..io import atomic_write
 from ..outlines import mask_outline
 from .scene import SlideInfo
 from .sites import make_sites
@@ -23,6 +24,7 @@ from .tiff import write_slide
 from .truth import tumour_mask
 
 __all__ = [
+    "GRADES_FILE",
     "TARGETS_FILE",
     "load_cohort",
     "make_cohort",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 TARGETS_FILE = "targets.csv"
+GRADES_FILE = "grades.csv"  # an ordinal grade per slide as its label (the ordinal task)
 
 
 def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
@@ -100,9 +103,9 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     writer.writerow(["slide_id", "label", "patient_id"])
     for slide_id, info, patient in zip(ids, infos, patients, strict=True):
         writer.writerow([slide_id, info.label, f"patient_{patient:03d}"])
-    _atomic_write(root / "labels.csv", table.getvalue())
+    atomic_write(root / "labels.csv", table.getvalue())
     cohort = {"params": params, "classes": list(CLASSES), "slides": [info.to_dict(root) for info in infos]}
-    _atomic_write(manifest, json.dumps(cohort, indent=1))
+    atomic_write(manifest, json.dumps(cohort, indent=1))
     write_targets(root, spec)
     return root
 
@@ -137,6 +140,8 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     - `time`, `event` (survival, months), one outcome per patient, on each of its slides, drawn by
       `survival_times` from the patient's burden (the mean tumour fraction of its slides); event = T <= C,
       time = min(T, C), rounded to 0.1 month.
+    And `root/grades.csv` (`slide_id,label,patient_id`), an ISUP-like grade as the label (the ordinal task): 0 for a
+    normal slide, 1-3 for the tertile of its tumour burden among the tumour slides.
     Seeded by the cohort seed, so one spec gives one table; an unchanged table is not rewritten."""
     root = Path(root)
     infos = slide_infos(root)
@@ -158,9 +163,16 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     for row, b, t, c, present in zip(rows, burden, event_time, censor_time, types, strict=True):
         cells = [f"{b:.4f}", int(b > 0), int(b > extensive_above), f"{min(t, c):.1f}", int(t <= c), *present]
         writer.writerow([row["slide_id"], row["label"], row["patient_id"], *cells])
-    path = root / TARGETS_FILE
-    if not path.is_file() or path.read_text() != table.getvalue():
-        _atomic_write(path, table.getvalue())
+    edges = np.quantile(positive, [1 / 3, 2 / 3]) if len(positive) else []
+    grades = [0 if b == 0 else 1 + int(np.searchsorted(edges, b, "right")) for b in burden]
+    graded = "".join(f"{r['slide_id']},{g},{r['patient_id']}\n" for r, g in zip(rows, grades, strict=True))
+    _write_changed(root / GRADES_FILE, "slide_id,label,patient_id\n" + graded)
+    return _write_changed(root / TARGETS_FILE, table.getvalue())
+
+
+def _write_changed(path: Path, text: str) -> Path:
+    if not path.is_file() or path.read_text() != text:
+        atomic_write(path, text)
     return path
 
 
@@ -197,9 +209,3 @@ def truth_outline(slide: str | os.PathLike) -> dict | None:
 def _infos_by_file(root: str, mtime_ns: int) -> dict[str, SlideInfo]:
     """A cohort's slides by file name, read once per version of its manifest."""
     return {info.path.name: info for info in load_cohort(root)}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

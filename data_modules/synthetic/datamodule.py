@@ -18,8 +18,8 @@ __all__ = ["SyntheticCohortDataModule"]
 class SyntheticCohortDataModule(SlidePatchDataModule):
     """A `SlidePatchDataModule` over `root/<labels_file>` and `root/slides`, whose `prepare_data` writes the `cohort`
     there first (once: a complete cohort of the same spec is reused, another spec is an error). The demo and the
-    benchmarks need a cohort that exists nowhere yet. `labels_file`: `labels.csv` (normal / tumour) or
-    `targets.csv` (every task's columns, `make_cohort`), read with `targets`."""
+    benchmarks need a cohort that exists nowhere yet. `labels_file`: `labels.csv` (normal / tumour),
+    `targets.csv` (every task's columns, `make_cohort`) or `grades.csv` (a grade, ordinal), read with `targets`."""
 
     def __init__(
         self,
@@ -30,7 +30,7 @@ class SyntheticCohortDataModule(SlidePatchDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         on_slide_error: OnSlideError = "raise",
-        labels_file: Literal["labels.csv", "targets.csv"] = "labels.csv",
+        labels_file: Literal["labels.csv", "targets.csv", "grades.csv"] = "labels.csv",
         targets: Targets = Targets(),
     ) -> None:
         super().__init__(

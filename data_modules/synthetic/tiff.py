@@ -14,6 +14,7 @@ import tifffile
 
 from data_modules.checks import check
 
+from ..io import atomic_path
 from .levels import area4
 from .scene import Scene, SlideInfo, cached_scene
 from .sites import Site
@@ -261,13 +262,6 @@ def write_slide(
         tumour_cellularity=spec.tumour_cellularity,
         mimic_extent=spec.mimic_extent,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as spool_dir:
-            _write_pyramid(tmp, scene, info, Path(spool_dir), workers)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as spool:
+        _write_pyramid(tmp, scene, info, Path(spool), workers)
     return info

@@ -148,11 +148,11 @@ class FigureWriter(pl.Callback):
             slide_id=outputs["slide_id"],
             coords=coords.astype(np.int64),
             scores=instance[:, -1] if attention is None else attention.reshape(-1).numpy(),
-            kind=("patch probability" if task.kind == "classification" else "patch output")
+            kind=("patch probability" if task.probabilities == "softmax" else "patch output")
             if attention is None
             else "attention",
             probs=instance,
-            classes=list(names) if task.kind in ("classification", "multilabel") else task.output_names(names),
+            classes=list(names) if task.probabilities else task.output_names(names),
             label=None if outputs["label"] is None else task.describe_target(outputs["label"], names),
             predicted=task.describe_call(outputs["outputs"], names),
             slide_probs=outputs["outputs"].reshape(-1).tolist(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -15,12 +14,19 @@ from data_modules.augment import StainJitter
 from data_modules.checks import check
 from data_modules.slide_bags import SlideBagSplits
 from data_modules.splits import hold_out
-from data_modules.tiling import SlidePatches
 
-from ..bag_classifier import BagClassifier
 from ..encoders import PatchEmbedder
 from ..end_to_end import EndToEndMIL
-from .base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best, trainable_copy
+from ..tasks import Task
+from .base import (
+    CouplingRun,
+    CouplingStrategy,
+    StandardizedHead,
+    check_optimizer,
+    coupling_checkpoint,
+    fit_best,
+    trainable_copy,
+)
 
 __all__ = ["BagGradient", "BagGradientModule", "hold_out_bags"]
 
@@ -87,19 +93,9 @@ class BagGradient(CouplingStrategy):
         self.max_epochs = max_epochs
         self.stain_jitter = stain_jitter
 
-    def _fit(
-        self,
-        embedder: PatchEmbedder,
-        bag: BagClassifier,
-        train: list[SlidePatches],
-        trainer_kwargs: dict[str, Any],
-        root: Path,
-        seed: int,
-        labels: Mapping[str, Tensor] | None,
-        val: list[SlidePatches],
-        patients: Mapping[str, str] | None,
-        patient_bags: bool,
-    ) -> PatchEmbedder:
+    def _fit(self, run: CouplingRun) -> PatchEmbedder:
+        bag, labels, patients, root, seed = run.bag, run.labels, run.patients, run.root, run.seed
+        trainer_kwargs = run.trainer_kwargs
         clip = trainer_kwargs.pop("gradient_clip_val", None)
         algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)
         check(
@@ -111,10 +107,10 @@ class BagGradient(CouplingStrategy):
         accumulate = trainer_kwargs.pop("accumulate_grad_batches", 1)
         check("trainer_kwargs.accumulate_grad_batches", accumulate == 1, "1 (use bags_per_step)", accumulate)
 
-        by_id = {s.slide_id: s for s in train}
-        fit_ids, val_ids = hold_out_bags(list(by_id), labels, patients, bag.task.kind, self.val_fraction, seed)
+        by_id = {s.slide_id: s for s in run.train}
+        fit_ids, val_ids = hold_out_bags(list(by_id), labels, patients, bag.task, self.val_fraction, seed)
         module = BagGradientModule(
-            trainable_copy(embedder),
+            trainable_copy(run.embedder),
             StandardizedHead(bag, frozen=not self.train_head),
             chunk_size=self.chunk_size,
             max_instances=self.max_instances,
@@ -137,7 +133,7 @@ class BagGradient(CouplingStrategy):
             checkpoint = coupling_checkpoint(root, "train/loss", "min", save_on_train_epoch_end=True)
             overrides["limit_val_batches"] = 0
         splits = {"train": [by_id[s] for s in fit_ids], "val": [by_id[s] for s in val_ids]}
-        data = SlideBagSplits(splits, labels, self.read_threads, seed, patients if patient_bags else None)
+        data = SlideBagSplits(splits, labels, self.read_threads, seed, patients if run.patient_bags else None)
         fit_best(module, data, checkpoint, trainer_kwargs, root, seed, **overrides)
         return module.embedder
 
@@ -146,25 +142,16 @@ def hold_out_bags(
     slide_ids: list[str],
     labels: Mapping[str, Tensor],
     patients: Mapping[str, str] | None,
-    kind: str,
+    task: Task,
     fraction: float,
     seed: int,
 ) -> tuple[list[str], list[str]]:
-    """(fit, val) slide ids: `data_modules.splits.hold_out` over bags, so a patient's slides stay together."""
+    """(fit, val) slide ids: `data_modules.splits.hold_out` over bags stratified by the task (`Task.strata`), so a
+    patient's slides stay together."""
     members: dict[str, list[str]] = {}  # a bag: a slide, or a patient's slides
     for slide_id in slide_ids:
         members.setdefault(patients[slide_id] if patients else slide_id, []).append(slide_id)
-    strata = _strata(kind, {bag: labels[ids[0]] for bag, ids in members.items()})
-    fit, val = hold_out(list(members), strata, fraction, seed)
+    bags = list(members)
+    strata = dict(zip(bags, task.strata([labels[members[bag][0]] for bag in bags]), strict=True))
+    fit, val = hold_out(bags, strata, fraction, seed)
     return [s for bag in fit for s in members[bag]], [s for bag in val for s in members[bag]]
-
-
-def _strata(kind: str, labels: Mapping[str, Tensor]) -> dict[str, str]:
-    """What the held-out slides are stratified by: the class, the observed event, the label set; regression none."""
-    if kind == "classification":
-        return {k: str(int(v)) for k, v in labels.items()}
-    if kind == "survival":
-        return {k: str(int(v.reshape(-1)[1])) for k, v in labels.items()}
-    if kind == "multilabel":
-        return {k: "".join(str(int(x)) for x in v.reshape(-1).tolist()) for k, v in labels.items()}
-    return dict.fromkeys(labels, "all")

@@ -7,6 +7,7 @@ import copy
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,8 +24,10 @@ from ..bag_classifier import BagClassifier
 from ..callbacks.checkpoints import best_checkpoint, latest_checkpoint
 from ..encoders import PatchEmbedder
 from ..run_dir import checkpoint_dir, resume_checkpoint
+from ..tasks import Task
 
 __all__ = [
+    "CouplingRun",
     "CouplingStrategy",
     "StandardizedHead",
     "coupling_checkpoint",
@@ -39,8 +42,11 @@ class CouplingStrategy(ABC):
     """How ICMIL turns E_i into E_{i+1}. Strategies are configuration only: `fit` builds everything it trains."""
 
     needs_labels: ClassVar[bool] = False  # whether `fit` uses the slide labels
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "survival")  # it can couple
-    why_not: ClassVar[str] = ""  # why the other tasks cannot
+    why_not: ClassVar[str] = ""  # why `can_couple` refuses a task, where it does
+
+    def can_couple(self, task: Task) -> bool:
+        """Whether this strategy can couple a bag classifier of `task`: any task by default."""
+        return True
 
     def fit(
         self,
@@ -68,17 +74,14 @@ class CouplingStrategy(ABC):
         -> patient id) keeps a patient's slides on one side of any hold-out the strategy makes; `patient_bags` asks
         for a bag of a patient's slides where the strategy has bags (`BagGradient`)."""
         check("train", len(train) > 0, "at least one training slide", len(train))
-        kind = bag.task.kind
-        if kind not in self.tasks:
+        if not self.can_couple(bag.task):
+            kind = bag.task.kind
             raise ValueError(f"coupling: {type(self).__name__} cannot couple a {kind} bag classifier: {self.why_not}")
         if self.needs_labels:
             missing = [s.slide_id for s in train if labels is None or s.slide_id not in labels]
             check("labels", not missing, "a target for every training slide", f"none for {missing[:3]}")
-            if kind == "classification":
-                classes = bag.aggregator.num_classes
-                bad = {k: int(v) for k, v in labels.items() if not 0 <= int(v) < classes}
-                check("labels", not bad, f"class indices in [0, {classes})", bad)
-        tuned = self._fit(
+            bag.task.check_targets(labels, bag.aggregator.num_classes)
+        run = CouplingRun(
             embedder,
             bag,
             list(train),
@@ -90,23 +93,27 @@ class CouplingStrategy(ABC):
             patients,
             patient_bags,
         )
-        return tuned.merge_finetune()
+        return self._fit(run).merge_finetune()
 
     @abstractmethod
-    def _fit(
-        self,
-        embedder: PatchEmbedder,
-        bag: BagClassifier,
-        train: list[SlidePatches],
-        trainer_kwargs: dict[str, Any],
-        root: Path,
-        seed: int,
-        labels: Mapping[str, Tensor] | None,
-        val: list[SlidePatches],
-        patients: Mapping[str, str] | None,
-        patient_bags: bool,
-    ) -> PatchEmbedder:
-        """`fit` on checked arguments."""
+    def _fit(self, run: CouplingRun) -> PatchEmbedder:
+        """`fit` on its checked arguments."""
+
+
+@dataclass(frozen=True)
+class CouplingRun:
+    """What a strategy's `_fit` receives: `CouplingStrategy.fit`'s arguments, checked (see there)."""
+
+    embedder: PatchEmbedder
+    bag: BagClassifier
+    train: list[SlidePatches]
+    trainer_kwargs: dict[str, Any]  # a copy: a strategy may pop what it handles itself
+    root: Path
+    seed: int
+    labels: Mapping[str, Tensor] | None
+    val: list[SlidePatches]
+    patients: Mapping[str, str] | None
+    patient_bags: bool
 
 
 class StandardizedHead(Aggregator):

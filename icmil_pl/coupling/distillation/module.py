@@ -39,7 +39,7 @@ class DistillationModule(pl.LightningModule):
         self.cfg = cfg  # the strategy: its settings (lr, loss weights, crops) as plain attributes
         self.seed = seed
         n = bag.aggregator.num_classes
-        self.outputs: Outputs = "sigmoid" if bag.task.kind == "multilabel" else "softmax"
+        self.outputs: Outputs = bag.task.probabilities  # softmax or sigmoid: Distillation.can_couple checked it
         self.probabilities = bag.task.outputs  # class (softmax) or label (sigmoid) probabilities; not a submodule
         self.agreement = (
             MultilabelAccuracy(num_labels=n, average="micro")

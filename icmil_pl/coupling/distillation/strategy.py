@@ -5,22 +5,18 @@ augmented patches. The strategy and its settings; the loss maths in `loss.py`, t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor
 
 from data_modules.augment import StainJitter
 from data_modules.checks import check
 from data_modules.patches import PatchSampleDataModule
-from data_modules.tiling import SlidePatches
 
 from ...aggregators import DTFDMIL
-from ...bag_classifier import BagClassifier
 from ...encoders import PatchEmbedder
-from ..base import CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best
+from ...tasks import Task
+from ..base import CouplingRun, CouplingStrategy, StandardizedHead, check_optimizer, coupling_checkpoint, fit_best
 from .loss import Reduction
 from .module import DistillationModule
 
@@ -65,12 +61,15 @@ class Distillation(CouplingStrategy):
     teacher is always in eval mode.
     """
 
-    tasks = ("classification", "multilabel")
     why_not = (
         "its teacher is the bag head's class (softmax) or label (sigmoid) probabilities on each patch, which only a "
         "classification or multi-label head has (a survival or regression head on one patch is no pseudo-label; "
         "use BagGradient, which couples any task)"
     )
+
+    def can_couple(self, task: Task) -> bool:
+        """A head whose outputs are class or label probabilities: only they make pseudo-labels."""
+        return task.probabilities is not None
 
     def __init__(
         self,
@@ -138,20 +137,10 @@ class Distillation(CouplingStrategy):
         self.patch_pool = patch_pool
         self.stain_jitter = stain_jitter
 
-    def _fit(
-        self,
-        embedder: PatchEmbedder,
-        bag: BagClassifier,
-        train: list[SlidePatches],
-        trainer_kwargs: dict[str, Any],
-        root: Path,
-        seed: int,
-        labels: Mapping[str, Tensor] | None,
-        val: list[SlidePatches],
-        patients: Mapping[str, str] | None,  # the teacher scores patches: bags, and so patients, play no part
-        patient_bags: bool,
-    ) -> PatchEmbedder:
-        module = DistillationModule(embedder, bag, self, seed)
+    def _fit(self, run: CouplingRun) -> PatchEmbedder:
+        """The teacher scores patches: slide labels, bags and so patients play no part."""
+        train, val, root, seed = run.train, run.val, run.root, run.seed
+        module = DistillationModule(run.embedder, run.bag, self, seed)
         self._check_head(module.teacher_head)
         data = PatchSampleDataModule(
             train + val if self.patch_pool == "train+val" else train,
@@ -168,7 +157,7 @@ class Distillation(CouplingStrategy):
             module,
             data,
             checkpoint,
-            trainer_kwargs,
+            run.trainer_kwargs,
             root,
             seed,
             max_epochs=self.max_epochs,
