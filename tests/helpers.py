@@ -30,6 +30,38 @@ def icmil_args(cohort: Path, out: Path, subcommand: str = "fit", *extra: str) ->
     ]
 
 
+def assert_same_chunked_gradients(embedder, head, loss, runs) -> None:
+    """`bag_backward` of each (patches, chunk_size) in `runs` leaves the same gradients in embedder and head."""
+    import itertools
+
+    import torch
+
+    from icmil_pl.chunked import bag_backward
+
+    grads = []
+    for patches, chunk in runs:
+        embedder.zero_grad()
+        head.zero_grad()
+        bag_backward(embedder, loss, patches, chunk)
+        grads.append([p.grad.clone() for p in itertools.chain(embedder.parameters(), head.parameters())])
+    for first, other in itertools.pairwise(grads):
+        for a, b in zip(first, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def lenet_end_to_end(chunk_size: int) -> list[str]:
+    """The model arguments of a tiny end-to-end model: a 32 px LeNet (500-d) under a small ABMIL, chunked."""
+    return [
+        "--model=EndToEndMIL",
+        "--model.embedder=LeNetEmbedder",
+        "--model.embedder.image_size=32",
+        "--model.aggregator=ABMIL",
+        "--model.aggregator.in_dim=500",
+        "--model.aggregator.hidden_dim=32",
+        f"--model.chunk_size={chunk_size}",
+    ]
+
+
 def write_labels(
     path: Path, rows: Iterable[Sequence], header: Sequence[str] = ("slide_id", "label", "patient_id")
 ) -> Path:

@@ -15,6 +15,7 @@ from data_modules.slides import open_slide
 from data_modules.splits import SplitConfig
 from data_modules.synthetic import CohortSpec, make_cohort
 from data_modules.tiling import TilingConfig
+from helpers import lenet_end_to_end
 from icmil_pl.cli import main
 
 
@@ -75,13 +76,7 @@ def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class):
         [
             "fit",
             "--seed_everything=0",
-            "--model=EndToEndMIL",
-            "--model.embedder=LeNetEmbedder",
-            "--model.embedder.image_size=32",
-            "--model.aggregator=ABMIL",
-            "--model.aggregator.in_dim=500",
-            "--model.aggregator.hidden_dim=32",
-            "--model.chunk_size=16",
+            *lenet_end_to_end(16),
             f"--data={data_class}",
             f"--data.labels={cohort / 'labels.csv'}",
             f"--data.slides={cohort / 'slides'}",

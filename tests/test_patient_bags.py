@@ -5,7 +5,6 @@ gradient over a patient's concatenated slides; and an ICMIL run with patient bag
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 
 import h5py
@@ -18,10 +17,9 @@ from data_modules import slide_bags
 from data_modules.feature_bags import FeatureBagDataModule
 from data_modules.patient_bags import ConcatBag, PatientBags
 from data_modules.splits import SplitConfig
-from helpers import icmil_args, write_labels
+from helpers import assert_same_chunked_gradients, icmil_args, lenet_end_to_end, write_labels
 from icmil_pl.aggregators import ABMIL
 from icmil_pl.bag_classifier import BagClassifier
-from icmil_pl.chunked import bag_backward
 from icmil_pl.cli import main
 from icmil_pl.coupling import bag_gradient
 from icmil_pl.coupling.bag_gradient import hold_out_bags
@@ -67,14 +65,9 @@ def test_the_chunked_gradient_over_a_patients_slides_equals_the_full_bag():
     def loss(h):
         return torch.nn.functional.cross_entropy(head(h).logits.unsqueeze(0), torch.tensor([1]))
 
-    grads = []
-    for patches, chunk in ((torch.cat(slides), 16), (ConcatBag([_Tensors(s) for s in slides]), 5)):
-        embedder.zero_grad()
-        head.zero_grad()
-        bag_backward(embedder, loss, patches, chunk)
-        grads.append([p.grad.clone() for p in itertools.chain(embedder.parameters(), head.parameters())])
-    for full, chunked in zip(*grads, strict=True):
-        torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+    assert_same_chunked_gradients(
+        embedder, head, loss, [(torch.cat(slides), 16), (ConcatBag([_Tensors(s) for s in slides]), 5)]
+    )
 
 
 def _cohort(tmp_path, patients: int = 18) -> tuple[list[tuple], object]:
@@ -176,13 +169,7 @@ def test_end_to_end_trains_on_patient_bags_of_lazy_slides(icmil_cohort, tmp_path
     labels = write_labels(tmp_path / "patients.csv", paired)
     common = [
         "--seed_everything=0",
-        "--model=EndToEndMIL",
-        "--model.embedder=LeNetEmbedder",
-        "--model.embedder.image_size=32",
-        "--model.aggregator=ABMIL",
-        "--model.aggregator.in_dim=500",
-        "--model.aggregator.hidden_dim=32",
-        "--model.chunk_size=16",
+        *lenet_end_to_end(16),
         "--data=SlideBagDataModule",
         f"--data.labels={labels}",
         f"--data.slides={icmil_cohort / 'slides'}",

@@ -5,7 +5,6 @@ and survival through ICMIL's BagGradient coupling."""
 from __future__ import annotations
 
 import csv
-import itertools
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from data_modules.splits import SplitConfig, make_splits
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, survival_times, tumour_burden
 from data_modules.targets import Targets, quantile_strata
 from data_modules.tiling import SlidePatches, TissueParams, patch_grid
-from helpers import write_labels
+from helpers import assert_same_chunked_gradients, write_labels
 from icmil_pl.aggregators import ABMIL, MeanPool, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.coupling import BagGradient, Distillation
@@ -349,8 +348,6 @@ def test_bag_gradient_couples_a_survival_head_and_distillation_refuses_it(small_
 
 
 def test_chunked_gradient_of_a_survival_bag_equals_the_full_bag():
-    from icmil_pl.chunked import bag_backward
-
     torch.manual_seed(0)
     embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 6))
     head, task = ABMIL(6, num_classes=3, hidden_dim=8, attention_dim=4), Survival(bins=3)
@@ -359,14 +356,7 @@ def test_chunked_gradient_of_a_survival_bag_equals_the_full_bag():
     def loss(h):
         return task.loss(head(h), target, 1.0)
 
-    grads = []
-    for chunk in (13, 4):
-        embedder.zero_grad()
-        head.zero_grad()
-        bag_backward(embedder, loss, patches, chunk)
-        grads.append([p.grad.clone() for p in itertools.chain(embedder.parameters(), head.parameters())])
-    for full, chunked in zip(*grads, strict=True):
-        torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+    assert_same_chunked_gradients(embedder, head, loss, [(patches, 13), (patches, 4)])
 
 
 def test_task_strata_agree_with_the_data_side():

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from data_modules.feature_cache import FeatureCache
-from helpers import break_level0_tiles, icmil_args
+from helpers import break_level0_tiles, icmil_args, lenet_end_to_end
 from icmil_pl.cli import main
 
 CONF = Path(__file__).parent / "conf"
@@ -105,13 +105,7 @@ def test_end_to_end_with_skip_leaves_broken_bags_out_of_training_and_testing(coh
         [
             "fit",
             "--seed_everything=0",
-            "--model=EndToEndMIL",
-            "--model.embedder=LeNetEmbedder",
-            "--model.embedder.image_size=32",
-            "--model.aggregator=ABMIL",
-            "--model.aggregator.in_dim=500",
-            "--model.aggregator.hidden_dim=32",
-            "--model.chunk_size=64",
+            *lenet_end_to_end(64),
             "--data=SlideBagDataModule",
             f"--data.labels={root / 'labels.csv'}",
             f"--data.slides={root / 'slides'}",
