@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 
 install: $(STAMP)
 
-VIEWER := icmil_pl/viewer
+VIEWER := icmil_pl/views/viewer
 
 $(STAMP): pyproject.toml $(VIEWER)/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

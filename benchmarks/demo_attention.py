@@ -18,7 +18,7 @@ import numpy as np
 
 from data_modules.file_names import safe_name
 from data_modules.synthetic import slide_infos, tumour_patches
-from icmil_pl.patch_scores import read_scores
+from icmil_pl.outputs.patch_scores import read_scores
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from data_modules.file_names import safe_name
-from icmil_pl.report import REPORT_FILE, write_report
-from icmil_pl.viewer import RunViewer, ViewerServer
-from icmil_pl.viewer.browser import chromium_driver
+from icmil_pl.views.report import REPORT_FILE, write_report
+from icmil_pl.views.viewer import RunViewer, ViewerServer
+from icmil_pl.views.viewer.browser import chromium_driver
 
 DOCS = Path(__file__).parent
 _LOADED = (

@@ -1,6 +1,6 @@
 """`python -m icmil_pl sweep ...` runs a W&B sweep file offline (icmil_pl.sweep), `report <run>` writes a run's
-report.html (icmil_pl.report), `view <run>` serves its slides to a browser (icmil_pl.viewer); anything else is the
-LightningCLI.
+report.html (icmil_pl.views.report), `view <run>` serves its slides to a browser (icmil_pl.views.viewer); anything
+else is the LightningCLI.
 
 Bad input (a config value, a labels CSV, a slide) raises ValueError naming the field or file, and an unwritable or
 missing path raises OSError; from the command line either ends the run with one line instead of a traceback through
@@ -14,7 +14,7 @@ from importlib import import_module
 from pathlib import Path
 
 # The commands that are not LightningCLI subcommands, and the module whose `main(argv)` runs each.
-COMMANDS = {"sweep": "icmil_pl.sweep", "report": "icmil_pl.report", "view": "icmil_pl.viewer"}
+COMMANDS = {"sweep": "icmil_pl.sweep", "report": "icmil_pl.views.report", "view": "icmil_pl.views.viewer"}
 
 _PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("icmil_pl", "data_modules"))
 

@@ -39,11 +39,11 @@ from icmil_pl.loop import ICMIL, ICMILLoop
 from . import wandb_run
 from .callbacks import output_dir
 from .callbacks.prediction_writer import PREDICTIONS_FILE
-from .report import write_report
 from .results import RESULTS_FILE, record_fit
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import read_record, restore
 from .slide_task import SlideTask
+from .views.report import write_report
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
 

@@ -36,7 +36,6 @@ from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog
 from .coupling import CouplingStrategy, Distillation
 from .encoders import PatchEmbedder, reestimated
 from .phase_logger import PhaseLogger
-from .report import REPORT_FILE, write_report
 from .results import log_run_results, print_table, stage_metrics, write_run_results
 from .run_dir import (
     PHASES,
@@ -52,6 +51,7 @@ from .run_dir import (
     written_by_rank_zero,
 )
 from .run_record import read_record, restore
+from .views.report import REPORT_FILE, write_report
 
 __all__ = ["ICMIL", "ICMILLoop"]
 

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from data_modules.io import atomic_write
 
 from .callbacks.outputs import output_dir, report_skipped
-from .plots import iteration_figure, save_png
+from .outputs.plots import iteration_figure, save_png
 from .tasks import METRIC_NAMES
 
 __all__ = [

@@ -10,7 +10,7 @@ run directory copied or moved elsewhere is a whole run of its own.
     <run>/iter<i>/couple/         coupling checkpoints
     <run>/iter<i>/embedder.pt     E_i (i >= 1; E_0 where its BatchNorm statistics were re-estimated)
     <run>/results.json, figures/  per-iteration metrics and times; AUROC by iteration
-    <run>/report.html             the run at a glance (icmil_pl.report), rewritten after fit, test and predict
+    <run>/report.html             the run at a glance (icmil_pl.views.report), rewritten after fit, test and predict
     <run>/final/<stage>/          validate / test / predict outputs of the finished run
     <run>/final/predict-<name>/   predict outputs on another cohort (`cohort.txt`: its labels file)
     <run>/fast_dev_run/           a smoke test's own run directory, so it never marks phases of the real run done

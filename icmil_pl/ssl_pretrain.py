@@ -20,8 +20,8 @@ from data_modules.unlabelled_patches import UnlabelledPatchDataModule
 
 from .callbacks import ProgressLog
 from .encoders import PatchEmbedder
+from .outputs.plots import probe_figure, save_png
 from .patch_probes import linear_probe_auroc
-from .plots import probe_figure, save_png
 
 __all__ = ["SSLPretrain"]
 

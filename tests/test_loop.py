@@ -19,10 +19,10 @@ from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
 from icmil_pl.coupling.bag_gradient import BagGradientModule
 from icmil_pl.coupling.distillation import DistillationModule
+from icmil_pl.outputs.patch_scores import read_scores, scored_slides
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run
-from icmil_pl.patch_scores import read_scores, scored_slides
 from icmil_pl.run_dir import RESUMABLE_SETTINGS, RunState, changed_settings
-from icmil_pl.viewer import RunViewer
+from icmil_pl.views.viewer import RunViewer
 
 METRICS = {"auroc", "accuracy", "f1", "balanced_accuracy"}
 

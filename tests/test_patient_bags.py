@@ -23,7 +23,7 @@ from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.cli import main
 from icmil_pl.coupling import bag_gradient
 from icmil_pl.coupling.bag_gradient import hold_out_bags
-from icmil_pl.patch_scores import read_scores, scored_slides
+from icmil_pl.outputs.patch_scores import read_scores, scored_slides
 from icmil_pl.results import read_results, record_fit
 from icmil_pl.tasks import Classification
 

@@ -13,8 +13,8 @@ from shapely.geometry import shape
 from data_modules.file_names import safe_name
 from data_modules.outlines import cells_outline, mask_outline
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, truth_outline, tumour_mask
-from icmil_pl.patch_scores import PatchScores, read_scores, scored_slides, write_scores
-from icmil_pl.qupath import slide_geojson, write_geojson
+from icmil_pl.outputs.patch_scores import PatchScores, read_scores, scored_slides, write_scores
+from icmil_pl.outputs.qupath import slide_geojson, write_geojson
 
 
 def _ring_of_patches(side: int = 100) -> np.ndarray:

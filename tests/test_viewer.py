@@ -25,11 +25,11 @@ from PIL import Image
 from data_modules.slides import open_slide
 from data_modules.synthetic import CohortSpec, make_cohort, truth_outline
 from data_modules.tiling import patch_grid
-from icmil_pl.patch_scores import PatchScores, write_scores
-from icmil_pl.plots import CMAP, percentiles
-from icmil_pl.viewer import DeepZoom, RunViewer, TileOutOfRange, ViewerServer
-from icmil_pl.viewer.browser import CHROMEDRIVER, CHROMIUM, chromium_driver, has_chromium
-from icmil_pl.viewer.server import OPENSEADRAGON
+from icmil_pl.outputs.patch_scores import PatchScores, write_scores
+from icmil_pl.outputs.plots import CMAP, percentiles
+from icmil_pl.views.viewer import DeepZoom, RunViewer, TileOutOfRange, ViewerServer
+from icmil_pl.views.viewer.browser import CHROMEDRIVER, CHROMIUM, chromium_driver, has_chromium
+from icmil_pl.views.viewer.server import OPENSEADRAGON
 
 needs_openseadragon = pytest.mark.skipif(
     not (OPENSEADRAGON / "openseadragon.min.js").is_file(), reason="OpenSeadragon not installed (make install)"
@@ -232,7 +232,7 @@ def test_a_host_header_not_the_servers_own_is_refused_against_dns_rebinding(serv
 
 
 def test_bound_to_every_interface_ip_literals_and_this_machines_names_pass_and_other_names_do_not():
-    from icmil_pl.viewer.guards import host_allowed
+    from icmil_pl.views.viewer.guards import host_allowed
 
     for host in ("10.1.2.3:8000", "[fe80::1]:8000", "localhost", f"{socket.gethostname()}:8000", socket.getfqdn()):
         assert host_allowed(host, "0.0.0.0"), host

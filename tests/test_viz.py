@@ -1,5 +1,5 @@
-"""Pictures of a run: the rendering functions of `icmil_pl.plots`, and `FigureWriter` on a trained model whose heatmap
-must find the tumour of a generated slide (the tumour region of a synthetic slide is known exactly)."""
+"""Pictures of a run: the rendering functions of `icmil_pl.outputs.plots`, and `FigureWriter` on a trained model
+whose heatmap must find the tumour of a generated slide (the tumour region of a synthetic slide is known exactly)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.callbacks import FigureWriter, extract_features
 from icmil_pl.encoders import PatchEmbedder
-from icmil_pl.patch_scores import read_scores
-from icmil_pl.plots import (
+from icmil_pl.outputs.patch_scores import read_scores
+from icmil_pl.outputs.plots import (
     confusion_figure,
     grid_step,
     heatmap_figure,

@@ -2,8 +2,8 @@
 
 After `test`: the task's figures (classification `figures/test_roc.png` and `test_confusion.png`; multilabel per-label
 ROC `test_roc.png`; regression `test_scatter.png`; survival Kaplan-Meier `test_km.png`). After each predicted slide: its
-per-patch scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.patch_scores`), its QuPath tiles
-(`qupath/<slide>.geojson`, `icmil_pl.qupath`), and where the slide file is found its heatmap
+per-patch scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.outputs.patch_scores`), its QuPath tiles
+(`qupath/<slide>.geojson`, `icmil_pl.outputs.qupath`), and where the slide file is found its heatmap
 (`figures/<slide>_heatmap.png`) and top/bottom patches (`figures/<slide>_patches.png`), `<slide>` being
 `safe_name(slide_id)`; a patient bag's slides get theirs one by one. Scores are the aggregator's attention (every
 aggregator here returns one); a custom aggregator without attention gets each patch's last output on its own
@@ -27,9 +27,9 @@ from data_modules.cohort import SlideFinder
 from data_modules.slides import open_slide
 from data_modules.synthetic import truth_outline
 
-from ..patch_scores import SCORES_STORE, PatchScores, write_scores
-from ..plots import grid_step, heatmap_figure, montage_figure, save_png
-from ..qupath import write_geojson
+from ..outputs.patch_scores import SCORES_STORE, PatchScores, write_scores
+from ..outputs.plots import grid_step, heatmap_figure, montage_figure, save_png
+from ..outputs.qupath import write_geojson
 from .outputs import output_dir
 from .prediction_writer import PredictionWriter
 

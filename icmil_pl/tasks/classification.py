@@ -12,7 +12,7 @@ from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, Multi
 
 from data_modules.checks import check
 
-from ..plots import confusion_figure, prediction_title, roc_figure
+from ..outputs.plots import confusion_figure, prediction_title, roc_figure
 from .base import Task
 
 __all__ = ["Classification", "slide_metrics"]

@@ -12,7 +12,7 @@ from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, Mul
 
 from data_modules.targets import NO_LABELS
 
-from ..plots import multilabel_roc_figure
+from ..outputs.plots import multilabel_roc_figure
 from .base import PER_LABEL, Task
 
 __all__ = ["MultiLabel", "multilabel_metrics"]

@@ -14,7 +14,7 @@ from torchmetrics.regression import MeanAbsoluteError
 
 from data_modules.checks import check
 
-from ..plots import confusion_figure
+from ..outputs.plots import confusion_figure
 from .base import Task
 
 __all__ = ["Ordinal", "grade_metrics"]

@@ -15,7 +15,7 @@ from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef, R2Score,
 
 from data_modules.targets import REGRESSION_STRATA, quantile_strata
 
-from ..plots import scatter_figure
+from ..outputs.plots import scatter_figure
 from .base import Task
 
 __all__ = ["Regression", "regression_metrics"]

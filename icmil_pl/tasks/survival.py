@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from ..aggregators import MILOutput
-from ..plots import kaplan_meier_figure
+from ..outputs.plots import kaplan_meier_figure
 from .base import Task
 
 __all__ = ["ConcordanceIndex", "Survival", "cox_loss", "survival_metrics"]

@@ -44,8 +44,8 @@ from data_modules.cohort import SlideFinder, SlideFolders
 from data_modules.outlines import cells_outline
 from data_modules.slides import Slide, open_slide
 
-from ..patch_scores import SCORES_STORE, PatchScores, read_scores, scored_slides
-from ..plots import CMAP, percentiles
+from ...outputs.patch_scores import SCORES_STORE, PatchScores, read_scores, scored_slides
+from ...outputs.plots import CMAP, percentiles
 from .deepzoom import DeepZoom, TileOutOfRange
 from .guards import LOOPBACK, NotFound, host_allowed, request_path, static_file
 

@@ -37,13 +37,13 @@ from data_modules.file_names import safe_name
 from data_modules.io import atomic_write
 from data_modules.splits import SPLITS, SPLITS_FILE
 
-from .callbacks.figure_writer import SLIDE_FIGURES
-from .callbacks.prediction_writer import PREDICTIONS_FILE
-from .qupath import QUPATH_DIR
-from .results import RESULTS_FILE, STAGES, read_results
-from .run_dir import RunDir
-from .statistics import mean_interval
-from .tasks import METRIC_NAMES
+from ..callbacks.figure_writer import SLIDE_FIGURES
+from ..callbacks.prediction_writer import PREDICTIONS_FILE
+from ..outputs.qupath import QUPATH_DIR
+from ..results import RESULTS_FILE, STAGES, read_results
+from ..run_dir import RunDir
+from ..statistics import mean_interval
+from ..tasks import METRIC_NAMES
 
 __all__ = ["REPORT_FILE", "THUMBNAIL_PX", "find_runs", "main", "write_report"]
 

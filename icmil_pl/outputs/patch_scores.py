@@ -24,7 +24,7 @@ import zarr
 
 from data_modules.file_names import safe_name
 
-from .tasks import TASKS
+from ..tasks import TASKS
 
 __all__ = ["SCORES_STORE", "PatchScores", "read_scores", "scored_slides", "write_scores"]
 

@@ -1,0 +1,1 @@
+"""What a person looks at: a run's report.html (`report`) and its slides in a browser (`viewer`)."""
