@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from icmil_pl.statistics import mean_interval  # noqa: E402
+from icmil_pl.tools.statistics import mean_interval  # noqa: E402
 
 END_TO_END = {
     "end to end, chunked (4)": ["--model.init_args.chunk_size=4"],

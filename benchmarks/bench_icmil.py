@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.patch_probes import probe_run  # noqa: E402
-from icmil_pl.statistics import mean_interval  # noqa: E402
+from icmil_pl.tools.statistics import mean_interval  # noqa: E402
 
 DEMO = ROOT / "experiments" / "demo.yaml"
 DISTILLATION = ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]

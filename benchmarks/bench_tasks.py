@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from sksurv.metrics import concordance_index_censored  # noqa: E402
 
-from icmil_pl.statistics import mean_interval  # noqa: E402
+from icmil_pl.tools.statistics import mean_interval  # noqa: E402
 
 TARGETS = ROOT / "data" / "demo_tasks" / "targets.csv"  # the configs' cohort: its targets, its true tumour burden
 

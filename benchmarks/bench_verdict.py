@@ -48,7 +48,7 @@ from data_modules.patches import PatchDataset  # noqa: E402
 from data_modules.synthetic import slide_infos, tumour_patches  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run  # noqa: E402
-from icmil_pl.statistics import mean_interval  # noqa: E402
+from icmil_pl.tools.statistics import mean_interval  # noqa: E402
 
 DISTILLATION = ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]
 STAIN = '{"sigma": 0.1, "bias": 0.01}'  # HED jitter between light and strong (data_modules.augment.StainJitter)

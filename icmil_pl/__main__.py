@@ -1,4 +1,4 @@
-"""`python -m icmil_pl sweep ...` runs a W&B sweep file offline (icmil_pl.sweep), `report <run>` writes a run's
+"""`python -m icmil_pl sweep ...` runs a W&B sweep file offline (icmil_pl.tools.sweep), `report <run>` writes a run's
 report.html (icmil_pl.views.report), `view <run>` serves its slides to a browser (icmil_pl.views.viewer); anything
 else is the LightningCLI.
 
@@ -14,7 +14,7 @@ from importlib import import_module
 from pathlib import Path
 
 # The commands that are not LightningCLI subcommands, and the module whose `main(argv)` runs each.
-COMMANDS = {"sweep": "icmil_pl.sweep", "report": "icmil_pl.views.report", "view": "icmil_pl.views.viewer"}
+COMMANDS = {"sweep": "icmil_pl.tools.sweep", "report": "icmil_pl.views.report", "view": "icmil_pl.views.viewer"}
 
 _PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("icmil_pl", "data_modules"))
 

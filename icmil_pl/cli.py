@@ -7,7 +7,7 @@
 `${..lr}` follows `--model.init_args.lr=...`. Classes are named by their short names in YAML (`class_path: ABMIL`).
 
 With `--trainer.logger=WandbLogger` the run is offline unless wandb has credentials (`wandb login`) or WANDB_MODE says
-otherwise, and carries the resolved config under `cli` (see `icmil_pl.wandb_run`).
+otherwise, and carries the resolved config under `cli` (see `icmil_pl.tools.wandb_run`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders,
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
-from . import wandb_run
 from .callbacks import output_dir
 from .callbacks.prediction_writer import PREDICTIONS_FILE
 from .results import RESULTS_FILE, record_fit
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import read_record, restore
 from .slide_task import SlideTask
+from .tools import wandb_run
 from .views.report import write_report
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]

@@ -40,7 +40,7 @@ class PhaseLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass  # the resolved config is logged once by the CLI (icmil_pl.wandb_run, under "cli")
+        pass  # the resolved config is logged once by the CLI (icmil_pl.tools.wandb_run, under "cli")
 
     @rank_zero_only
     def save(self) -> None:

@@ -20,8 +20,8 @@ from data_modules.splits import save_splits
 from icmil_pl.callbacks.prediction_writer import PREDICTIONS_FILE, PredictionWriter
 from icmil_pl.results import write_results
 from icmil_pl.run_dir import RunDir
-from icmil_pl.statistics import mean_interval
 from icmil_pl.tasks import Classification
+from icmil_pl.tools.statistics import mean_interval
 from icmil_pl.views.report import REPORT_FILE, THUMBNAIL_PX, main, write_report
 
 CLASSES = ["normal", "tumour"]

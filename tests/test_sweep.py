@@ -15,8 +15,8 @@ import yaml
 from helpers import ICMIL_COHORT
 from icmil_pl import sweep as sweep_module
 from icmil_pl.cli import main as cli_main
-from icmil_pl.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
 from icmil_pl.tasks import Classification
+from icmil_pl.tools.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
 
 ROOT = Path(__file__).parents[1]
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))

@@ -19,9 +19,9 @@ import pytest
 import wandb
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from icmil_pl import wandb_run
 from icmil_pl.cli import main
 from icmil_pl.tasks import Classification
+from icmil_pl.tools import wandb_run
 
 CONF = Path(__file__).parent / "conf"
 LR = 3.0e-3  # the sweep's proposal, as `wandb agent` passes it: flat key in the run config and a CLI override

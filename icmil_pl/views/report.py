@@ -8,7 +8,7 @@ every image is a base64 data URI. It holds:
 - the results: val and test metrics and the seconds of every phase, per iteration, and the slides skipped;
 - for a folder of several runs (seeds, folds: no results.json of its own, but some below it, `fast_dev_run` folders
   left out): each run's results, and per iteration and metric the mean over the runs with its 95 % interval
-  (`icmil_pl.statistics.mean_interval`); the sections below then follow once per run, under its relative path;
+  (`icmil_pl.tools.statistics.mean_interval`); the sections below then follow once per run, under its relative path;
 - the figures: every PNG of `figures/` and of each `final/<stage>/figures/`, apart from the per-slide ones;
 - the slides of `final/predict/predictions.csv` (else of `final/predict-<cohort>/`, `final/test/`, or a single
   model's own predictions.csv): label, prediction, probabilities, whether it is right, and a heatmap thumbnail, the
@@ -42,8 +42,8 @@ from ..callbacks.prediction_writer import PREDICTIONS_FILE
 from ..outputs.qupath import QUPATH_DIR
 from ..results import RESULTS_FILE, STAGES, read_results
 from ..run_dir import RunDir
-from ..statistics import mean_interval
 from ..tasks import METRIC_NAMES
+from ..tools.statistics import mean_interval
 
 __all__ = ["REPORT_FILE", "THUMBNAIL_PX", "find_runs", "main", "write_report"]
 

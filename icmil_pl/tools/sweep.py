@@ -38,10 +38,10 @@ import yaml
 
 from data_modules.io import atomic_write
 
-from .cli import main as cli_main
-from .loop import ICMIL
-from .results import FINAL_METRICS, read_results
-from .tasks import METRIC_NAMES
+from ..cli import main as cli_main
+from ..loop import ICMIL
+from ..results import FINAL_METRICS, read_results
+from ..tasks import METRIC_NAMES
 
 with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1 way, which pydantic 2 warns about
     warnings.simplefilter("ignore")
