@@ -47,6 +47,8 @@ bench: install
 		--variants chunked full --steps 1 --large 256 --warmup-size 32 --budget-gb 16
 	$(PY) benchmarks/bench_gpu.py
 	$(PY) benchmarks/bench_icmil.py
+	$(PY) benchmarks/bench_verdict.py --config experiments/demo.yaml --seeds 5 --arms frozen BagGradient Distillation \
+		"end to end" --e2e-epochs 8 --out runs/bench_demo --model.init_args.reestimate_batchnorm=8192
 	$(PY) benchmarks/bench_tasks.py
 	$(PY) -m icmil_pl fit -c experiments/pretrain_ssl.yaml -c experiments/ssl/hard_cohort.yaml
 	$(PY) benchmarks/bench_verdict.py --config experiments/hard_cohort.yaml --ssl runs/ssl_hard/embedder.pt --seeds 5 \
