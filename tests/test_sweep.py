@@ -13,9 +13,9 @@ import wandb
 import yaml
 
 from helpers import ICMIL_COHORT
-from icmil_pl import sweep as sweep_module
 from icmil_pl.cli import main as cli_main
 from icmil_pl.tasks import Classification
+from icmil_pl.tools import sweep as sweep_module
 from icmil_pl.tools.sweep import expand_command, load_sweep, resolve_config, run_sweep, trial_argv
 
 ROOT = Path(__file__).parents[1]
