@@ -12,6 +12,7 @@ from .base import TargetKind
 
 if TYPE_CHECKING:
     from ..cohort import SlideLabel
+    from . import Targets
 
 __all__ = ["NO_LABELS", "LabelSetTargets"]
 
@@ -26,7 +27,7 @@ class LabelSetTargets(TargetKind):
     name = "multilabel"
     stratum = "label value"
 
-    def __init__(self, targets) -> None:
+    def __init__(self, targets: Targets) -> None:
         super().__init__(targets)
         if targets.columns is not None and len(targets.columns) < 1:
             raise ValueError("targets.columns: expected one 0/1 column per label, got none")
