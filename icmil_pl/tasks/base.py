@@ -29,8 +29,8 @@ class Task(nn.Module):
     monitor: ClassVar[str]  # the headline validation metric: tables, the by-iteration figure, checkpoint selection
     mode: ClassVar[Literal["max", "min"]] = "max"
     needs_several_bags: ClassVar[bool] = False  # a loss defined over several bags at once (Cox)
-    # what `outputs` are: class probabilities (softmax: a patch's call is its most probable class), label
-    # probabilities (sigmoid, each label on its own), or None: a value or a risk, no pseudo-label
+    # what the head's logits mean: a softmax over classes (a patch's call is its most probable class), a sigmoid each
+    # (each label, or each ordinal threshold, a binary of its own), or None: a value or a risk, no pseudo-label
     probabilities: ClassVar[Literal["softmax", "sigmoid"] | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
