@@ -36,8 +36,9 @@ class Classification(Task):
         return [str(int(t)) for t in targets]
 
     def check_targets(self, targets: Mapping[str, Tensor], head_size: int) -> None:
-        bad = {k: int(v) for k, v in targets.items() if not 0 <= int(v) < head_size}
-        check("labels", not bad, f"class indices in [0, {head_size})", bad)
+        classes = self.name_count(head_size)
+        bad = {k: int(v) for k, v in targets.items() if not 0 <= int(v) < classes}
+        check("labels", not bad, f"class indices in [0, {classes})", bad)
 
     def outputs(self, logits: Tensor) -> Tensor:
         return logits.float().softmax(-1)

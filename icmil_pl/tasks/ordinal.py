@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -12,22 +10,21 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 from torchmetrics.regression import MeanAbsoluteError
 
-from data_modules.checks import check
-
 from ..outputs.plots import confusion_figure
 from .base import Task
+from .classification import Classification
 
 __all__ = ["Ordinal", "grade_metrics"]
 
 
-class Ordinal(Task):
+class Ordinal(Classification):
     """K ordered grades from K - 1 logits, CORN (Shi et al., 2023): logit k is the conditional probability that the
     grade exceeds k given that it reaches k, trained (binary cross entropy) only on bags whose grade reaches k, so
     P(grade > k) = prod_{j <= k} sigmoid(logit_j) never rises with k (ranks stay consistent without tied weights).
     The call is the number of thresholds passed (P(grade > k) > 0.5); outputs are the K grade probabilities.
     Quadratic weighted kappa selects and heads the table, as PANDA reports it; accuracy and the mean absolute grade
     error beside it. The data's classes are the grades in order (`Targets(task="ordinal")`; give `classes` when
-    their names do not sort in grade order)."""
+    their names do not sort in grade order); as classes, grades are stratified, checked, named and described."""
 
     kind = "ordinal"
     metric_names = ("qwk", "accuracy", "mae")
@@ -59,9 +56,6 @@ class Ordinal(Task):
         ones, zeros = torch.ones_like(exceeds[..., :1]), torch.zeros_like(exceeds[..., :1])
         return torch.cat([ones, exceeds], -1) - torch.cat([exceeds, zeros], -1)
 
-    def output_names(self, names: list[str]) -> list[str]:
-        return [f"prob_{n}" for n in names]
-
     def call(self, outputs: Tensor) -> Tensor:
         """The grade called from grade probabilities: how many thresholds have P(grade > k) > 0.5."""
         exceeds = 1 - outputs.cumsum(-1)[..., :-1]
@@ -70,18 +64,10 @@ class Ordinal(Task):
     def metric_input(self, outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return self.call(outputs), target.long().view(-1)
 
-    def strata(self, targets: Sequence[Tensor]) -> list[str]:
-        return [str(int(t)) for t in targets]
-
-    def check_targets(self, targets: Mapping[str, Tensor], head_size: int) -> None:
-        bad = {k: int(v) for k, v in targets.items() if not 0 <= int(v) <= head_size}
-        check("labels", not bad, f"grade indices in [0, {head_size}]", bad)
-
-    def describe_target(self, target: Tensor | None, names: list[str]) -> str:
-        return "" if target is None else names[int(target)]
-
     def describe_call(self, outputs: Tensor, names: list[str]) -> str:
         return names[int(self.call(outputs))]
+
+    title = Task.title  # the call beside the truth; a class's title names the most probable grade, not the call
 
     def test_figures(self, targets: Tensor, outputs: Tensor, names: list[str]) -> dict[str, Figure]:
         grades, called = targets.long().view(-1).tolist(), self.call(outputs).tolist()
