@@ -45,8 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_modules.patches import PatchDataset  # noqa: E402
-from data_modules.splits import make_splits  # noqa: E402
+from data_modules.cohort.splits import make_splits  # noqa: E402
+from data_modules.datasets.patches import PatchDataset  # noqa: E402
 from data_modules.synthetic import patch_mimic_fraction, patch_tumour_fraction, slide_infos  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.encoders import PatchEmbedder, reestimated, thaw_batchnorm  # noqa: E402

@@ -21,10 +21,10 @@ import h5py
 import numpy as np
 import torch
 
-from data_modules.feature_cache import FeatureCache
-from data_modules.patches import SlidePatchDataModule
+from data_modules.datasets.feature_cache import FeatureCache
+from data_modules.datasets.patches import SlidePatchDataModule
+from data_modules.slides.tiling import TilingConfig
 from data_modules.synthetic import CohortSpec, make_cohort
-from data_modules.tiling import TilingConfig
 from icmil_pl.callbacks import extract_features
 from icmil_pl.encoders import PatchEmbedder
 

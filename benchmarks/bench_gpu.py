@@ -50,9 +50,9 @@ def embedder_for(args: argparse.Namespace, finetune=None, grad_checkpointing: bo
 def extraction(args: argparse.Namespace, device: torch.device) -> None:
     from torch.utils.data import DataLoader
 
-    from data_modules.patches import PatchDataset
+    from data_modules.datasets.patches import PatchDataset
+    from data_modules.slides.tiling import SlidePatches, patch_grid
     from data_modules.synthetic import CohortSpec, make_cohort
-    from data_modules.tiling import SlidePatches, patch_grid
 
     side = 2048 if args.smoke else args.slide_px
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,8 +25,8 @@ import openslide
 import tifffile
 
 from data_modules.slides import open_slide
+from data_modules.slides.tiling import patch_grid
 from data_modules.synthetic import CohortSpec, write_slide
-from data_modules.tiling import patch_grid
 
 
 def main() -> None:

@@ -44,14 +44,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_modules.patches import PatchDataset  # noqa: E402
+from data_modules.datasets.patches import PatchDataset  # noqa: E402
 from data_modules.synthetic import slide_infos, tumour_patches  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run  # noqa: E402
 from icmil_pl.tools.statistics import mean_interval  # noqa: E402
 
 DISTILLATION = ["-c", str(ROOT / "experiments" / "coupling" / "distillation.yaml")]
-STAIN = '{"sigma": 0.1, "bias": 0.01}'  # HED jitter between light and strong (data_modules.augment.StainJitter)
+# HED jitter between light and strong (data_modules.datasets.augment.StainJitter)
+STAIN = '{"sigma": 0.1, "bias": 0.01}'
 # an EMA of the weights (icmil_pl.callbacks.WeightEMA), a window of about 100 steps: two epochs of 48 bags
 EMA = '--trainer.callbacks+={"class_path": "WeightEMA", "init_args": {"decay": 0.99}}'
 # arm -> (kind, start, extra arguments); kind: "frozen", "icmil" (iteration 1 of ICMIL) or "e2e" (from a frozen arm)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.file_names import safe_name
+from data_modules.io import safe_name
 from data_modules.synthetic import slide_infos, tumour_patches
 from icmil_pl.outputs.patch_scores import read_scores
 

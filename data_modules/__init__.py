@@ -6,10 +6,26 @@ Slide reading and tiling need no torch; the torch-based datasets are imported on
 
 from importlib import import_module
 
+from .aliases import alias_modules
 from .slides import Slide, SlideError, open_slide
-from .tiling import PatchGrid, SlidePatches, TilingConfig, TissueParams, patch_grid, tissue_mask
+from .slides.tiling import PatchGrid, SlidePatches, TilingConfig, TissueParams, patch_grid, tissue_mask
 
-_LAZY = {"PatchDataset": "patches", "SlidePatchDataModule": "patches"}
+_LAZY = {"PatchDataset": "datasets.patches", "SlidePatchDataModule": "datasets.patches"}
+_DATASETS = ("augment", "bag_base", "digits", "feature_bags", "feature_cache", "patches", "patient_bags", "samplers")
+alias_modules(
+    __name__,
+    {
+        **{name: f"datasets.{name}" for name in (*_DATASETS, "slide_bags", "unlabelled_patches")},
+        **{name: f"slides.{name}" for name in ("tiling", "outlines")},
+        "slide_base": "slides.base",
+        "tiff_slide": "slides.tiff_backend",
+        "openslide_slide": "slides.openslide_backend",
+        "splits": "cohort.splits",
+        "targets": "cohort.targets",
+        "checks": "io",
+        "file_names": "io",
+    },
+)
 
 __all__ = [
     "PatchDataset",

@@ -24,7 +24,7 @@ import numpy as np
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
-from data_modules.file_names import safe_name
+from data_modules.io import safe_name
 from icmil_pl.views.report import REPORT_FILE, write_report
 from icmil_pl.views.viewer import RunViewer, ViewerServer
 from icmil_pl.views.viewer.browser import chromium_driver

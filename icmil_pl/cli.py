@@ -25,13 +25,13 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 # Imported so that jsonargparse knows every class by its short name.
-import data_modules.digits  # noqa: F401
-import data_modules.feature_bags  # noqa: F401
-import data_modules.patches  # noqa: F401
-import data_modules.slide_bags  # noqa: F401
+import data_modules.datasets.digits  # noqa: F401
+import data_modules.datasets.feature_bags  # noqa: F401
+import data_modules.datasets.patches  # noqa: F401
+import data_modules.datasets.slide_bags  # noqa: F401
+import data_modules.datasets.unlabelled_patches  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
-import data_modules.unlabelled_patches  # noqa: F401
-from data_modules.bag_base import BagDataModule
+from data_modules.datasets.bag_base import BagDataModule
 from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders, end_to_end, ssl_pretrain, tasks  # noqa: F401
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop

@@ -10,8 +10,8 @@ standardisation; iteration 0 of an ICMIL run), so that end to end starts where t
 features came from (`embedder.init_args.weights: <run>/iter0/embedder.pt`, or `embedder_from: <slide model
 checkpoint>`). `trains` picks what learns: both, the aggregator alone on the frozen embedder's features (a two-stage
 model, features computed on the fly), or the embedder alone through the frozen aggregator (ICMIL's exact coupling).
-`stain_jitter` augments every training patch (`data_modules.augment.StainJitter`), alike in both passes of the chunked
-backward.
+`stain_jitter` augments every training patch (`data_modules.datasets.augment.StainJitter`), alike in both passes of
+the chunked backward.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from data_modules.augment import StainedBag, StainJitter
+from data_modules.datasets.augment import StainedBag, StainJitter
 
 from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter

@@ -23,13 +23,13 @@ import torch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from data_modules.checks import check
 from data_modules.cohort import require_labels
-from data_modules.feature_bags import FeatureBagDataModule
-from data_modules.feature_cache import FeatureCache
-from data_modules.patches import SlidePatchDataModule
-from data_modules.patient_bags import BagLevel
-from data_modules.splits import SplitConfig, make_splits, save_splits
+from data_modules.cohort.splits import SplitConfig, make_splits, save_splits
+from data_modules.datasets.feature_bags import FeatureBagDataModule
+from data_modules.datasets.feature_cache import FeatureCache
+from data_modules.datasets.patches import SlidePatchDataModule
+from data_modules.datasets.patient_bags import BagLevel
+from data_modules.io import check
 
 from .bag_classifier import BagClassifier
 from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
@@ -69,7 +69,8 @@ class ICMIL(pl.LightningModule):
 
     `bag_trainer`, `couple_trainer` and `embed_trainer` override the config's `trainer` settings per phase (e.g.
     `{max_epochs: 200}` for the bag phase, `{precision: bf16-mixed}` for extraction). `bag_level: patient` makes a
-    bag of all slides of a patient in the bag phase and in `BagGradient` coupling (`data_modules.patient_bags`).
+    bag of all slides of a patient in the bag phase and in `BagGradient` coupling
+    (`data_modules.datasets.patient_bags`).
     `reestimate_batchnorm: k` re-estimates E_0's BatchNorm statistics on up to k patches of the training slides before
     the first extraction (`PatchEmbedder.reestimate_batchnorm`; no weight moves): the free gain of any random or
     ImageNet CNN on H&E, which iteration 0 of a fair comparison has, so that no coupling is credited with it.

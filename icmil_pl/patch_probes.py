@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from data_modules.synthetic import slide_infos, tumour_patches
 
 from .bag_classifier import BagClassifier

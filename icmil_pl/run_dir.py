@@ -36,10 +36,9 @@ from filelock import FileLock, Timeout
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_modules.cohort import SlideCohort
-from data_modules.file_names import safe_name
-from data_modules.io import atomic_path, atomic_write
+from data_modules.cohort.splits import SPLITS_FILE
+from data_modules.io import atomic_path, atomic_write, safe_name
 from data_modules.slides import file_signature
-from data_modules.splits import SPLITS_FILE
 
 from .results import RESULTS_FILE
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from data_modules.bag_base import BagDataModule
-from data_modules.feature_bags import FeatureBagDataModule
+from data_modules.datasets.bag_base import BagDataModule
+from data_modules.datasets.feature_bags import FeatureBagDataModule
 
 __all__ = ["RECORD_KEY", "check_record", "read_record", "record_of", "restore"]
 

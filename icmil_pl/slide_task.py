@@ -13,10 +13,10 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from data_modules.bag_base import BagDataModule
 from data_modules.cohort import name_classes
+from data_modules.cohort.splits import save_splits
+from data_modules.datasets.bag_base import BagDataModule
 from data_modules.slides import SlideError
-from data_modules.splits import save_splits
 
 from .aggregators import Aggregator, MILOutput
 from .callbacks.checkpoints import best_checkpoint, latest_checkpoint
@@ -203,5 +203,6 @@ class SlideTask(pl.LightningModule):
 
 
 def _slides(batch: dict) -> dict:
-    """A patient bag's (slide id, patch count) per slide (`data_modules.patient_bags`), for per-slide outputs."""
+    """A patient bag's (slide id, patch count) per slide (`data_modules.datasets.patient_bags`), for per-slide
+    outputs."""
     return {"slides": batch["slides"]} if "slides" in batch else {}

@@ -14,9 +14,8 @@ from lightly.models.modules import SimCLRProjectionHead
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
-from data_modules.checks import check
-from data_modules.io import atomic_path
-from data_modules.unlabelled_patches import UnlabelledPatchDataModule
+from data_modules.datasets.unlabelled_patches import UnlabelledPatchDataModule
+from data_modules.io import atomic_path, check
 
 from .callbacks import ProgressLog
 from .encoders import PatchEmbedder

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from data_modules.augment import StainedBag, StainJitter
+from data_modules.datasets.augment import StainedBag, StainJitter
 from data_modules.synthetic import CohortSpec, render_region, write_slide
 from icmil_pl.chunked import bag_backward
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.slide_bags import PatchBagDataModule, SlideBag, SlideBagDataModule
+from data_modules.cohort.splits import SplitConfig
+from data_modules.datasets.slide_bags import PatchBagDataModule, SlideBag, SlideBagDataModule
 from data_modules.slides import open_slide
-from data_modules.splits import SplitConfig
+from data_modules.slides.tiling import TilingConfig
 from data_modules.synthetic import CohortSpec, make_cohort
-from data_modules.tiling import TilingConfig
 from helpers import lenet_end_to_end
 from icmil_pl.cli import main
 

@@ -14,7 +14,7 @@ import tifffile
 import wandb
 import zarr
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from data_modules.synthetic import CohortSpec, make_cohort
 from icmil_pl.cli import main
 

@@ -11,10 +11,10 @@ import pytest
 import tifffile
 
 from data_modules.cohort import SlideCohort, find_slide, name_classes, read_labels
+from data_modules.cohort.splits import SplitConfig, make_splits
 from data_modules.slides import open_slide
-from data_modules.splits import SplitConfig, make_splits
+from data_modules.slides.tiling import TilingConfig
 from data_modules.synthetic import CohortSpec, make_cohort
-from data_modules.tiling import TilingConfig
 from helpers import write_labels
 
 

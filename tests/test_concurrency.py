@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from helpers import icmil_args
 from icmil_pl.cli import main
 from icmil_pl.run_dir import RunDir

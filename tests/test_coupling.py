@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from torchmetrics.classification import MultilabelAccuracy
 
-from data_modules.augment import random_flip_resized_crop
+from data_modules.datasets.augment import random_flip_resized_crop
+from data_modules.slides.tiling import SlidePatches, TissueParams, patch_grid
 from data_modules.synthetic import CohortSpec, make_cohort
-from data_modules.tiling import SlidePatches, TissueParams, patch_grid
 from icmil_pl.aggregators import ABMIL, DSMIL, DTFDMIL
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.coupling import (

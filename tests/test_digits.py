@@ -9,8 +9,8 @@ from scipy.stats import norm
 from skimage.transform import resize
 from sklearn.datasets import load_digits
 
-from data_modules.digits import DigitBagsDataModule
-from data_modules.splits import SPLITS
+from data_modules.cohort.splits import SPLITS
+from data_modules.datasets.digits import DigitBagsDataModule
 
 DIGITS = load_digits()
 

@@ -15,9 +15,9 @@ import pytest
 import tifffile
 import torch
 
-from data_modules.feature_bags import FeatureBagDataModule
-from data_modules.feature_cache import FeatureCache
-from data_modules.splits import SplitConfig
+from data_modules.cohort.splits import SplitConfig
+from data_modules.datasets.feature_bags import FeatureBagDataModule
+from data_modules.datasets.feature_cache import FeatureCache
 from helpers import write_labels
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_modules.feature_cache import FeatureCache
-from data_modules.file_names import safe_name
+from data_modules.datasets.feature_cache import FeatureCache
+from data_modules.io import safe_name
 
 HOSTILE = [
     "..",

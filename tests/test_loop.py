@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from helpers import icmil_args, write_labels
 from icmil_pl.cli import main
 from icmil_pl.coupling.bag_gradient import BagGradientModule
@@ -328,7 +328,7 @@ def test_a_moved_class_keeps_its_old_path_for_saved_configs():
 
 
 def test_evaluate_needs_a_finished_run(tmp_path):
-    from data_modules.patches import SlidePatchDataModule
+    from data_modules.datasets.patches import SlidePatchDataModule
     from icmil_pl.aggregators import ABMIL
     from icmil_pl.bag_classifier import BagClassifier
     from icmil_pl.encoders import PatchEmbedder

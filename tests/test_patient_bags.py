@@ -14,9 +14,9 @@ import pytorch_lightning as pl
 import torch
 
 from data_modules import slide_bags
-from data_modules.feature_bags import FeatureBagDataModule
-from data_modules.patient_bags import ConcatBag, PatientBags
-from data_modules.splits import SplitConfig
+from data_modules.cohort.splits import SplitConfig
+from data_modules.datasets.feature_bags import FeatureBagDataModule
+from data_modules.datasets.patient_bags import ConcatBag, PatientBags
 from helpers import assert_same_chunked_gradients, icmil_args, lenet_end_to_end, write_labels
 from icmil_pl.aggregators import ABMIL
 from icmil_pl.bag_classifier import BagClassifier

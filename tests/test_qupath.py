@@ -10,8 +10,8 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from data_modules.file_names import safe_name
-from data_modules.outlines import cells_outline, mask_outline
+from data_modules.io import safe_name
+from data_modules.slides.outlines import cells_outline, mask_outline
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, truth_outline, tumour_mask
 from icmil_pl.outputs.patch_scores import PatchScores, read_scores, scored_slides, write_scores
 from icmil_pl.outputs.qupath import slide_geojson, write_geojson

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules.file_names import safe_name
-from data_modules.splits import save_splits
+from data_modules.cohort.splits import save_splits
+from data_modules.io import safe_name
 from icmil_pl.callbacks.prediction_writer import PREDICTIONS_FILE, PredictionWriter
 from icmil_pl.results import write_results
 from icmil_pl.run_dir import RunDir

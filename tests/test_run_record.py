@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from helpers import CONF, write_labels
 from icmil_pl.cli import main
 from icmil_pl.run_record import RECORD_KEY

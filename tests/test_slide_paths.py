@@ -14,9 +14,9 @@ import pytest
 import tifffile
 import yaml
 
-from data_modules import cohort as cohort_module
 from data_modules.cohort import SlideCohort, locate_slides, read_labels, slide_roots
-from data_modules.tiling import TilingConfig
+from data_modules.cohort import finder as finder_module
+from data_modules.slides.tiling import TilingConfig
 from helpers import CONF, write_labels
 from icmil_pl.cli import main
 
@@ -79,7 +79,7 @@ def tcga(tmp_path) -> Path:
 def test_slides_are_found_anywhere_below_a_root_with_one_walk(tcga, tmp_path, monkeypatch):
     walks = []
     walk = os.walk
-    monkeypatch.setattr(cohort_module.os, "walk", lambda top, **kw: walks.append(top) or walk(top, **kw))
+    monkeypatch.setattr(finder_module.os, "walk", lambda top, **kw: walks.append(top) or walk(top, **kw))
     labels = _labels(tmp_path / "labels.csv", [("s1", ""), ("s2", ""), ("s3", ""), ("TCGA-LUAD/case-04/s4", "")])
     cohort = SlideCohort(labels, tcga)
     assert cohort.paths == {
@@ -210,3 +210,44 @@ def test_a_yaml_list_of_slide_folders_parses(tmp_path, capsys):
 
     assert printed()["slides"] == ["/a", "/b/c"]
     assert printed("--data.init_args.slides=/one")["slides"] == "/one"
+
+
+def test_the_format_table_is_what_the_finder_and_open_slide_read(tmp_path):
+    """One row per format: every extension of the table is found by the finder in any letter case, a DICOM instance
+    stands for its folder, and the reader is the row's (a TIFF sniffed for vendor dialects)."""
+    from data_modules.slides.formats import FORMATS, SLIDE_EXTENSIONS, reader_for, slide_format
+
+    assert slide_format("A.OME.TIFF").name == "OME-TIFF" and slide_format("a.tiff").extensions == (".tif", ".tiff")
+    assert slide_format("notes.txt") is None
+    for fmt in FORMATS:
+        for k, ext in enumerate(fmt.extensions):
+            slide_id = f"{fmt.extensions[0][1:].replace('.', '_')}{k}"
+            if fmt.folder:
+                (tmp_path / slide_id).mkdir()
+                (tmp_path / slide_id / f"level0{ext.upper()}").write_bytes(b"")
+                expected = tmp_path / slide_id
+            else:
+                expected = tmp_path / "deep" / f"{slide_id}{ext.upper()}"
+                expected.parent.mkdir(exist_ok=True)
+                expected.write_bytes(b"")
+            assert finder_module.find_slide(tmp_path, slide_id) == expected, fmt.name
+            if fmt.reader == "openslide" and fmt.check is None:
+                assert reader_for(expected) == "openslide", fmt.name
+    assert len(SLIDE_EXTENSIONS) == sum(len(fmt.extensions) for fmt in FORMATS)
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((8, 8, 3), np.uint8))
+    assert reader_for(tmp_path / "plain.tif") == "tifffile"
+    with pytest.raises(ValueError, match=r"an MRXS slide needs its data folder beside it"):
+        reader_for(tmp_path / "deep" / "mrxs0.MRXS")
+
+
+def test_modules_moved_into_folders_keep_their_old_paths(tmp_path):
+    """Run configs saved before the move name `data_modules.slide_bags.SlideBagDataModule`: the old path is the same
+    module, so a resumed or compared run resolves its classes."""
+    import importlib
+
+    from data_modules.datasets.slide_bags import SlideBagDataModule
+    from data_modules.slides.tiling import TilingConfig as Tiling
+
+    assert importlib.import_module("data_modules.slide_bags").SlideBagDataModule is SlideBagDataModule
+    assert importlib.import_module("data_modules.tiling").TilingConfig is Tiling
+    assert importlib.import_module("data_modules.file_names").safe_name("../x") == "%2E.%2Fx"

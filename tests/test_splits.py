@@ -7,8 +7,8 @@ import json
 import pytest
 
 from data_modules.cohort import read_labels
-from data_modules.splits import SPLITS_FILE, SplitConfig, hold_out, make_splits, save_splits
-from data_modules.targets import Targets
+from data_modules.cohort.splits import SPLITS_FILE, SplitConfig, hold_out, make_splits, save_splits
+from data_modules.cohort.targets import Targets
 from helpers import write_labels
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_modules.patches import SlidePatchDataModule
+from data_modules.datasets.patches import SlidePatchDataModule
+from data_modules.datasets.unlabelled_patches import UnlabelledPatchDataModule
+from data_modules.slides.tiling import TilingConfig
 from data_modules.synthetic import slide_infos, tumour_patches
-from data_modules.tiling import TilingConfig
-from data_modules.unlabelled_patches import UnlabelledPatchDataModule
 from icmil_pl.cli import main
 from icmil_pl.encoders import PatchEmbedder
 

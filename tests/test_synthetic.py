@@ -461,8 +461,8 @@ def test_large_slide_is_written_with_bounded_memory(tmp_path):
 
 
 def test_synthetic_cohort_data_module_writes_once_then_reads(tmp_path):
+    from data_modules.slides.tiling import TilingConfig
     from data_modules.synthetic import SyntheticCohortDataModule
-    from data_modules.tiling import TilingConfig
 
     def module(n_slides: int) -> SyntheticCohortDataModule:
         return SyntheticCohortDataModule(

@@ -16,11 +16,11 @@ from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
 from data_modules.cohort import read_labels
-from data_modules.feature_bags import FeatureBagDataModule
-from data_modules.splits import SplitConfig, make_splits
+from data_modules.cohort.splits import SplitConfig, make_splits
+from data_modules.cohort.targets import Targets, quantile_strata
+from data_modules.datasets.feature_bags import FeatureBagDataModule
+from data_modules.slides.tiling import SlidePatches, TissueParams, patch_grid
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, survival_times, tumour_burden
-from data_modules.targets import Targets, quantile_strata
-from data_modules.tiling import SlidePatches, TissueParams, patch_grid
 from helpers import assert_same_chunked_gradients, write_labels
 from icmil_pl.aggregators import ABMIL, MeanPool, MILOutput
 from icmil_pl.bag_classifier import BagClassifier

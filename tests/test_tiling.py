@@ -10,7 +10,7 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader
 
-import data_modules.tiling as tiling
+import data_modules.slides.tiling as tiling
 from data_modules import PatchDataset, SlideError, SlidePatches, TissueParams, open_slide, patch_grid, tissue_mask
 from data_modules.synthetic import CohortSpec, write_slide
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_modules.feature_cache import FeatureCache
+from data_modules.datasets.feature_cache import FeatureCache
 from helpers import break_level0_tiles, icmil_args, lenet_end_to_end
 from icmil_pl.cli import main
 

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from data_modules.slides import open_slide
+from data_modules.slides.tiling import patch_grid
 from data_modules.synthetic import CohortSpec, make_cohort, truth_outline
-from data_modules.tiling import patch_grid
 from icmil_pl.outputs.patch_scores import PatchScores, write_scores
 from icmil_pl.outputs.plots import CMAP, percentiles
 from icmil_pl.views.viewer import DeepZoom, RunViewer, TileOutOfRange, ViewerServer

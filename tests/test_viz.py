@@ -20,12 +20,12 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 from torch.utils.data import DataLoader
 
-from data_modules.feature_bags import FeatureBagDataModule
-from data_modules.feature_cache import FeatureCache
-from data_modules.patches import SlidePatchDataModule
+from data_modules.datasets.feature_bags import FeatureBagDataModule
+from data_modules.datasets.feature_cache import FeatureCache
+from data_modules.datasets.patches import SlidePatchDataModule
 from data_modules.slides import open_slide
+from data_modules.slides.tiling import TilingConfig
 from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, tumour_mask
-from data_modules.tiling import TilingConfig
 from icmil_pl.aggregators import ABMIL, MILOutput
 from icmil_pl.bag_classifier import BagClassifier
 from icmil_pl.callbacks import FigureWriter, extract_features

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io import atomic_write
-from ..outlines import mask_outline
+from ..slides.outlines import mask_outline
 from .scene import SlideInfo
 from .sites import make_sites
 from .spec import CLASSES, EXTENSIONS, CohortSpec

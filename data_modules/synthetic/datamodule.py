@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from data_modules.cohort import OnSlideError
-from data_modules.patches import SlidePatchDataModule
-from data_modules.targets import Targets
-from data_modules.tiling import TilingConfig
+from data_modules.cohort.targets import Targets
+from data_modules.datasets.patches import SlidePatchDataModule
+from data_modules.slides.tiling import TilingConfig
 
 from .cohort import make_cohort
 from .spec import CohortSpec

@@ -21,7 +21,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
-from data_modules.checks import check
+from data_modules.io import check
 
 __all__ = ["dicom_from_slide", "write_dicom_wsi"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from data_modules.checks import check
+from data_modules.io import check
 
 __all__ = ["CLASSES", "EXTENSIONS", "CohortSpec", "Compression", "Flavour", "MimicExtent", "MimicKind"]
 

@@ -12,7 +12,7 @@ from typing import IO, get_args
 import numpy as np
 import tifffile
 
-from data_modules.checks import check
+from data_modules.io import check
 
 from ..io import atomic_path
 from .levels import area4

@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 import icmil_pl
-from data_modules.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
-from data_modules.patches import SlidePatchDataModule
-from data_modules.tiling import TilingConfig
+from data_modules.datasets.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
+from data_modules.datasets.patches import SlidePatchDataModule
+from data_modules.slides.tiling import TilingConfig
 
 from ..encoders import PatchEmbedder
 from .outputs import report_skipped

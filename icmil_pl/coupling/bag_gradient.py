@@ -10,10 +10,10 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 from torch import Tensor
 
-from data_modules.augment import StainJitter
-from data_modules.checks import check
-from data_modules.slide_bags import SlideBagSplits
-from data_modules.splits import hold_out
+from data_modules.cohort.splits import hold_out
+from data_modules.datasets.augment import StainJitter
+from data_modules.datasets.slide_bags import SlideBagSplits
+from data_modules.io import check
 
 from ..encoders import PatchEmbedder
 from ..end_to_end import EndToEndMIL
@@ -49,10 +49,10 @@ class BagGradient(CouplingStrategy):
     features).
 
     Needs `labels` (slide id -> encoded target) in `fit`. Validation: a stratified, seeded `val_fraction` of the
-    training slides is held out (`data_modules.splits.hold_out`) and the best epoch by `val/{select_by}` wins ("loss":
-    the bag loss, min, smooth even on a few slides; "auroc": max; "monitor": the task's own metric). Any task couples:
-    the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, patients are
-    held out whole (slides of one patient share tissue: one on each side would select epochs on leaked validation);
+    training slides is held out (`data_modules.cohort.splits.hold_out`) and the best epoch by `val/{select_by}` wins
+    ("loss": the bag loss, min, smooth even on a few slides; "auroc": max; "monitor": the task's own metric). Any task
+    couples: the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, patients
+    are held out whole (slides of one patient share tissue: one on each side would select epochs on leaked validation);
     with `patient_bags` too, a bag is a patient's slides. With fewer than 4 bags, or a class of one bag, all slides
     train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual optimisation (norm
     clipping).
@@ -146,8 +146,8 @@ def hold_out_bags(
     fraction: float,
     seed: int,
 ) -> tuple[list[str], list[str]]:
-    """(fit, val) slide ids: `data_modules.splits.hold_out` over bags stratified by the task (`Task.strata`), so a
-    patient's slides stay together."""
+    """(fit, val) slide ids: `data_modules.cohort.splits.hold_out` over bags stratified by the task (`Task.strata`),
+    so a patient's slides stay together."""
     members: dict[str, list[str]] = {}  # a bag: a slide, or a patient's slides
     for slide_id in slide_ids:
         members.setdefault(patients[slide_id] if patients else slide_id, []).append(slide_id)

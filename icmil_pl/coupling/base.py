@@ -16,8 +16,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from data_modules.checks import check
-from data_modules.tiling import SlidePatches
+from data_modules.io import check
+from data_modules.slides.tiling import SlidePatches
 
 from ..aggregators import Aggregator, MILOutput
 from ..bag_classifier import BagClassifier

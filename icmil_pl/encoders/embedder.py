@@ -18,8 +18,8 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from data_modules.patches import PatchDataset
-from data_modules.tiling import SlidePatches
+from data_modules.datasets.patches import PatchDataset
+from data_modules.slides.tiling import SlidePatches
 
 from .backbones import Preprocessing, build_backbone
 from .finetune import Finetune, FullFinetune

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from data_modules.file_names import safe_name
+from data_modules.io import safe_name
 
 from ..tasks import TASKS
 

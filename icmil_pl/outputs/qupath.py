@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_modules.io import atomic_path
-from data_modules.outlines import cells_outline
+from data_modules.slides.outlines import cells_outline
 
 from .patch_scores import PatchScores
 

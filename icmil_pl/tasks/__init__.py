@@ -4,7 +4,7 @@ every slide model (`BagClassifier`, `EndToEndMIL`, ICMIL's couplings), chosen in
 
     task: {class_path: Survival, init_args: {bins: 4}}
 
-Its data must say the same (`data.init_args.targets.task: survival`, `data_modules.targets`): the data reads the
+Its data must say the same (`data.init_args.targets.task: survival`, `data_modules.cohort.targets`): the data reads the
 CSV columns, the task learns from them. A task is an `nn.Module` so that what it fits on the training targets (the
 survival time bins, the regression target scale) is saved in the checkpoint.
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
-from data_modules.checks import check
+from data_modules.io import check
 
 from ..outputs.plots import confusion_figure, prediction_title, roc_figure
 from .base import Task

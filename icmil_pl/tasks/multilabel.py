@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
-from data_modules.targets import NO_LABELS
+from data_modules.cohort.targets import NO_LABELS
 
 from ..outputs.plots import multilabel_roc_figure
 from .base import PER_LABEL, Task

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef, R2Score, SpearmanCorrCoef
 
-from data_modules.targets import REGRESSION_STRATA, quantile_strata
+from data_modules.cohort.targets import REGRESSION_STRATA, quantile_strata
 
 from ..outputs.plots import scatter_figure
 from .base import Task
@@ -61,8 +61,8 @@ class Regression(Task):
         return regression_metrics()
 
     def strata(self, targets: Sequence[Tensor]) -> list[str]:
-        """The quartile of the target, as the data's splits (`data_modules.targets.quantile_strata`), where there are
-        bags enough for two a quartile (a hold-out needs two per stratum); one stratum below that."""
+        """The quartile of the target, as the data's splits (`data_modules.cohort.targets.quantile_strata`), where
+        there are bags enough for two a quartile (a hold-out needs two per stratum); one stratum below that."""
         if len(targets) < 2 * REGRESSION_STRATA:
             return super().strata(targets)
         return quantile_strata([float(t.reshape(-1)[0]) for t in targets])

@@ -33,9 +33,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from data_modules.file_names import safe_name
-from data_modules.io import atomic_write
-from data_modules.splits import SPLITS, SPLITS_FILE
+from data_modules.cohort.splits import SPLITS, SPLITS_FILE
+from data_modules.io import atomic_write, safe_name
 
 from ..callbacks.figure_writer import SLIDE_FIGURES
 from ..callbacks.prediction_writer import PREDICTIONS_FILE

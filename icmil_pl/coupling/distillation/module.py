@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
-from data_modules.augment import random_flip_resized_crop
+from data_modules.datasets.augment import random_flip_resized_crop
 
 from ...bag_classifier import BagClassifier
 from ...encoders import PatchEmbedder, thaw_batchnorm

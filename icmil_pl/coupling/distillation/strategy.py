@@ -9,9 +9,9 @@ from typing import Literal
 
 import torch
 
-from data_modules.augment import StainJitter
-from data_modules.checks import check
-from data_modules.patches import PatchSampleDataModule
+from data_modules.datasets.augment import StainJitter
+from data_modules.datasets.patches import PatchSampleDataModule
+from data_modules.io import check
 
 from ...aggregators import DTFDMIL
 from ...encoders import PatchEmbedder

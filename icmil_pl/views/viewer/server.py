@@ -17,7 +17,7 @@ serves only the slides named in that folder's `scores.zarr`, the viewer's own fi
     /dz/<name>.dzi, /dz/<name>_files/<level>/<col>_<row>.jpeg    Deep Zoom tiles, cut on request and cached
     /overlay/<name>.png                      the attention heatmap, one cell per patch
 
-`<name>` is the slide's safe name (`data_modules.file_names.safe_name`), URL-quoted. Anything else (a NUL byte, a
+`<name>` is the slide's safe name (`data_modules.io.safe_name`), URL-quoted. Anything else (a NUL byte, a
 name the file system refuses) is a 404.
 """
 
@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 from data_modules.cohort import SlideFinder, SlideFolders
-from data_modules.outlines import cells_outline
 from data_modules.slides import Slide, open_slide
+from data_modules.slides.outlines import cells_outline
 
 from ...outputs.patch_scores import SCORES_STORE, PatchScores, read_scores, scored_slides
 from ...outputs.plots import CMAP, percentiles

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cohort import SlideLabel
+from ..cohort import SlideLabel
 
 __all__ = ["BagLevel", "ConcatBag", "PatientBags", "patient_groups"]
 

@@ -1,9 +1,5 @@
-"""Whole-slide images behind one OpenSlide-like `Slide` API: `open_slide` picks the reader.
-
-tifffile reads what it maps to a plain pyramid (SVS, generic and single-level TIFF, OME-TIFF, NDPI): faster than
-OpenSlide and pixel-exact (`tiff_slide`). OpenSlide reads the rest (`openslide_slide`): MRXS, Leica SCN, Ventana
-BIF, VMS/VMU, Philips TIFF and DICOM WSI (a folder of `.dcm` instances, or any one of them).
-"""
+"""Whole-slide images behind one OpenSlide-like `Slide` API: `open_slide` opens one with the reader the format table
+(`formats`) names; `file_signature` says whether a slide's files changed, for the caches keyed on it."""
 
 from __future__ import annotations
 
@@ -16,15 +12,14 @@ from typing import Literal
 import numpy as np
 import tifffile
 
-from .openslide_slide import OpenSlideSlide, openslide_format
-from .slide_base import BACKGROUND, Resample, Slide, SlideError
-from .tiff_slide import TiffSlide
+from .base import Slide, SlideError
+from .formats import dicom_instance, is_instance, reader_for
+from .openslide_backend import OpenSlideSlide
+from .tiff_backend import TiffSlide
 
-__all__ = ["BACKGROUND", "Backend", "Resample", "Slide", "SlideError", "dicom_instance", "file_signature", "open_slide"]
+__all__ = ["Backend", "file_signature", "open_slide"]
 
 Backend = Literal["auto", "tifffile", "openslide"]
-_OPENSLIDE_SUFFIXES = {".mrxs", ".vms", ".vmu", ".scn", ".bif", ".dcm"}
-_OPENSLIDE_TIFFS = ("philips", "scn", "bif")  # TIFF dialects whose levels live in vendor metadata
 _SAMPLE_BYTES = 1 << 20  # `file_signature` hashes this much of each end of a file
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
 _SAMPLES: dict[tuple, str] = {}  # `file_signature`'s memo: (path, each file's name and stat) -> sample
@@ -39,21 +34,9 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: Backe
         return OpenSlideSlide(path, mpp, source=dicom_instance(path))
     if not path.is_file():
         raise SlideError(f"{path}: no such file")
-    if backend == "auto":
-        backend = _backend(path)
-    if backend == "tifffile":
+    if (reader_for(path) if backend == "auto" else backend) == "tifffile":
         return TiffSlide(path, mpp)
-    if path.suffix.lower() == ".mrxs":
-        _check_mrxs(path)
     return OpenSlideSlide(path, mpp)
-
-
-def dicom_instance(folder: Path) -> Path:
-    """The file OpenSlide opens for a DICOM WSI series folder: its first `.dcm` (OpenSlide finds the others)."""
-    instances = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-    if not instances:
-        raise SlideError(f"{folder}: a folder is read as a DICOM WSI series, but it holds no .dcm files")
-    return instances[0]
 
 
 def file_signature(path: Path) -> tuple[int, int, str]:
@@ -62,7 +45,7 @@ def file_signature(path: Path) -> tuple[int, int, str]:
     and of a TIFF's level-0 tile offsets and byte counts, notices a rewrite that kept the size and the mtime (`cp -p`,
     a converter restoring times). Memoised on each file's stat (inode, ctime): a repeated call costs a stat."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm") if path.is_dir() else [path]
+    files = sorted(p for p in path.iterdir() if is_instance(p.name)) if path.is_dir() else [path]
     stats = [file.stat() for file in files]
     stamp = (
         str(path),
@@ -93,23 +76,3 @@ def _sample(file: Path, digest: hashlib.blake2b) -> None:
             digest.update(np.asarray([page.dataoffsets, page.databytecounts], np.int64).tobytes())
     except Exception:  # a TIFF tifffile cannot parse: open_slide says why; its head and tail are sampled
         return
-
-
-def _backend(path: Path) -> Literal["tifffile", "openslide"]:
-    if path.suffix.lower() in _OPENSLIDE_SUFFIXES:
-        return "openslide"
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return "openslide" if any(getattr(tif, f"is_{name}", False) for name in _OPENSLIDE_TIFFS) else "tifffile"
-    except Exception:  # not a TIFF tifffile reads: OpenSlide may know it, else TiffSlide says why not
-        return "openslide" if openslide_format(path) else "tifffile"
-
-
-def _check_mrxs(path: Path) -> None:
-    """MRXS keeps its pixels in a folder named like the file; without it OpenSlide's error does not say so."""
-    data = path.with_suffix("")
-    if not (data / "Slidedat.ini").is_file():
-        raise SlideError(
-            f"{path}: an MRXS slide needs its data folder beside it ({data}/ with Slidedat.ini and Data*.dat); "
-            "copy the folder with the .mrxs file"
-        )

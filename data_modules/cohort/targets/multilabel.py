@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..labels import SlideLabel
 from .base import TargetKind
 
 if TYPE_CHECKING:
-    from ..cohort import SlideLabel
     from . import Targets
 
 __all__ = ["NO_LABELS", "LabelSetTargets"]

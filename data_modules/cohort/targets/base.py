@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
+from ..labels import SlideLabel
+
 if TYPE_CHECKING:
-    from ..cohort import SlideLabel
     from . import Targets
 
 __all__ = ["KINDS", "REGRESSION_STRATA", "TargetKind", "class_index", "quantile_strata"]

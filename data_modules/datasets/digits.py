@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
+from ..cohort.splits import SPLITS
+from ..io import check
 from .bag_base import BagLoaders
-from .checks import check
-from .splits import SPLITS
 
 __all__ = ["DigitBagDataset", "DigitBagsDataModule"]
 

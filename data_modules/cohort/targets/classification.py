@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..labels import SlideLabel
 from .base import TargetKind, class_index
-
-if TYPE_CHECKING:
-    from ..cohort import SlideLabel
 
 __all__ = ["ClassTargets"]
 

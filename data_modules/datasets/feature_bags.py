@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..cohort import SlideLabel, locate_slides
+from ..cohort.splits import SplitConfig
+from ..cohort.targets import Targets
+from ..slides import open_slide
 from .bag_base import BagDataModule
-from .cohort import SlideLabel, locate_slides
 from .feature_cache import FeatureCache, SlideFeatures
 from .patient_bags import BagLevel
-from .slides import open_slide
-from .splits import SplitConfig
-from .targets import Targets
 
 __all__ = ["FeatureBagDataModule", "FeatureBagDataset"]
 

@@ -29,8 +29,7 @@ import numpy as np
 import zarr
 from filelock import FileLock
 
-from .file_names import safe_name
-from .io import atomic_write
+from ..io import atomic_write, safe_name
 
 __all__ = ["FINGERPRINT", "FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 

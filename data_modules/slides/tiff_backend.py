@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .slide_base import BACKGROUND, Slide, SlideError, positive
+from .base import BACKGROUND, Slide, SlideError, positive
 
 __all__ = ["TiffSlide"]
 

@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch.utils.data import DataLoader
 
-from .checks import check
+from ..io import check
+from ..synthetic import slide_infos, tumour_patches
 from .patches import PatchSampleDataModule, SlidePatchDataModule
-from .synthetic import slide_infos, tumour_patches
 
 __all__ = ["UnlabelledPatchDataModule"]
 

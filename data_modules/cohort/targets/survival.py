@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from ..labels import SlideLabel
 from .base import TargetKind
-
-if TYPE_CHECKING:
-    from ..cohort import SlideLabel
 
 __all__ = ["SurvivalTargets"]
 

@@ -11,20 +11,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .checks import check
+from ..io import check
+from .labels import SPLITS, SlideLabel
 from .targets import Targets
-
-if TYPE_CHECKING:
-    from .cohort import SlideLabel
 
 __all__ = ["SPLITS", "SPLITS_FILE", "SplitConfig", "check_classes", "hold_out", "make_splits", "save_splits"]
 
-SPLITS = ("train", "val", "test")
 SPLITS_FILE = "splits.json"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from .slide_base import BACKGROUND, Slide, SlideError, positive
+from .base import BACKGROUND, Slide, SlideError, positive
 
 __all__ = ["OpenSlideSlide", "openslide_format"]
 

@@ -23,15 +23,12 @@ import pkgutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..labels import SlideLabel
 from .base import KINDS, REGRESSION_STRATA, TargetKind, class_index, quantile_strata
 from .multilabel import NO_LABELS
-
-if TYPE_CHECKING:
-    from ..cohort import SlideLabel
 
 __all__ = ["KINDS", "NO_LABELS", "REGRESSION_STRATA", "TargetKind", "Targets", "class_index", "quantile_strata"]
 

@@ -10,11 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cohort import SlideLabel, read_labels, require_labels
+from ..cohort import SlideLabel, read_labels, require_labels
+from ..cohort.splits import SPLITS, SplitConfig, check_classes, make_splits
+from ..cohort.targets import Targets
 from .patient_bags import BagLevel, PatientBags, patient_groups
 from .samplers import EpochShuffle, evaluation_sampler
-from .splits import SPLITS, SplitConfig, check_classes, make_splits
-from .targets import Targets
 
 __all__ = ["BagDataModule", "BagLoaders"]
 
@@ -59,9 +59,9 @@ class BagLoaders(pl.LightningDataModule):
 
 class BagDataModule(BagLoaders):
     """Slides of a `slide_id,label[,patient_id][,split]` CSV as train/val/test bags, one bag per batch; `targets`
-    says what the slides are labelled with (default: a class in `label`; see `data_modules.targets`), and a bag's
+    says what the slides are labelled with (default: a class in `label`; see `data_modules.cohort.targets`), and a bag's
     "label" is its encoded target (`Targets.encode`). `bag_level: patient` makes all slides of a patient one bag
-    (`data_modules.patient_bags`; splits are by patient already).
+    (`data_modules.datasets.patient_bags`; splits are by patient already).
 
     Splits are `split_ids` when given (e.g. an ICMIL run's `splits.json`), else the CSV's `split` column, else
     `splits` (a seeded, stratified, patient-grouped k-fold); a model trained on them saves them as `splits.json`.

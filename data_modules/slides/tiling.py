@@ -17,8 +17,8 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.filters.rank import median
 
-from .io import atomic_path
-from .slides import Slide, SlideError, file_signature, open_slide
+from ..io import atomic_path
+from . import Slide, SlideError, file_signature, open_slide
 
 __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
 

@@ -14,12 +14,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checks import check
-from .cohort import OnSlideError, SlideCohort
+from ..cohort import OnSlideError, SlideCohort
+from ..cohort.targets import Targets
+from ..io import check
+from ..slides import Resample, Slide, SlideError, open_slide
+from ..slides.tiling import SlidePatches, TilingConfig
 from .samplers import SlideShardSampler
-from .slides import Resample, Slide, SlideError, open_slide
-from .targets import Targets
-from .tiling import SlidePatches, TilingConfig
 
 __all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..cohort import OnSlideError, SlideCohort, SlideLabel
+from ..cohort.splits import SplitConfig
+from ..cohort.targets import Targets
+from ..slides import Resample, Slide, open_slide
+from ..slides.tiling import SlidePatches, TilingConfig
 from .bag_base import BagDataModule, BagLoaders
-from .cohort import OnSlideError, SlideCohort, SlideLabel
 from .patient_bags import BagLevel, PatientBags, patient_groups
-from .slides import Resample, Slide, open_slide
-from .splits import SplitConfig
-from .targets import Targets
-from .tiling import SlidePatches, TilingConfig
 
 __all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataModule", "SlideBagDataset", "SlideBagSplits"]
 
@@ -160,7 +160,7 @@ class PatchBagDataModule(SlideBagDataModule):
 class SlideBagSplits(BagLoaders):
     """Given slides per split as lazy bags with their encoded targets (ICMIL's `BagGradient` coupling: its training
     slides and the ones it holds out); training order seeded by epoch. With `patients` (slide id -> patient id), a
-    bag is all slides of a patient (`data_modules.patient_bags`)."""
+    bag is all slides of a patient (`data_modules.datasets.patient_bags`)."""
 
     def __init__(
         self,
