@@ -71,7 +71,7 @@ def icmil(run: Path, logs: Path, seed: int, extra: list[str], resume: bool) -> d
     ]
     cli(["fit", *args])
     config = cli(args, run=False)  # the same config, instantiated: the bag classifier's architecture for the probes
-    probes = probe_run(run, config.model.bag, config.datamodule.root)
+    probes = probe_run(run, config.model.bag, config.datamodule.labels)
     its = json.loads((run / "results.json").read_text())["iterations"]
     baseline = its[0]["seconds"]["embed"] + its[0]["seconds"]["bag"]
     rows = []

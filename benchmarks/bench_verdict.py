@@ -44,8 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_modules.annotations import annotations_of  # noqa: E402
 from data_modules.datasets.patches import PatchDataset  # noqa: E402
-from data_modules.synthetic import slide_infos, tumour_patches  # noqa: E402
 from icmil_pl.cli import main as cli  # noqa: E402
 from icmil_pl.patch_probes import linear_probe_auroc, probe_run  # noqa: E402
 from icmil_pl.tools.statistics import mean_interval  # noqa: E402
@@ -90,7 +90,7 @@ def icmil_arm(run: Path, config: Path, seed: int, iterations: int, extra: list[s
     args += [f"--trainer.logger.init_args.save_dir={run / 'logs'}"]
     cli(["fit", *args])
     built = cli(args, run=False)
-    probes = probe_run(run, built.model.bag, built.datamodule.root)
+    probes = probe_run(run, built.model.bag, built.datamodule.labels)
     its = json.loads((run / "results.json").read_text())["iterations"]
     seconds = sum(sum(it["seconds"].values()) for it in its)
     baseline = sum(its[0]["seconds"].get(p, 0) for p in ("calibrate", "embed", "bag"))
@@ -173,7 +173,6 @@ def _patch_measures(model, data, splits: dict) -> tuple[float, float]:
     """The end-to-end model's probe AUROC (its embedder) and instance AUROC (its head per patch)."""
     data.prepare_data()
     data.setup()
-    infos = slide_infos(data.root)
     model.eval()
     features, truth = {}, {}
     for name in ("train", "test"):
@@ -181,7 +180,10 @@ def _patch_measures(model, data, splits: dict) -> tuple[float, float]:
         loader = torch.utils.data.DataLoader(PatchDataset(slides), batch_size=256)
         features[name] = torch.cat([model.embedder(b["image"]).float() for b in loader])
         truth[name] = np.concatenate(
-            [tumour_patches(infos[s.slide_id], s.grid.coords, s.grid.level0_size) for s in slides]
+            [
+                annotations_of(data.slide_annotations, s.slide_id).patch_truth(s.grid.coords, s.grid.level0_size)
+                for s in slides
+            ]
         )
     probe = linear_probe_auroc(features["train"].numpy(), truth["train"], features["test"].numpy(), truth["test"])
     logits = model.aggregator.instance_logits(model.normalize(features["test"])).float()

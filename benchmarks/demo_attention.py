@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_modules.annotations import locate_annotations, read_annotations
+from data_modules.cohort import read_labels
 from data_modules.io import safe_name
-from data_modules.synthetic import slide_infos, tumour_patches
 from icmil_pl.outputs.patch_scores import read_scores
 
 
@@ -30,19 +31,21 @@ def main() -> None:
     predict = args.run / "final" / "predict"
     with (predict / "predictions.csv").open() as fh:
         predicted = {row["slide_id"]: row["predicted"] for row in csv.DictReader(fh)}
-    infos = slide_infos(args.cohort)
+    labels = args.cohort / "labels.csv"
+    truths = {s: read_annotations(f) for s, f in locate_annotations(read_labels(labels), labels).items()}
     print(f"{'slide':10s} {'predicted':>9s} {'n':>4s} {'k':>4s} {'top-k hits':>10s} {'chance':>6s}")
     hits_total = chance_total = 0.0
-    for slide_id in sorted(s for s in test if infos[s].tumour):
+    tumour = sorted(s for s in test if not truths[s].tumour.is_empty)
+    for slide_id in tumour:
         scores = read_scores(predict, safe_name(slide_id))
         coords, attention = scores.coords, scores.scores
-        truth = tumour_patches(infos[slide_id], coords, scores.patch_side)
+        truth = truths[slide_id].patch_truth(coords, scores.patch_side)
         n, k = len(truth), int(truth.sum())
         hits = int(truth[np.argsort(-attention, kind="stable")[:k]].sum())
         hits_total, chance_total = hits_total + hits, chance_total + k * k / n
         print(f"{slide_id:10s} {predicted[slide_id]:>9s} {n:4d} {k:4d} {hits:10d} {k * k / n:6.1f}")
     print(
-        f"\nall {sum(infos[s].tumour for s in test)} test tumour slides: {hits_total:.0f} top-k hits, "
+        f"\nall {len(tumour)} test tumour slides: {hits_total:.0f} top-k hits, "
         f"{chance_total:.1f} by chance ({hits_total / chance_total:.2f}x)"
     )
 

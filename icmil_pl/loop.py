@@ -336,16 +336,19 @@ class ICMILLoop:
         )
 
     def _bag_data(self, cache: str, splits: dict[str, list[str]] | None) -> FeatureBagDataModule:
+        """The bag phase's data: the cohort's features, with the slide files and annotations it found passed on,
+        never looked up again."""
         cohort = self.data.cohort
-        return FeatureBagDataModule(
+        data = FeatureBagDataModule(
             str(cohort.labels_path),
             cache,
             splits=self.icmil.splits,
             split_ids=splits,
-            slides=[str(root) for root in cohort.roots],
             targets=cohort.targets,
             bag_level=self.icmil.bag_level,
         )
+        data.slide_paths, data.slide_annotations = dict(cohort.paths), dict(self.data.slide_annotations)
+        return data
 
     def _load_embedder(self, path: str) -> PatchEmbedder:
         embedder = copy.deepcopy(self.icmil.embedder)

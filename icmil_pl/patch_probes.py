@@ -1,4 +1,5 @@
-"""Patch-level ground truth for ICMIL runs on a synthetic cohort, whose generator knows every tumour mask.
+"""Patch-level measures of ICMIL runs on a cohort with ground truth (`data_modules.annotations`: the synthetic
+cohort's tumour masks, or a real cohort's annotations).
 
 Slide AUROC on a few dozen test slides is a coarse instrument; every test slide holds hundreds of patches with known
 truth. Per iteration i of a finished run: (a) `probe_auroc`, how linearly separable tumour patches are in E_i's
@@ -20,8 +21,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from data_modules.annotations import Annotations, locate_annotations, read_annotations
+from data_modules.cohort import read_labels
 from data_modules.datasets.feature_cache import FeatureCache
-from data_modules.synthetic import slide_infos, tumour_patches
 
 from .bag_classifier import BagClassifier
 from .run_dir import RunDir, RunState, phase_key
@@ -53,33 +55,42 @@ def instance_auroc(bag: BagClassifier, features: np.ndarray, truth: np.ndarray) 
     return float(roc_auc_score(truth, margin.numpy()))
 
 
-def _patches(cache: FeatureCache, slide_ids: list[str], infos: dict) -> tuple[np.ndarray, np.ndarray]:
+def _patches(
+    cache: FeatureCache, slide_ids: list[str], truths: dict[str, Annotations]
+) -> tuple[np.ndarray, np.ndarray]:
     features, truth = [], []
     for slide_id in slide_ids:
         bag = cache.read(slide_id)
         side = float(bag.attrs["level0_patch_size"])
         features.append(np.asarray(bag.features, np.float32))
-        truth.append(tumour_patches(infos[slide_id], bag.coords, side))
+        truth.append(truths[slide_id].patch_truth(bag.coords, side))
     return np.concatenate(features), np.concatenate(truth)
 
 
-def probe_run(run_dir: str | os.PathLike, bag: BagClassifier, cohort_root: str | os.PathLike) -> list[dict]:
+def probe_run(
+    run_dir: str | os.PathLike,
+    bag: BagClassifier,
+    labels: str | os.PathLike,
+    annotations: str | os.PathLike | None = None,
+) -> list[dict]:
     """Per iteration of the finished ICMIL run in `run_dir` (whose bag classifier is configured as `bag`), on the
-    synthetic cohort at `cohort_root`: {"iteration", "probe_auroc", "instance_auroc", "test_patches",
-    "test_tumour_patches"}, both AUROCs on the run's test slides."""
+    cohort of the labels CSV `labels` (its `annotations` column, else the `annotations` folder, give the truth):
+    {"iteration", "probe_auroc", "instance_auroc", "test_patches", "test_tumour_patches"}, both AUROCs on the run's
+    test slides."""
     run = RunDir(run_dir)
     state = RunState(run.state_path)
     splits = json.loads(run.splits_path.read_text())
-    infos = slide_infos(cohort_root)
-    missing = sorted((set(splits["train"]) | set(splits["test"])) - set(infos))
+    files = locate_annotations(read_labels(labels), labels, annotations)
+    missing = sorted((set(splits["train"]) | set(splits["test"])) - set(files))
     if missing:
-        raise ValueError(f"cohort_root: {cohort_root} has no ground truth for slides {missing[:3]} of {run.root}")
+        raise ValueError(f"{labels}: no annotations for slides {missing[:3]} of {run.root}, which the probes need")
+    truths = {slide_id: read_annotations(path) for slide_id, path in files.items()}
     results = []
     i = 0
     while phase_key(i, "bag") in state.done:
         cache = FeatureCache(state.output(phase_key(i, "embed")))
-        train_x, train_y = _patches(cache, splits["train"], infos)
-        test_x, test_y = _patches(cache, splits["test"], infos)
+        train_x, train_y = _patches(cache, splits["train"], truths)
+        test_x, test_y = _patches(cache, splits["test"], truths)
         head = copy.deepcopy(bag)
         head.load_state_dict(
             torch.load(state.output(phase_key(i, "bag")), map_location="cpu", weights_only=False)["state_dict"]

@@ -442,7 +442,7 @@ def test_patch_probes_measure_every_iteration_against_the_tumour_masks(icmil_coh
     generator's masks on the run's test slides; the patch counts are those of the test slides' bags."""
     out, results = finished
     config = main(icmil_args(icmil_cohort, out, "fit")[1:], run=False)
-    probes = probe_run(out / "run", config.model.bag, icmil_cohort)
+    probes = probe_run(out / "run", config.model.bag, icmil_cohort / "labels.csv")
     assert [p["iteration"] for p in probes] == [it["iteration"] for it in results["iterations"]] == [0, 1]
     splits = json.loads((out / "run" / "splits.json").read_text())
     cache = FeatureCache(RunState(out / "run" / "state.json").output("iter0/embed"))

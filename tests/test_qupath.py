@@ -1,5 +1,5 @@
 """The QuPath export and the outlines it draws: tiles with their measurements, the tiled tissue with its holes, the
-tumour ground truth of a synthetic slide."""
+ground truth of the slide."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from shapely.geometry import shape
 
 from data_modules.io import safe_name
 from data_modules.slides.outlines import cells_outline, mask_outline
-from data_modules.synthetic import CohortSpec, make_cohort, slide_infos, truth_outline, tumour_mask
 from icmil_pl.outputs.patch_scores import PatchScores, read_scores, scored_slides, write_scores
 from icmil_pl.outputs.qupath import slide_geojson, write_geojson
 
@@ -80,21 +79,3 @@ def test_without_attention_tiles_carry_only_probabilities():
     assert [f["properties"]["name"] for f in features if f["properties"]["objectType"] == "annotation"] == [
         "tiled tissue"
     ]
-
-
-def test_synthetic_truth_outline_traces_the_tumour_mask(tmp_path):
-    spec = CohortSpec(n_slides=4, size=(1024, 1024), positive_fraction=0.5)
-    cohort = make_cohort(tmp_path / "cohort", spec)
-    infos = slide_infos(cohort)
-    for info in infos.values():
-        geometry = truth_outline(info.path)
-        if not info.tumour:
-            assert geometry is None
-            continue
-        area = tumour_mask(info, 4).sum() * 16  # the same 4 px grid the geometry traces at this size
-        assert shape(geometry).area == pytest.approx(area)
-    assert any(info.tumour for info in infos.values()) and not all(info.tumour for info in infos.values())
-    elsewhere = tmp_path / "elsewhere" / "slides"
-    elsewhere.mkdir(parents=True)
-    (elsewhere / info.path.name).write_bytes(info.path.read_bytes())
-    assert truth_outline(elsewhere / info.path.name) is None  # a file of no synthetic cohort has no truth

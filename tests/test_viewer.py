@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_modules.annotations import read_annotations
 from data_modules.slides import open_slide
 from data_modules.slides.tiling import patch_grid
-from data_modules.synthetic import CohortSpec, make_cohort, truth_outline
+from data_modules.synthetic import CohortSpec, make_cohort
 from icmil_pl.outputs.patch_scores import PatchScores, write_scores
 from icmil_pl.outputs.plots import CMAP, percentiles
 from icmil_pl.views.viewer import DeepZoom, RunViewer, TileOutOfRange, ViewerServer
@@ -64,7 +65,7 @@ def run(tmp_path_factory) -> Path:
             patch_side=grid.level0_size,
             slide_path=str(path.resolve()),
             dimensions=dimensions,
-            truth=truth_outline(path),
+            truth=read_annotations(cohort / "annotations" / f"{slide_id}.geojson").outline(),
         )
         write_scores(root / "run" / "final" / "predict", scores)
     return root / "run"

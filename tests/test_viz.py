@@ -20,6 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 from torch.utils.data import DataLoader
 
+from data_modules.annotations import read_annotations
 from data_modules.datasets.feature_bags import FeatureBagDataModule
 from data_modules.datasets.feature_cache import FeatureCache
 from data_modules.datasets.patches import SlidePatchDataModule
@@ -32,6 +33,7 @@ from icmil_pl.callbacks import FigureWriter, extract_features
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.outputs.patch_scores import read_scores
 from icmil_pl.outputs.plots import (
+    TRUTH_RGB,
     confusion_figure,
     grid_step,
     heatmap_figure,
@@ -43,6 +45,7 @@ from icmil_pl.outputs.plots import (
     save_png,
     score_map,
 )
+from icmil_pl.views.viewer import RunViewer
 
 
 def _png(path: Path) -> tuple[int, int]:
@@ -302,8 +305,10 @@ def _train(root: Path) -> types.SimpleNamespace:
         writer.writerow(["slide_id", "label", "patient_id", "split"])
         # one patient per slide: the generated patients span slides, and a given split may not part a patient
         writer.writerows([r["slide_id"], r["label"], r["slide_id"], split.get(r["slide_id"], "train")] for r in rows)
-    predict = root / "predict.csv"  # the held-out slides, unlabelled, as new slides come to a trained model
-    predict.write_text(f"slide_id\n{tumour[0]}\n{normal[0]}\n")
+    # the held-out slides, unlabelled, as new slides come to a trained model; the tumour slide annotated in QuPath (the
+    # generator writes its truth as QuPath exports it), the normal one not
+    predict = root / "predict.csv"
+    predict.write_text(f"slide_id,annotations\n{tumour[0]},cohort/annotations/{tumour[0]}.geojson\n{normal[0]},\n")
 
     torch.manual_seed(0)
     patches = SlidePatchDataModule(
@@ -380,8 +385,8 @@ def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
         assert scores.sum() == pytest.approx(1.0, abs=1e-4)  # ABMIL attention: a softmax over the bag
         scored = read_scores(tmp_path, slide_id)
         assert (scored.kind, scored.slide_id, scored.label, scored.classes) == ("attention", slide_id, None, ["0", "1"])
-        # the slides are a synthetic cohort's files: its tumour outline comes with them, whatever the data module
-        assert scored.patch_side == PATCH and (scored.truth is not None) == trained.infos[slide_id].tumour
+        # the truth is the labels CSV's annotations (the tumour slide's), not the generator's manifest
+        assert scored.patch_side == PATCH and (scored.truth is not None) == (slide_id == trained.test_tumour)
         assert scored.slide_path == str((trained.cohort / "slides" / f"{slide_id}.tif").resolve())
         with torch.no_grad():
             expected = trained.model.instance_logits(torch.from_numpy(features)).softmax(-1).numpy()
@@ -398,6 +403,11 @@ def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
     )
 
     slide_id = trained.test_tumour
+    annotations = read_annotations(trained.cohort / "annotations" / f"{slide_id}.geojson")
+    assert shapely.geometry.shape(read_scores(tmp_path, slide_id).truth).equals(annotations.tumour)
+    gold = _truth_pixels(figures / f"{slide_id}_heatmap.png")  # the truth's outline, drawn on both panels
+    assert gold > 200 and _truth_pixels(figures / f"{trained.test_normal}_heatmap.png") < gold / 10
+    assert RunViewer(tmp_path).slide_info(slide_id)["truth"] == read_scores(tmp_path, slide_id).truth
     coords = store[slide_id]["coords"][:]
     assert grid_step(coords) == PATCH
     truth = _tumour_patches(trained.infos[slide_id], coords)
@@ -407,6 +417,12 @@ def test_heatmap_of_a_trained_model_finds_the_known_tumour(trained, tmp_path):
     assert random_iou < IOU_BOUND / 2  # the bound is far from what chance gives on this slide
     iou = _top_k_iou(store[slide_id]["scores"][:], truth)
     assert iou >= IOU_BOUND, f"top-{k} attention IoU with the tumour {iou:.3f} (random ~ {random_iou:.3f})"
+
+
+def _truth_pixels(png: Path) -> int:
+    """Pixels of a figure in the ground truth's colour."""
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(rgb - np.array(TRUTH_RGB)).max(-1) < 40).sum())
 
 
 def _check_geojson(path: Path, scored) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..annotations import locate_annotations
 from ..cohort import SlideLabel, read_labels, require_labels
 from ..cohort.splits import SPLITS, SplitConfig, check_classes, make_splits
 from ..cohort.targets import Targets
@@ -65,7 +67,8 @@ class BagDataModule(BagLoaders):
 
     Splits are `split_ids` when given (e.g. an ICMIL run's `splits.json`), else the CSV's `split` column, else
     `splits` (a seeded, stratified, patient-grouped k-fold); a model trained on them saves them as `splits.json`.
-    Subclasses say how a list of slides becomes a dataset of bags (`bag_dataset`).
+    Subclasses say how a list of slides becomes a dataset of bags (`bag_dataset`). `annotations`: a folder of
+    `<slide_id>.geojson` (QuPath) or `.xml` (ASAP) ground truth, for slides whose row has no `annotations` cell.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class BagDataModule(BagLoaders):
         num_workers: int = 0,
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
+        annotations: str | None = None,
     ) -> None:
         super().__init__()
         if bag_level not in ("slide", "patient"):
@@ -85,6 +89,7 @@ class BagDataModule(BagLoaders):
         self.targets = targets
         self.bag_level = bag_level
         self.rows: list[SlideLabel] = read_labels(self.labels_path, targets)
+        self.annotations = annotations
         self.classes = targets.names(self.rows, self.labels_path, classes)  # what the head's outputs are
         self.split_config = splits
         self.seed = splits.seed
@@ -92,6 +97,12 @@ class BagDataModule(BagLoaders):
         self.splits: dict[str, list[str]] | None = None if split_ids is None else self._known(split_ids)
         self.skipped: dict[str, str] = {}  # slide id -> why it is left out (on_slide_error: skip)
         self._unlisted: dict[str, list[str]] = {}  # split -> slides of a restored split this CSV does not list
+
+    @functools.cached_property
+    def slide_annotations(self) -> dict[str, Path]:
+        """Slide id -> its ground truth file (`data_modules.annotations`: the `annotations` cell, else the
+        `annotations` folder), for the heatmaps' and the viewer's outlines; looked up on first use."""
+        return locate_annotations(self.rows, self.labels_path, self.annotations)
 
     @property
     def num_classes(self) -> int | None:

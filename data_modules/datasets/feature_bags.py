@@ -65,8 +65,9 @@ class FeatureBagDataModule(BagDataModule):
         slides: str | list[str] | None = None,
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
+        annotations: str | None = None,
     ) -> None:
-        super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level)
+        super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level, annotations)
         self.cache = FeatureCache.find(features)
         self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
         self.slides = slides

@@ -8,12 +8,14 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..annotations import locate_annotations
 from ..cohort import OnSlideError, SlideCohort
 from ..cohort.targets import Targets
 from ..io import check
@@ -120,6 +122,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
     `raise` stops at a slide that cannot be read (naming it); `skip` leaves it out, and `skipped` (slide id -> error)
     records it: here the slides that could not be tiled, the feature writer adds those with a broken tile.
     `targets` says which columns of the labels CSV hold the slides' targets (ICMIL trains its bag phase on them).
+    `annotations`: a folder of `<slide_id>.geojson` / `.xml` ground truth for rows without an `annotations` cell.
     """
 
     def __init__(
@@ -132,9 +135,11 @@ class SlidePatchDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         on_slide_error: OnSlideError = "raise",
         targets: Targets = Targets(),
+        annotations: str | None = None,
     ) -> None:
         super().__init__()
         self.labels = labels
+        self.annotations = annotations
         self.targets = targets
         self.slides = slides
         self.tiling = tiling
@@ -150,6 +155,11 @@ class SlidePatchDataModule(pl.LightningDataModule):
     def cohort(self) -> SlideCohort:
         """Read on first use, so that `prepare_data` may write the cohort first."""
         return SlideCohort(self.labels, self.slides, self.targets)
+
+    @functools.cached_property
+    def slide_annotations(self) -> dict[str, Path]:
+        """Slide id -> its ground truth file (`data_modules.annotations`), as `BagDataModule.slide_annotations`."""
+        return locate_annotations(self.cohort.rows, self.cohort.labels_path, self.annotations)
 
     def setup(self, stage: str | None = None) -> None:
         if self.slide_patches is None:

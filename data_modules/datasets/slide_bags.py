@@ -127,8 +127,9 @@ class SlideBagDataModule(BagDataModule):
         on_slide_error: OnSlideError = "raise",
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
+        annotations: str | None = None,
     ) -> None:
-        super().__init__(labels, classes, splits, split_ids, num_workers=0, targets=targets, bag_level=bag_level)
+        super().__init__(labels, classes, splits, split_ids, 0, targets, bag_level, annotations)
         self.on_slide_error = on_slide_error
         self.cohort = SlideCohort(self.labels_path, slides, targets)
         self.tiling = tiling

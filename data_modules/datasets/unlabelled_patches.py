@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytorch_lightning as pl
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch.utils.data import DataLoader
 
+from ..annotations import annotations_of
 from ..io import check
-from ..synthetic import slide_infos, tumour_patches
 from .patches import PatchSampleDataModule, SlidePatchDataModule
 
 __all__ = ["UnlabelledPatchDataModule"]
@@ -22,8 +20,8 @@ class UnlabelledPatchDataModule(pl.LightningDataModule):
 
     A fixed, seeded `val_fraction` of the patches validates; each epoch trains on a fresh seeded draw of
     `patches_per_epoch` of the rest, or on all of them in a fresh order when null (the trainer reloads the train
-    loader every epoch). Where the cohort's generator wrote its ground truth (`cohort.json` beside `labels.csv`),
-    `val_truth` gives each held-out patch's tumour label, for the linear probe of `SSLPretrain`.
+    loader every epoch). Where every held-out patch's slide has annotations (`cohort.slide_annotations`), `val_truth`
+    gives each held-out patch's tumour label, for the linear probe of `SSLPretrain`.
     """
 
     def __init__(
@@ -80,14 +78,13 @@ class UnlabelledPatchDataModule(pl.LightningDataModule):
         return self._truth[0]
 
     def _val_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
-        root = Path(self.cohort.labels).parent
-        if not (root / "cohort.json").is_file():
-            return None
-        infos = slide_infos(root)
         dataset = self.samples.dataset
         slide_of, local = dataset.locate(self.samples.val_indices)
         truth = np.zeros(len(local), bool)
         for k in np.unique(slide_of):
             entry, rows = dataset.slides[k], slide_of == k
-            truth[rows] = tumour_patches(infos[entry.slide_id], entry.grid.coords[local[rows]], entry.grid.level0_size)
+            annotations = annotations_of(self.cohort.slide_annotations, entry.slide_id)
+            if annotations is None:
+                return None
+            truth[rows] = annotations.patch_truth(entry.grid.coords[local[rows]], entry.grid.level0_size)
         return truth, slide_of

@@ -7,7 +7,7 @@ import numpy as np
 import shapely
 from shapely.geometry import mapping
 
-__all__ = ["cells_outline", "mask_outline"]
+__all__ = ["cells_outline", "mask_outline", "plain"]
 
 
 def cells_outline(corners: np.ndarray, side: float) -> dict | None:
@@ -18,20 +18,28 @@ def cells_outline(corners: np.ndarray, side: float) -> dict | None:
         return None
     boxes = shapely.box(corners[:, 0], corners[:, 1], corners[:, 0] + side, corners[:, 1] + side)
     union = shapely.simplify(shapely.union_all(boxes), 0)  # drops the collinear vertices of every grid step
-    return _plain(mapping(union))
+    return plain(mapping(union))
 
 
 def mask_outline(mask: np.ndarray, downsample: float) -> dict | None:
     """The outline of a boolean mask whose pixel (row i, column j) covers level-0 [j, j + 1) x [i, i + 1) times
-    `downsample`; None where the mask is empty."""
-    rows, cols = np.nonzero(np.asarray(mask, bool))
-    return cells_outline(np.stack([cols, rows], 1) * float(downsample), float(downsample))
+    `downsample`; None where the mask is empty. Each row's runs of pixels are one box: a union of thousands of boxes
+    where pixels would be millions."""
+    mask = np.asarray(mask, bool)
+    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # row-major, so each run's end pairs with its start
+    if len(rows) == 0:
+        return None
+    ds = float(downsample)
+    boxes = shapely.box(starts * ds, rows * ds, ends * ds, (rows + 1) * ds)
+    return plain(mapping(shapely.simplify(shapely.union_all(boxes), 0)))
 
 
-def _plain(value):
+def plain(value):
     """Lists of floats instead of shapely's nested tuples: what JSON writers and zarr attributes keep as given."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value

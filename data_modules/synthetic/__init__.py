@@ -14,7 +14,8 @@ sets how much of the tissue each focus covers, i.e. the MIL witness rate.
     levels.py      pixels at any pyramid level (render_region, area4)
     truth.py       the ground truth: tissue, tumour and mimic masks, tumour patches
     tiff.py        write_slide: one slide as SVS, generic TIFF or OME-TIFF, tile by tile in bounded memory
-    cohort.py      make_cohort / load_cohort / slide_infos: slides, labels.csv and cohort.json under one root
+    cohort.py      make_cohort / load_cohort / slide_infos: slides, labels.csv, cohort.json and the tumours as
+                   GeoJSON (annotations/, read back through data_modules.annotations) under one root
     datamodule.py  SyntheticCohortDataModule: a cohort written on first use, then read like any other
     __main__.py    python -m data_modules.synthetic ROOT [--n-slides ...] (options generated from CohortSpec)
 
@@ -24,15 +25,16 @@ Importing this package loads no torch: the data module is imported on first use.
 from importlib import import_module
 
 from .cohort import (
+    ANNOTATIONS_FOLDER,
     GRADES_FILE,
     TARGETS_FILE,
     load_cohort,
     make_cohort,
     slide_infos,
     survival_times,
-    truth_outline,
     tumour_burden,
     write_targets,
+    write_truth,
 )
 from .levels import render_region
 from .scene import SlideInfo, TumourRegion
@@ -42,6 +44,7 @@ from .tiff import write_slide
 from .truth import mimic_mask, patch_mimic_fraction, patch_tumour_fraction, tissue_mask, tumour_mask, tumour_patches
 
 __all__ = [
+    "ANNOTATIONS_FOLDER",
     "CLASSES",
     "GRADES_FILE",
     "TARGETS_FILE",
@@ -64,10 +67,10 @@ __all__ = [
     "tissue_mask",
     "tumour_burden",
     "tumour_mask",
-    "truth_outline",
     "tumour_patches",
     "write_slide",
     "write_targets",
+    "write_truth",
 ]
 
 

@@ -1,13 +1,13 @@
-"""A labelled synthetic cohort on disk: slides, labels.csv and cohort.json (the settings and every slide's ground
-truth), written once and reused while its settings are the same."""
+"""A labelled synthetic cohort on disk: slides, labels.csv, cohort.json (the settings and what regenerates every
+slide) and each slide's tumour as QuPath GeoJSON (`annotations/`, named in labels.csv's `annotations` column), the
+one door through which the rest of the code reads ground truth. Written once and reused while its settings are the
+same."""
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..annotations import TRUTH_DOWNSAMPLE, write_geojson
 from ..io import atomic_write
 from ..slides.outlines import mask_outline
 from .scene import SlideInfo
@@ -24,26 +25,28 @@ from .tiff import write_slide
 from .truth import tumour_mask
 
 __all__ = [
+    "ANNOTATIONS_FOLDER",
     "GRADES_FILE",
     "TARGETS_FILE",
     "load_cohort",
     "make_cohort",
     "slide_infos",
     "survival_times",
-    "truth_outline",
     "tumour_burden",
     "write_targets",
 ]
 
 TARGETS_FILE = "targets.csv"
 GRADES_FILE = "grades.csv"  # an ordinal grade per slide as its label (the ordinal task)
+ANNOTATIONS_FOLDER = "annotations"  # <slide_id>.geojson: each slide's tumour, as QuPath exports annotations
+LABEL_COLUMNS = ("slide_id", "label", "patient_id", "annotations")  # of labels.csv, and first in the other tables
 
 
 def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, workers: int = 1) -> Path:
     """Write a labelled cohort under `root` and return `root`: `root/slides/<slide_id>.{svs,tif,ome.tif}`,
-    `root/labels.csv` (`slide_id,label,patient_id`, label 0 = normal, 1 = tumour), `root/targets.csv` (the targets of
-    every task, `write_targets`) and `root/cohort.json` (the spec and the `SlideInfo` of every slide, paths relative
-    to root).
+    `root/labels.csv` (`slide_id,label,patient_id,annotations`, label 0 = normal, 1 = tumour), `root/targets.csv`
+    (the targets of every task, `write_targets`), `root/annotations/<slide_id>.geojson` (the tumour, `write_truth`)
+    and `root/cohort.json` (the spec and the `SlideInfo` of every slide, paths relative to root).
 
     Slide i has flavour flavours[i % len(flavours)]; round(n_slides * positive_fraction) slides are tumour (at least
     one of each label when 0 < positive_fraction < 1); there are round(n_slides * patients_per_slide) patients, so some
@@ -62,6 +65,7 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
         if {**defaults, **previous["params"]} != params:
             raise ValueError(f"root: {root} holds a cohort made with other parameters; use another root or delete it")
         if all((root / s["path"]).exists() for s in previous["slides"]) and (root / "labels.csv").exists():
+            write_truth(root)  # a cohort written before its truth was GeoJSON
             write_targets(root, spec)  # a cohort written before targets.csv existed, or under an older law
             return root
 
@@ -106,8 +110,30 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
     atomic_write(root / "labels.csv", table.getvalue())
     cohort = {"params": params, "classes": list(CLASSES), "slides": [info.to_dict(root) for info in infos]}
     atomic_write(manifest, json.dumps(cohort, indent=1))
+    write_truth(root)
     write_targets(root, spec)
     return root
+
+
+def write_truth(root: str | os.PathLike) -> None:
+    """Each slide's tumour as `root/annotations/<slide_id>.geojson` (none: an empty collection, annotated without
+    tumour), traced exactly on the mask patch truth is counted on, so truth read back through `data_modules.annotations`
+    is the generator's own; and labels.csv's `annotations` column naming them. Files already there are kept."""
+    root = Path(root)
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    infos = slide_infos(root)
+    for row in rows:
+        path = root / ANNOTATIONS_FOLDER / f"{row['slide_id']}.geojson"
+        info = infos[row["slide_id"]]
+        if not path.is_file():
+            tumour = mask_outline(tumour_mask(info, TRUTH_DOWNSAMPLE), TRUTH_DOWNSAMPLE) if info.tumour else None
+            write_geojson(path, tumour)
+        row["annotations"] = path.relative_to(root).as_posix()
+    table = io.StringIO()
+    writer = csv.DictWriter(table, LABEL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_changed(root / "labels.csv", table.getvalue())
 
 
 def tumour_burden(info: SlideInfo, downsample: float = 8, kind: int | None = None) -> float:
@@ -132,7 +158,7 @@ def survival_times(burden: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
 def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     """`root/targets.csv`, every task's targets of the cohort's slides, from their ground truth:
 
-    - `label` (0 normal, 1 tumour), as labels.csv;
+    - `label` (0 normal, 1 tumour) and `annotations`, as labels.csv;
     - `tumour_fraction`: the tumour's share of the tissue (regression);
     - `tumour`, `extensive` (multilabel, one 0/1 column each): tumour present; tumour covering more of the tissue than
       on the median tumour slide;
@@ -140,8 +166,8 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     - `time`, `event` (survival, months), one outcome per patient, on each of its slides, drawn by
       `survival_times` from the patient's burden (the mean tumour fraction of its slides); event = T <= C,
       time = min(T, C), rounded to 0.1 month.
-    And `root/grades.csv` (`slide_id,label,patient_id`), an ISUP-like grade as the label (the ordinal task): 0 for a
-    normal slide, 1-3 for the tertile of its tumour burden among the tumour slides.
+    And `root/grades.csv` (`slide_id,label,patient_id,annotations`), an ISUP-like grade as the label (the ordinal task):
+    0 for a normal slide, 1-3 for the tertile of its tumour burden among the tumour slides.
     Seeded by the cohort seed, so one spec gives one table; an unchanged table is not rewritten."""
     root = Path(root)
     infos = slide_infos(root)
@@ -158,15 +184,15 @@ def write_targets(root: str | os.PathLike, spec: CohortSpec) -> Path:
     writer = csv.writer(table, lineterminator="\n")
     kinds = range(spec.tumour_types) if spec.tumour_types > 1 else ()
     types = [[int(tumour_burden(infos[row["slide_id"]], kind=k) > 0) for k in kinds] for row in rows]
-    header = ["slide_id", "label", "patient_id", "tumour_fraction", "tumour", "extensive", "time", "event"]
+    header = [*LABEL_COLUMNS, "tumour_fraction", "tumour", "extensive", "time", "event"]
     writer.writerow(header + [f"tumour_{'ab'[k]}" for k in kinds])
     for row, b, t, c, present in zip(rows, burden, event_time, censor_time, types, strict=True):
         cells = [f"{b:.4f}", int(b > 0), int(b > extensive_above), f"{min(t, c):.1f}", int(t <= c), *present]
-        writer.writerow([row["slide_id"], row["label"], row["patient_id"], *cells])
+        writer.writerow([row["slide_id"], row["label"], row["patient_id"], row["annotations"], *cells])
     edges = np.quantile(positive, [1 / 3, 2 / 3]) if len(positive) else []
     grades = [0 if b == 0 else 1 + int(np.searchsorted(edges, b, "right")) for b in burden]
-    graded = "".join(f"{r['slide_id']},{g},{r['patient_id']}\n" for r, g in zip(rows, grades, strict=True))
-    _write_changed(root / GRADES_FILE, "slide_id,label,patient_id\n" + graded)
+    graded = [f"{r['slide_id']},{g},{r['patient_id']},{r['annotations']}\n" for r, g in zip(rows, grades, strict=True)]
+    _write_changed(root / GRADES_FILE, ",".join(LABEL_COLUMNS) + "\n" + "".join(graded))
     return _write_changed(root / TARGETS_FILE, table.getvalue())
 
 
@@ -188,24 +214,3 @@ def load_cohort(root: str | os.PathLike) -> list[SlideInfo]:
 def slide_infos(root: str | os.PathLike) -> dict[str, SlideInfo]:
     """`load_cohort` by slide id (labels.csv's `slide_id`: the file name without its extensions)."""
     return {info.path.name.split(".")[0]: info for info in load_cohort(root)}
-
-
-def truth_outline(slide: str | os.PathLike) -> dict | None:
-    """The generated tumour of a slide file as a GeoJSON geometry in level-0 pixels, where the file belongs to a
-    cohort written by `make_cohort` (`<root>/slides/<file>` beside `<root>/cohort.json`); None for a tumour-free
-    slide or any other file. Traced on a mask of at most ~1024 px a side: edges within one mask pixel."""
-    path = Path(slide).resolve()
-    manifest = path.parent.parent / "cohort.json"
-    if not manifest.is_file():
-        return None
-    info = _infos_by_file(str(manifest.parent), manifest.stat().st_mtime_ns).get(path.name)
-    if info is None or not info.tumour:
-        return None
-    downsample = max(4.0, 2.0 ** math.ceil(math.log2(max(info.dimensions) / 1024)))
-    return mask_outline(tumour_mask(info, downsample), downsample)
-
-
-@functools.lru_cache(maxsize=8)
-def _infos_by_file(root: str, mtime_ns: int) -> dict[str, SlideInfo]:
-    """A cohort's slides by file name, read once per version of its manifest."""
-    return {info.path.name: info for info in load_cohort(root)}

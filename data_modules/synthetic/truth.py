@@ -1,11 +1,12 @@
-"""The ground truth of a synthetic slide, read back from its `SlideInfo`: tissue, tumour and benign-mimic masks at any
-downsample, and which patches are tumour (at least half inside a tumour focus), the truth every patch-level
-measurement uses."""
+"""The generator's own ground truth of a synthetic slide, from its `SlideInfo`: tissue, tumour and benign-mimic masks
+at any downsample, and which patches are tumour. The cohort writes the tumour as GeoJSON (`cohort.write_truth`); the
+rest of the code reads it back through `data_modules.annotations`, patch for patch the same truth."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..annotations import box_fraction
 from .scene import SlideInfo, centres, in_regions, scene_of
 
 __all__ = [
@@ -43,23 +44,12 @@ def _mask(regions, info: SlideInfo, downsample: float) -> np.ndarray:
 def patch_tumour_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
     """(N,): the fraction of each square patch (level-0 top-left `coords`, `side` level-0 pixels) inside the tumour,
     on the `tumour_mask` grid at `downsample`; at most one mask pixel of error along each edge."""
-    return _box_fraction(tumour_mask(info, downsample), coords, side, downsample)
+    return box_fraction(tumour_mask(info, downsample), coords, side, downsample)
 
 
 def patch_mimic_fraction(info: SlideInfo, coords: np.ndarray, side: float, downsample: int = 4) -> np.ndarray:
     """(N,): as `patch_tumour_fraction`, inside the benign mimics."""
-    return _box_fraction(mimic_mask(info, downsample), coords, side, downsample)
-
-
-def _box_fraction(mask: np.ndarray, coords: np.ndarray, side: float, downsample: int) -> np.ndarray:
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # sums over any box in O(1)
-    h, w = mask.shape
-    cell = max(1, round(side / downsample))
-    x0 = np.clip(np.asarray(coords[:, 0]) // downsample, 0, w).astype(int)
-    y0 = np.clip(np.asarray(coords[:, 1]) // downsample, 0, h).astype(int)
-    x1, y1 = np.minimum(x0 + cell, w), np.minimum(y0 + cell, h)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / (cell * cell)
+    return box_fraction(mimic_mask(info, downsample), coords, side, downsample)
 
 
 def tumour_patches(info: SlideInfo, coords: np.ndarray, side: float) -> np.ndarray:

@@ -5,9 +5,10 @@ ROC `test_roc.png`; regression `test_scatter.png`; survival Kaplan-Meier `test_k
 per-patch scores with coordinates (`scores.zarr/<slide>`, see `icmil_pl.outputs.patch_scores`), its QuPath tiles
 (`qupath/<slide>.geojson`, `icmil_pl.outputs.qupath`), and where the slide file is found its heatmap
 (`figures/<slide>_heatmap.png`) and top/bottom patches (`figures/<slide>_patches.png`), `<slide>` being
-`safe_name(slide_id)`; a patient bag's slides get theirs one by one. Scores are the aggregator's attention (every
-aggregator here returns one); a custom aggregator without attention gets each patch's last output on its own
-(`instance_logits`: the positive-class probability, the risk, the value). Everything goes under the run's log
+`safe_name(slide_id)`; the slide's ground truth, where the data module found its annotations, is outlined in the
+heatmap, the QuPath file and the viewer. A patient bag's slides get theirs one by one. Scores are the aggregator's
+attention (every aggregator here returns one); a custom aggregator without attention gets each patch's last output on
+its own (`instance_logits`: the positive-class probability, the risk, the value). Everything goes under the run's log
 directory; with a W&B logger the images and a per-slide prediction table are logged too.
 """
 
@@ -23,9 +24,9 @@ import torch
 import zarr
 from pytorch_lightning.loggers import WandbLogger
 
+from data_modules.annotations import annotations_of
 from data_modules.cohort import SlideFinder
 from data_modules.slides import open_slide
-from data_modules.synthetic import truth_outline
 
 from ..outputs.patch_scores import SCORES_STORE, PatchScores, write_scores
 from ..outputs.plots import grid_step, heatmap_figure, montage_figure, save_png
@@ -117,6 +118,7 @@ class FigureWriter(pl.Callback):
                 title,
                 patch=scores.patch_side,
                 label=f"{scores.kind} (percentile in slide)",
+                truth=scores.truth,
             )
             montage = self._montage(slide, scores.coords, scores.scores, int(scores.patch_side), title)
         out = self._root / "figures"
@@ -159,7 +161,7 @@ class FigureWriter(pl.Callback):
             patch_side=float(side),
             slide_path=None if path is None else str(path.resolve()),
             dimensions=dimensions,
-            truth=None if path is None else truth_outline(path),
+            truth=self._truth(trainer, outputs["slide_id"]),
             task=task.kind,
         )
 
@@ -180,6 +182,12 @@ class FigureWriter(pl.Callback):
         if self._finder is not None:
             return self._finder.find(slide_id)
         return getattr(trainer.datamodule, "slide_paths", {}).get(slide_id)
+
+    @staticmethod
+    def _truth(trainer: pl.Trainer, slide_id: str) -> dict | None:
+        """The outline of the slide's ground truth, where the data module found its annotations."""
+        found = annotations_of(getattr(trainer.datamodule, "slide_annotations", {}), slide_id)
+        return None if found is None else found.outline()
 
     @staticmethod
     def _log_images(trainer: pl.Trainer, key: str, paths: list[os.PathLike]) -> None:

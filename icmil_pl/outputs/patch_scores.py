@@ -47,7 +47,7 @@ class PatchScores:
     patch_side: float  # level-0 pixels per patch side
     slide_path: str | None = None  # the slide file it was cut from, where known
     dimensions: tuple[int, int] | None = None  # level-0 (width, height)
-    truth: dict | None = None  # GeoJSON geometry of the tumour ground truth (synthetic cohorts)
+    truth: dict | None = None  # GeoJSON geometry of the ground truth (`data_modules.annotations`), where known
     task: str = "classification"  # the model's task kind: whether `probs` are probabilities of `classes`
 
     @property

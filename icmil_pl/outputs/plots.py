@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 CMAP = "coolwarm"  # blue (low) to red (high), the pathology heatmap convention; tissue stays visible under it
+TRUTH_RGB = (255, 200, 0)  # the ground truth's outline, gold on heatmaps, in QuPath and in the viewer alike
+TRUTH_COLOUR = "#{:02x}{:02x}{:02x}".format(*TRUTH_RGB)
 
 
 def grid_step(coords: np.ndarray) -> float:
@@ -93,10 +95,12 @@ def heatmap_figure(
     patch: float | None = None,
     label: str = "attention (percentile in slide)",
     alpha: float = 0.45,
+    truth: dict | None = None,
 ) -> Figure:
     """The slide thumbnail beside the same thumbnail with the per-patch scores overlaid as percentiles in the slide,
     a colour bar and the outline of the tiled tissue on both (named in a legend, since a black line on a slide could
-    be an annotation). `downsample` = level-0 pixels per thumbnail pixel;
+    be an annotation), and the ground truth's outline where the slide has annotations (`truth`, a GeoJSON geometry in
+    level-0 pixels). `downsample` = level-0 pixels per thumbnail pixel;
     `patch` = patch side in level-0 pixels (inferred from the grid when None)."""
     heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), percentiles(scores))
     h, w = thumbnail.shape[:2]
@@ -106,18 +110,31 @@ def heatmap_figure(
     plain, ax = fig.subplots(1, 2)
     tiled = np.isfinite(heat).astype(np.float32)
     outlined = 0 < tiled.mean() < 1
+    rings = [np.asarray(ring, np.float64) / downsample for ring in _rings(truth)]
     for a in (plain, ax):
         a.imshow(thumbnail)
         if outlined:
             a.contour(tiled, levels=[0.5], colors="black", linewidths=0.6)
+        for ring in rings:
+            a.plot(ring[:, 0], ring[:, 1], color=TRUTH_COLOUR, linewidth=0.9)
         a.set_axis_off()
-    if outlined:
-        outline = Line2D([], [], color="black", linewidth=0.6, label="tiled tissue")
-        plain.legend(handles=[outline], loc="lower left", fontsize=8, framealpha=0.8)
+    handles = [Line2D([], [], color="black", linewidth=0.6, label="tiled tissue")] if outlined else []
+    if rings:
+        handles.append(Line2D([], [], color=TRUTH_COLOUR, linewidth=0.9, label="tumour (ground truth)"))
+    if handles:
+        plain.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)
     image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
     fig.suptitle(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
     return fig
+
+
+def _rings(geometry: dict | None) -> list[list]:
+    """Every ring (outer and holes) of a GeoJSON Polygon or MultiPolygon."""
+    if geometry is None:
+        return []
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    return [ring for polygon in polygons for ring in polygon]
 
 
 def montage_figure(

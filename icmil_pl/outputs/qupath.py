@@ -18,6 +18,7 @@ from data_modules.io import atomic_path
 from data_modules.slides.outlines import cells_outline
 
 from .patch_scores import PatchScores
+from .plots import TRUTH_RGB
 
 __all__ = ["QUPATH_DIR", "class_colour", "slide_geojson", "write_geojson"]
 
@@ -57,7 +58,7 @@ def slide_geojson(scores: PatchScores) -> dict:
         )
     for name, geometry, colour in (
         ("tiled tissue", cells_outline(scores.coords, side), [0, 0, 0]),
-        ("tumour (ground truth)", scores.truth, [255, 200, 0]),
+        ("tumour (ground truth)", scores.truth, list(TRUTH_RGB)),
     ):
         if geometry is not None:
             properties = {"objectType": "annotation", "name": name, "isLocked": True}

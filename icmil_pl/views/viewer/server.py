@@ -1,5 +1,5 @@
 """`python -m icmil_pl view <run_dir>`: the run's predicted slides at full resolution in a browser, with the attention
-heatmap, the tiled tissue, the tumour ground truth (synthetic cohorts) and every patch's scores on click.
+heatmap, the tiled tissue, the ground truth (where the cohort has annotations) and every patch's scores on click.
 
 It shows one predict folder's slides (`predict_folder`): the run's own `final/predict` unless `--predict <name>`
 names another under `final/` (`predict-new_slides`), or the folder given where it is one itself.
