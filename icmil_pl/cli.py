@@ -24,26 +24,20 @@ from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-# Imported so that jsonargparse knows every class by its short name.
-import data_modules.datasets.digits  # noqa: F401
-import data_modules.datasets.feature_bags  # noqa: F401
-import data_modules.datasets.patches  # noqa: F401
-import data_modules.datasets.slide_bags  # noqa: F401
-import data_modules.datasets.unlabelled_patches  # noqa: F401
+# Imported so that jsonargparse knows every class by its short name (each package imports all of its modules).
+import data_modules.datasets  # noqa: F401
 import data_modules.synthetic.datamodule  # noqa: F401
 from data_modules.datasets.bag_base import BagDataModule
 from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders, end_to_end, ssl_pretrain, tasks  # noqa: F401
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
-from .callbacks import output_dir
-from .callbacks.prediction_writer import PREDICTIONS_FILE
-from .results import RESULTS_FILE, record_fit
+from .callbacks import output_dir, write_run_report
+from .results import record_fit
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import read_record, restore
 from .slide_task import SlideTask
 from .tools import wandb_run
-from .views.report import write_report
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
 
@@ -126,7 +120,7 @@ class ICMILCLI(LightningCLI):
         if subcommand in ("test", "predict") and isinstance(self.model, SlideTask):
             folder = output_dir(self.trainer)  # a collective under DDP: every process asks, rank 0 prints
             rank_zero_only(print)(f"{subcommand}: outputs in {folder} (predictions.csv, figures/)")
-            self._write_report(folder)
+            write_run_report(folder)
 
     def _restore_record(self, subcommand: str) -> None:
         """A checkpoint evaluated on bags encodes and splits them as it was trained, and refuses other features
@@ -165,12 +159,6 @@ class ICMILCLI(LightningCLI):
         if usual is not None and usual != precision:
             print(f"note: {model.preset} is usually run at precision {usual}; this trainer runs {precision}")
 
-    @staticmethod
-    @rank_zero_only
-    def _write_report(folder: Path) -> None:
-        if (folder / PREDICTIONS_FILE).is_file() or (folder / RESULTS_FILE).is_file():
-            print(f"report: {write_report(folder)}")
-
     @rank_zero_only
     def _print_wandb_locations(self) -> None:
         for line in wandb_run.locations(self.trainer.loggers):
@@ -185,7 +173,7 @@ class ICMILCLI(LightningCLI):
         if isinstance(self.model, SlideTask) and not self.trainer.fast_dev_run:
             fit_seconds = time.perf_counter() - self._fit_start
             self.results_dir = record_fit(self.trainer, self.model, self.datamodule, fit_seconds)
-            self._write_report(self.results_dir)
+            write_run_report(self.results_dir)
             self._print_wandb_locations()
 
 

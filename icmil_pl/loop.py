@@ -32,7 +32,7 @@ from data_modules.datasets.patient_bags import BagLevel
 from data_modules.io import check
 
 from .bag_classifier import BagClassifier
-from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
+from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features, write_run_report
 from .coupling import CouplingStrategy, Distillation
 from .encoders import PatchEmbedder, reestimated
 from .phase_logger import PhaseLogger
@@ -51,7 +51,6 @@ from .run_dir import (
     written_by_rank_zero,
 )
 from .run_record import read_record, restore
-from .views.report import REPORT_FILE, write_report
 
 __all__ = ["ICMIL", "ICMILLoop"]
 
@@ -159,7 +158,7 @@ class ICMILLoop:
             embedder_path = self._phase(i, "couple", self._couple, embedder, best, splits, cache)
             embedder = self._load_embedder(embedder_path)
         results = self._write_results()
-        written_by_rank_zero(lambda: write_report(self.run_dir.root))
+        written_by_rank_zero(lambda: write_run_report(self.run_dir.root))
         task = self.icmil.bag.task
         metric = task.monitor
         print_table(results, (metric, *(m for m in task.metric_names if m != metric)))
@@ -294,11 +293,8 @@ class ICMILLoop:
         trainer = pl.Trainer(**{**bag_kwargs, "logger": False, "default_root_dir": str(root)})
         bag = copy.deepcopy(self.icmil.bag)
         out = getattr(trainer, stage)(bag, datamodule=data, ckpt_path=best)
-        written_by_rank_zero(lambda: write_report(self.run_dir.root))
-        _say(
-            f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}; "
-            f"report: {self.run_dir.root / REPORT_FILE}"
-        )
+        _say(f"{stage} with the final embedder and bag classifier of {self.run_dir.root}: outputs in {root}")
+        written_by_rank_zero(lambda: write_run_report(self.run_dir.root))
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------------
