@@ -12,15 +12,17 @@ too long for a file system keeps a readable prefix and a hash of the whole id.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
+import typing
 import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["atomic_path", "atomic_write", "check", "id_key", "safe_name"]
+__all__ = ["atomic_path", "atomic_write", "check", "check_choices", "id_key", "safe_name"]
 
 _SAFE = "-_.~+=,@()[]"  # besides ASCII letters and digits
 _MAX_PART = 200  # bytes of one path part; file systems allow 255, and writers add prefixes and suffixes
@@ -54,6 +56,17 @@ def check(field: str, ok: bool, expected: str, value: object) -> None:
     """Raise `ValueError` naming `field`, what it should be and what it was, unless `ok`."""
     if not ok:
         raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+def check_choices(settings: object) -> None:
+    """`check` each field of the dataclass `settings` typed `Literal[...]` against its values: the choices are written
+    once, in the type (which LightningCLI also validates and `--help` lists), and checked for Python callers too."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        hint, value = hints[field.name], getattr(settings, field.name)
+        if typing.get_origin(hint) is typing.Literal:
+            choices = [repr(c) for c in typing.get_args(hint)]
+            check(field.name, value in typing.get_args(hint), f"{', '.join(choices[:-1])} or {choices[-1]}", value)
 
 
 def safe_name(slide_id: str) -> str:

@@ -32,8 +32,8 @@ from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders,
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
-from .callbacks import output_dir, write_run_report
-from .results import record_fit
+from .callbacks import output_dir
+from .results import record_fit, write_run_report
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import read_record, restore
 from .slide_task import SlideTask

@@ -32,11 +32,11 @@ from data_modules.datasets.patient_bags import BagLevel
 from data_modules.io import check
 
 from .bag_classifier import BagClassifier
-from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features, write_run_report
+from .callbacks import DivergenceGuard, EpochSeed, PhaseProgressBar, ProgressLog, extract_features
 from .coupling import CouplingStrategy, Distillation
 from .encoders import PatchEmbedder, reestimated
 from .phase_logger import PhaseLogger
-from .results import log_run_results, print_table, stage_metrics, write_run_results
+from .results import log_run_results, print_table, stage_metrics, write_run_report, write_run_results
 from .run_dir import (
     PHASES,
     Phase,

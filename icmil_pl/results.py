@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from data_modules.io import atomic_write
 
 from .callbacks.outputs import output_dir, report_skipped
+from .callbacks.prediction_writer import PREDICTIONS_FILE
 from .outputs.plots import iteration_figure, save_png
 from .tasks import METRIC_NAMES
 
@@ -38,6 +39,7 @@ __all__ = [
     "record_fit",
     "stage_metrics",
     "write_results",
+    "write_run_report",
     "write_run_results",
 ]
 
@@ -143,3 +145,17 @@ def log_run_results(logger: Logger | None, iterations: list[dict], figure: Path,
         logger.log_image(key=f"final/{figure.stem}", images=[str(figure)])
     if logger is not None:
         log_final([logger], iterations[-1], step=step)
+
+
+@rank_zero_only
+def write_run_report(folder: str | os.PathLike) -> Path | None:
+    """`folder`'s report.html where it holds predictions or results (said in one line), else nothing: the CLI and
+    the ICMIL loop write reports through here, so the training core never imports the HTML view itself."""
+    folder = Path(folder)
+    if not ((folder / PREDICTIONS_FILE).is_file() or (folder / RESULTS_FILE).is_file()):
+        return None
+    from .views.report import write_report  # the view, loaded when a report is written: it imports this module
+
+    path = write_report(folder)
+    print(f"report: {path}")
+    return path

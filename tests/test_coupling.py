@@ -528,3 +528,25 @@ def test_couplings_train_lora_adapters_and_return_merged_weights(cohort, tmp_pat
     assert tuned.state_dict().keys() == before.state_dict().keys() and _same(embedder, before)
     changed = [k for k, v in tuned.backbone.state_dict().items() if not torch.equal(v, before.backbone.state_dict()[k])]
     assert changed and all(k.endswith("weight") and k.split(".")[-2] in ("qkv", "proj", "fc1", "fc2") for k in changed)
+
+
+@pytest.mark.parametrize("strategy", [BagGradient, Distillation])
+def test_strategy_settings_are_frozen_and_validated_where_they_are_read(strategy):
+    """Each strategy is a frozen dataclass of its settings: written once, checked on construction in one style
+    (`select_by: expected ...`), and typed so the CLI validates and documents them (no `Unvalidated<...>`)."""
+    from dataclasses import FrozenInstanceError
+
+    from jsonargparse import ArgumentParser
+
+    settings = strategy()
+    with pytest.raises(FrozenInstanceError):
+        settings.lr = 1.0
+    with pytest.raises(ValueError, match=r"^select_by: expected '.+' or '.+', got 'nope'$"):
+        strategy(select_by="nope")
+    with pytest.raises(ValueError, match=r"^max_epochs: expected"):
+        strategy(max_epochs=0)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(strategy, "coupling")
+    assert "Unvalidated" not in parser.format_help() and "(type: Literal[" in parser.format_help()
+    with pytest.raises(Exception, match="select_by"):
+        parser.parse_args(["--coupling.select_by=nope"])

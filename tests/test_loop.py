@@ -40,8 +40,10 @@ def finished(icmil_cohort, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _rows(path: Path) -> list[dict]:
+    """A labels CSV's rows, `annotations` cells made absolute, so that a copy written elsewhere keeps its truth."""
     with path.open() as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    return [r | {"annotations": str(path.parent / r["annotations"])} if r.get("annotations") else r for r in rows]
 
 
 def test_two_iterations_write_every_output(finished):
@@ -401,13 +403,15 @@ def test_hostile_slide_ids_stay_inside_the_run(icmil_cohort, tmp_path):
 def test_a_run_refuses_labels_edited_after_it_started(icmil_cohort, tmp_path):
     """An edited labels.csv used to make every phase 'done in an earlier run, skipped', printing the old metrics."""
     labels = tmp_path / "labels.csv"
-    labels.write_text((icmil_cohort / "labels.csv").read_text())
+    labels.write_text(
+        (icmil_cohort / "labels.csv").read_text().replace(",annotations/", f",{icmil_cohort}/annotations/")
+    )
     args = [f"--data.init_args.labels={labels}", "--model.init_args.iterations=0"]
     main(icmil_args(icmil_cohort, tmp_path, "fit", *args))
     main(icmil_args(icmil_cohort, tmp_path, "fit", *args))  # unchanged: continues (here: nothing left to do)
     lines = labels.read_text().splitlines()
-    slide, label, patient = lines[3].split(",")
-    lines[3] = f"{slide},{1 - int(label)},{patient}"
+    slide, label, *rest = lines[3].split(",")
+    lines[3] = ",".join([slide, str(1 - int(label)), *rest])
     labels.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=rf"labels\.csv: {slide} changed since the run in .* started"):
         main(icmil_args(icmil_cohort, tmp_path, "fit", *args))

@@ -101,10 +101,10 @@ def test_a_cohort_puts_each_patient_in_one_site_and_mimics_in_both_classes(tmp_p
     infos = synthetic.slide_infos(root)
     rows = [line.split(",") for line in (root / "labels.csv").read_text().splitlines()[1:]]
     site_of: dict[str, set[int]] = {}
-    for slide_id, _, patient in rows:
+    for slide_id, _, patient, _ in rows:
         site_of.setdefault(patient, set()).add(infos[slide_id].site.index)
     assert all(len(sites) == 1 for sites in site_of.values()) and len(set().union(*site_of.values())) == 3
-    with_mimics = {label for slide_id, label, _ in rows if infos[slide_id].mimic_regions}
+    with_mimics = {label for slide_id, label, *_ in rows if infos[slide_id].mimic_regions}
     assert with_mimics == {"0", "1"}
     reloaded = synthetic.load_cohort(root)[0]  # cohort.json keeps what regenerates the pixels
     original = infos[reloaded.path.name.split(".")[0]]

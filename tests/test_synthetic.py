@@ -316,7 +316,7 @@ def test_cohort_labels_patients_rerun_and_files(tmp_path):
     assert make_cohort(root, spec) == root
     with open(root / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["slide_id", "label", "patient_id"]
+    assert list(rows[0]) == ["slide_id", "label", "patient_id", "annotations"]
     assert {r["label"] for r in rows} == {"0", "1"}
     patients = [r["patient_id"] for r in rows]
     assert len(set(patients)) == 4 and max(patients.count(p) for p in patients) == 2
@@ -365,7 +365,7 @@ def test_command_line_writes_a_cohort(tmp_path):
             "3",
         ]
     )
-    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "slide_id,label,patient_id"
+    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "slide_id,label,patient_id,annotations"
     assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == ["slide_000.tif", "slide_001.tif"]
 
 

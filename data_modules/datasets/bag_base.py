@@ -136,6 +136,7 @@ class BagDataModule(BagLoaders):
         return [row.slide_id for row in self.rows if row.slide_id not in split]
 
     def setup(self, stage: str | None = None) -> None:
+        _ = self.slide_annotations  # a missing annotations file fails here, before any work
         if self.splits is None and stage != "predict":  # predict scores every listed slide: no splits, no labels
             require_labels(self.rows, self.labels_path, "splitting into train/val/test")
             self.splits = make_splits(self.rows, self.split_config, self.labels_path, self.targets)

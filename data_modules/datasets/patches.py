@@ -162,6 +162,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
         return locate_annotations(self.cohort.rows, self.cohort.labels_path, self.annotations)
 
     def setup(self, stage: str | None = None) -> None:
+        _ = self.slide_annotations  # a missing annotations file fails here, before any slide is read
         if self.slide_patches is None:
             skipped = self.skipped if self.on_slide_error == "skip" else None
             self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache, skipped)

@@ -1,6 +1,6 @@
 """Lightning callbacks, one job each: feature extraction into the cache, predictions.csv, figures, phase-labelled
-progress bars and lines, epoch seeds, checkpoints written whole, a stop when weights diverge, an EMA of the weights,
-report.html; and `output_dir`, where a Trainer's outputs go."""
+progress bars and lines, epoch seeds, checkpoints written whole, a stop when weights diverge, an EMA of the weights; and
+`output_dir`, where a Trainer's outputs go."""
 
 from .checkpoints import AtomicCheckpoint, best_checkpoint, latest_checkpoint
 from .divergence import DivergenceGuard
@@ -10,7 +10,6 @@ from .figure_writer import FigureWriter, resolve_figures
 from .outputs import output_dir
 from .phase_progress import PhaseProgressBar, ProgressLog
 from .prediction_writer import PredictionWriter
-from .report_writer import write_run_report
 from .weight_ema import WeightEMA
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "latest_checkpoint",
     "output_dir",
     "resolve_figures",
-    "write_run_report",
 ]

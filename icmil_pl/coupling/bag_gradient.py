@@ -1,10 +1,12 @@
 """Coupling with the exact slide-level gradient: fine-tune a copy of E_i through the frozen bag head on whole slides,
 with the chunked backward of end-to-end training (`chunked.bag_backward`)."""
 
-from __future__ import annotations
+# Annotations are evaluated here (no postponed annotations): LightningCLI reads the settings from the dataclass's
+# generated __init__, whose postponed annotations it cannot resolve, and would then neither validate nor document them.
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -13,7 +15,7 @@ from torch import Tensor
 from data_modules.cohort.splits import hold_out
 from data_modules.datasets.augment import StainJitter
 from data_modules.datasets.slide_bags import SlideBagSplits
-from data_modules.io import check
+from data_modules.io import check, check_choices
 
 from ..encoders import PatchEmbedder
 from ..end_to_end import EndToEndMIL
@@ -38,6 +40,7 @@ class BagGradientModule(EndToEndMIL):
         return []
 
 
+@dataclass(frozen=True)
 class BagGradient(CouplingStrategy):
     """Couple with the exact slide-level gradient: fine-tune a copy of E_i through the frozen bag head on whole slides.
 
@@ -60,38 +63,31 @@ class BagGradient(CouplingStrategy):
 
     needs_labels = True
 
-    def __init__(
-        self,
-        lr: float = 1e-5,
-        weight_decay: float = 1e-4,
-        chunk_size: int = 64,
-        train_head: bool = False,
-        max_instances: int | None = None,
-        bags_per_step: int = 1,
-        val_fraction: float = 0.1,
-        select_by: Literal["loss", "auroc", "monitor"] = "loss",
-        read_threads: int = 4,
-        max_epochs: int = 5,
-        stain_jitter: StainJitter | None = None,
-    ) -> None:
-        check_optimizer(lr, weight_decay, max_epochs)
-        check("chunk_size", chunk_size >= 1, "an int >= 1", chunk_size)
-        check("max_instances", max_instances is None or max_instances >= 1, "an int >= 1 or null", max_instances)
-        check("bags_per_step", bags_per_step >= 1, "an int >= 1", bags_per_step)
-        check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
-        check("select_by", select_by in ("loss", "auroc", "monitor"), "'loss', 'auroc' or 'monitor'", select_by)
-        check("read_threads", read_threads >= 1, "an int >= 1", read_threads)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.chunk_size = chunk_size
-        self.train_head = train_head
-        self.max_instances = max_instances
-        self.bags_per_step = bags_per_step
-        self.val_fraction = val_fraction
-        self.select_by = select_by
-        self.read_threads = read_threads
-        self.max_epochs = max_epochs
-        self.stain_jitter = stain_jitter
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    chunk_size: int = 64
+    train_head: bool = False
+    max_instances: int | None = None
+    bags_per_step: int = 1
+    val_fraction: float = 0.1
+    select_by: Literal["loss", "auroc", "monitor"] = "loss"
+    read_threads: int = 4
+    max_epochs: int = 5
+    stain_jitter: StainJitter | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_optimizer(self.lr, self.weight_decay, self.max_epochs)
+        check("chunk_size", self.chunk_size >= 1, "an int >= 1", self.chunk_size)
+        check(
+            "max_instances",
+            self.max_instances is None or self.max_instances >= 1,
+            "an int >= 1 or null",
+            self.max_instances,
+        )
+        check("bags_per_step", self.bags_per_step >= 1, "an int >= 1", self.bags_per_step)
+        check("val_fraction", 0 < self.val_fraction < 1, "a float in (0, 1)", self.val_fraction)
+        check("read_threads", self.read_threads >= 1, "an int >= 1", self.read_threads)
 
     def _fit(self, run: CouplingRun) -> PatchEmbedder:
         bag, labels, patients, root, seed = run.bag, run.labels, run.patients, run.root, run.seed

@@ -2,16 +2,18 @@
 head applied per instance is a teacher of patch pseudo-labels, and a student copy of embedder + head learns them on
 augmented patches. The strategy and its settings; the loss maths in `loss.py`, the module in `module.py`."""
 
-from __future__ import annotations
+# Annotations are evaluated here (no postponed annotations): LightningCLI reads the settings from the dataclass's
+# generated __init__, whose postponed annotations it cannot resolve, and would then neither validate nor document them.
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from data_modules.datasets.augment import StainJitter
 from data_modules.datasets.patches import PatchSampleDataModule
-from data_modules.io import check
+from data_modules.io import check, check_choices
 
 from ...aggregators import DTFDMIL
 from ...encoders import PatchEmbedder
@@ -28,6 +30,7 @@ PatchPool = Literal["train", "train+val"]  # the slides whose patches distil: th
 StudentBatchNorm = Literal["as_embedder", "train"]  # the student's BatchNorm statistics: as E_i has them, or adapting
 
 
+@dataclass(frozen=True)
 class Distillation(CouplingStrategy):
     """ICMIL's teacher-student coupling (Wang et al., MICCAI 2023; confidence weighting from IEEE TMI 2024).
 
@@ -67,75 +70,56 @@ class Distillation(CouplingStrategy):
         "use BagGradient, which couples any task)"
     )
 
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    batch_size: int = 100
+    patches_per_epoch: int | None = 20000
+    val_fraction: float = 0.1
+    confidence_beta: float | None = None
+    head_weight: float = 0.5
+    feature_weight: float = 0.5
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    num_workers: int = 2
+    max_epochs: int = 10
+    reduction: Reduction = "batchmean"
+    feature_input: FeatureInput = "student"
+    select_by: SelectBy = "agreement"
+    head_clip_norm: float | None = None
+    student_batchnorm: StudentBatchNorm = "as_embedder"
+    tier1_weight: float = 0.0
+    patch_pool: PatchPool = "train"
+    stain_jitter: StainJitter | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_optimizer(self.lr, self.weight_decay, self.max_epochs)
+        check("batch_size", self.batch_size >= 1, "an int >= 1", self.batch_size)
+        per_epoch = self.patches_per_epoch
+        check("patches_per_epoch", per_epoch is None or per_epoch >= 1, "an int >= 1 or null", per_epoch)
+        check("val_fraction", 0 < self.val_fraction < 1, "a float in (0, 1)", self.val_fraction)
+        beta = self.confidence_beta
+        check("confidence_beta", beta is None or beta >= 0, "a float >= 0 or null", beta)
+        check("head_weight", self.head_weight >= 0, "a float >= 0", self.head_weight)
+        check("feature_weight", self.feature_weight >= 0, "a float >= 0", self.feature_weight)
+        check(
+            "crop_scale",
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "(low, high) with 0 < low <= high <= 1",
+            self.crop_scale,
+        )
+        check("num_workers", self.num_workers >= 0, "an int >= 0", self.num_workers)
+        check(
+            "head_clip_norm",
+            self.head_clip_norm is None or self.head_clip_norm > 0,
+            "a float > 0 or null",
+            self.head_clip_norm,
+        )
+        check("tier1_weight", 0 <= self.tier1_weight <= 1, "a float in [0, 1]", self.tier1_weight)
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+
     def can_couple(self, task: Task) -> bool:
         """A head whose outputs are class or label probabilities: only they make pseudo-labels."""
         return task.probabilities is not None
-
-    def __init__(
-        self,
-        lr: float = 1e-5,
-        weight_decay: float = 1e-4,
-        batch_size: int = 100,
-        patches_per_epoch: int | None = 20000,
-        val_fraction: float = 0.1,
-        confidence_beta: float | None = None,
-        head_weight: float = 0.5,
-        feature_weight: float = 0.5,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-        num_workers: int = 2,
-        max_epochs: int = 10,
-        reduction: Reduction = "batchmean",
-        feature_input: FeatureInput = "student",
-        select_by: SelectBy = "agreement",
-        head_clip_norm: float | None = None,
-        student_batchnorm: StudentBatchNorm = "as_embedder",
-        tier1_weight: float = 0.0,
-        patch_pool: PatchPool = "train",
-        stain_jitter: StainJitter | None = None,
-    ) -> None:
-        check_optimizer(lr, weight_decay, max_epochs)
-        check("batch_size", batch_size >= 1, "an int >= 1", batch_size)
-        per_epoch = patches_per_epoch
-        check("patches_per_epoch", per_epoch is None or per_epoch >= 1, "an int >= 1 or null", per_epoch)
-        check("val_fraction", 0 < val_fraction < 1, "a float in (0, 1)", val_fraction)
-        beta = confidence_beta
-        check("confidence_beta", beta is None or beta >= 0, "a float >= 0 or null", beta)
-        check("head_weight", head_weight >= 0, "a float >= 0", head_weight)
-        check("feature_weight", feature_weight >= 0, "a float >= 0", feature_weight)
-        check(
-            "crop_scale",
-            len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1,
-            "(low, high) with 0 < low <= high <= 1",
-            crop_scale,
-        )
-        check("num_workers", num_workers >= 0, "an int >= 0", num_workers)
-        check("reduction", reduction in ("batchmean", "mean"), "'batchmean' or 'mean'", reduction)
-        check("feature_input", feature_input in ("student", "teacher"), "'student' or 'teacher'", feature_input)
-        check("select_by", select_by in ("agreement", "mae"), "'agreement' or 'mae'", select_by)
-        bn = student_batchnorm
-        check("student_batchnorm", bn in ("as_embedder", "train"), "'as_embedder' or 'train'", bn)
-        check("head_clip_norm", head_clip_norm is None or head_clip_norm > 0, "a float > 0 or null", head_clip_norm)
-        check("tier1_weight", 0 <= tier1_weight <= 1, "a float in [0, 1]", tier1_weight)
-        check("patch_pool", patch_pool in ("train", "train+val"), "'train' or 'train+val'", patch_pool)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.patches_per_epoch = patches_per_epoch
-        self.val_fraction = val_fraction
-        self.confidence_beta = confidence_beta
-        self.head_weight = head_weight
-        self.feature_weight = feature_weight
-        self.crop_scale = tuple(crop_scale)
-        self.num_workers = num_workers
-        self.max_epochs = max_epochs
-        self.reduction = reduction
-        self.feature_input = feature_input
-        self.select_by = select_by
-        self.head_clip_norm = head_clip_norm
-        self.student_batchnorm = student_batchnorm
-        self.tier1_weight = tier1_weight
-        self.patch_pool = patch_pool
-        self.stain_jitter = stain_jitter
 
     def _fit(self, run: CouplingRun) -> PatchEmbedder:
         """The teacher scores patches: slide labels, bags and so patients play no part."""
