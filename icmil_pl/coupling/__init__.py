@@ -6,8 +6,12 @@ Trainer of its own:
   pseudo-labels; a student copy of embedder + head learns them on augmented patches.
 - `BagGradient` (`bag_gradient.py`): the exact slide-level gradient through the bag head, over whole slides.
 
-`base.py` holds what both share: `CouplingStrategy`, the frozen `StandardizedHead`, fitting the best epoch.
+`base.py` holds what both share: `CouplingStrategy`, the frozen `StandardizedHead`, fitting the best epoch. Every
+module and folder here is imported with the package, so a new strategy's file is all a config needs.
 """
+
+import importlib
+import pkgutil
 
 from .bag_gradient import BagGradient
 from .base import CouplingStrategy, StandardizedHead, reduced_features
@@ -23,3 +27,6 @@ __all__ = [
     "distillation_loss",
     "reduced_features",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
