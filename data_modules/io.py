@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["atomic_path", "atomic_write", "check", "check_choices", "id_key", "safe_name"]
+__all__ = ["atomic_path", "atomic_write", "check", "check_choice", "check_choices", "id_key", "safe_name"]
 
 _SAFE = "-_.~+=,@()[]"  # besides ASCII letters and digits
 _MAX_PART = 200  # bytes of one path part; file systems allow 255, and writers add prefixes and suffixes
@@ -58,15 +58,21 @@ def check(field: str, ok: bool, expected: str, value: object) -> None:
         raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
+def check_choice(field: str, value: object, choices: object) -> None:
+    """`check` that `value` is one of `choices`: a `Literal[...]` type or a sequence of values. LightningCLI validates
+    a `Literal` setting itself; this covers direct construction."""
+    allowed = typing.get_args(choices) if typing.get_origin(choices) is typing.Literal else tuple(choices)
+    names = [repr(c) for c in allowed]
+    check(field, value in allowed, f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0], value)
+
+
 def check_choices(settings: object) -> None:
-    """`check` each field of the dataclass `settings` typed `Literal[...]` against its values: the choices are written
-    once, in the type (which LightningCLI also validates and `--help` lists), and checked for Python callers too."""
+    """`check_choice` of each field of the dataclass `settings` typed `Literal[...]`: the choices are written once, in
+    the type (which LightningCLI also validates and `--help` lists), and checked for Python callers too."""
     hints = typing.get_type_hints(type(settings))
     for field in dataclasses.fields(settings):
-        hint, value = hints[field.name], getattr(settings, field.name)
-        if typing.get_origin(hint) is typing.Literal:
-            choices = [repr(c) for c in typing.get_args(hint)]
-            check(field.name, value in typing.get_args(hint), f"{', '.join(choices[:-1])} or {choices[-1]}", value)
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            check_choice(field.name, getattr(settings, field.name), hints[field.name])
 
 
 def safe_name(slide_id: str) -> str:

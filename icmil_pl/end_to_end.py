@@ -24,6 +24,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from data_modules.datasets.augment import StainedBag, StainJitter
+from data_modules.io import check, check_choice
 
 from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
@@ -87,12 +88,10 @@ class EndToEndMIL(SlideTask):
             trains=trains,
         )
         self.automatic_optimization = False
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size: expected an int >= 1 or null (full bag), got {chunk_size}")
-        if max_instances is not None and max_instances < 1:
-            raise ValueError(f"max_instances: expected an int >= 1 or null (whole bag), got {max_instances}")
-        if bags_per_step < 1:
-            raise ValueError(f"bags_per_step: expected an int >= 1, got {bags_per_step}")
+        check("chunk_size", chunk_size is None or chunk_size >= 1, "an int >= 1 or null (full bag)", chunk_size)
+        whole = max_instances is None or max_instances >= 1
+        check("max_instances", whole, "an int >= 1 or null (whole bag)", max_instances)
+        check("bags_per_step", bags_per_step >= 1, "an int >= 1", bags_per_step)
         dim = getattr(embedder, "feature_dim", None)
         if dim is not None and dim != aggregator.in_dim:
             raise ValueError(f"aggregator in_dim={aggregator.in_dim}, but the embedder gives {dim}-d features")
@@ -105,8 +104,7 @@ class EndToEndMIL(SlideTask):
             self._warm_start(head)
         if embedder_from is not None:
             self._start_embedder(embedder_from)
-        if trains not in ("both", "aggregator", "embedder"):
-            raise ValueError(f"trains: expected 'both', 'aggregator' or 'embedder', got {trains!r}")
+        check_choice("trains", trains, ("both", "aggregator", "embedder"))
         frozen = {"aggregator": self.embedder, "embedder": self.aggregator}.get(trains)
         if frozen is not None:
             frozen.requires_grad_(False)

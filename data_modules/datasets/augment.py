@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from skimage.color import hed2rgb, rgb2hed
 from torch import Tensor
 
+from ..io import check
+
 __all__ = ["StainJitter", "StainedBag", "random_flip_resized_crop"]
 
 
@@ -28,8 +30,8 @@ class StainJitter:
     bias: float = 0.005
 
     def __post_init__(self) -> None:
-        if not (0 <= self.sigma < 1 and 0 <= self.bias < 1):
-            raise ValueError(f"stain_jitter: expected sigma and bias in [0, 1), got {self.sigma} and {self.bias}")
+        check("stain_jitter.sigma", 0 <= self.sigma < 1, "a float in [0, 1)", self.sigma)
+        check("stain_jitter.bias", 0 <= self.bias < 1, "a float in [0, 1)", self.bias)
 
     def __call__(self, images: Tensor, seed: int, first: int = 0) -> Tensor:
         """uint8 RGB patches (N, 3, H, W) -> uint8 patches, patch k drawn as patch `first + k` of `seed`."""

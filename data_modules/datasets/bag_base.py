@@ -15,6 +15,7 @@ from ..annotations import locate_annotations
 from ..cohort import SlideLabel, read_labels, require_labels
 from ..cohort.splits import SPLITS, SplitConfig, check_classes, make_splits
 from ..cohort.targets import Targets
+from ..io import check_choice
 from .patient_bags import BagLevel, PatientBags, patient_groups
 from .samplers import EpochShuffle, evaluation_sampler
 
@@ -83,8 +84,7 @@ class BagDataModule(BagLoaders):
         annotations: str | None = None,
     ) -> None:
         super().__init__()
-        if bag_level not in ("slide", "patient"):
-            raise ValueError(f"bag_level: expected 'slide' or 'patient', got {bag_level!r}")
+        check_choice("bag_level", bag_level, BagLevel)
         self.labels_path = Path(labels)
         self.targets = targets
         self.bag_level = bag_level

@@ -17,7 +17,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.filters.rank import median
 
-from ..io import atomic_path
+from ..io import atomic_path, check
 from . import Slide, SlideError, file_signature, open_slide
 
 __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
@@ -57,8 +57,8 @@ class TilingConfig:
     mpp_from_objective: bool = False
 
     def __post_init__(self) -> None:
-        if self.mpp_override is not None and not self.mpp_override > 0:
-            raise ValueError(f"tiling.mpp_override: expected microns per pixel > 0, got {self.mpp_override!r}")
+        override = self.mpp_override
+        check("tiling.mpp_override", override is None or override > 0, "microns per pixel > 0", override)
         if self.force_mpp and self.mpp_override is None:
             raise ValueError("tiling.force_mpp: expected a tiling.mpp_override to force on every slide, got none")
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..io import check
 from .scene import Scene, SlideInfo, scene_of
 
 __all__ = ["area4", "render_region"]
@@ -41,10 +42,8 @@ def render_region(info: SlideInfo, location: tuple[int, int], size: tuple[int, i
     x, y = location
     w, h = size
     scene = scene_of(info)
-    if not 0 <= level < len(info.level_dimensions):
-        raise ValueError(f"level: expected 0..{len(info.level_dimensions) - 1}, got {level}")
-    if w < 1 or h < 1:
-        raise ValueError(f"size: expected positive (w, h), got {size}")
+    check("level", 0 <= level < len(info.level_dimensions), f"0..{len(info.level_dimensions) - 1}", level)
+    check("size", w >= 1 and h >= 1, "positive (w, h)", size)
     if level == 0:
         return scene.render(x, y, w, h)
     ds = 4**level

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..annotations import box_fraction
+from ..io import check
 from .scene import SlideInfo, centres, in_regions, scene_of
 
 __all__ = [
@@ -58,6 +59,5 @@ def tumour_patches(info: SlideInfo, coords: np.ndarray, side: float) -> np.ndarr
 
 
 def _check_downsample(downsample: float) -> float:
-    if not downsample >= 1:
-        raise ValueError(f"downsample: expected >= 1, got {downsample}")
+    check("downsample", downsample >= 1, ">= 1", downsample)
     return float(downsample)

@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from data_modules.io import check
+
 
 class MILOutput(NamedTuple):
     """What an aggregator returns for one bag.
@@ -72,16 +74,8 @@ class Aggregator(nn.Module, ABC):
 
 def check_positive(**values: int) -> None:
     for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+        check(name, value >= 1, "an integer >= 1", value)
 
 
 def check_dropout(value: float, name: str = "dropout") -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: expected a probability in [0, 1), got {value}")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Literal choices are validated by LightningCLI from the signature; this covers direct construction."""
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    check(name, 0.0 <= value < 1.0, "a probability in [0, 1)", value)

@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Aggregator, MILOutput, check_choice, check_dropout, check_positive
+from data_modules.io import check_choice
+
+from .base import Aggregator, MILOutput, check_dropout, check_positive
 from .layers import AttentionScore
 
 Distill = Literal["afs", "maxs", "maxmins"]

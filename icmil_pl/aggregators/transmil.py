@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Aggregator, MILOutput, check_choice, check_dropout, check_positive
+from data_modules.io import check, check_choice
+
+from .base import Aggregator, MILOutput, check_dropout, check_positive
 from .layers import embedding
 
 # One-instance bags per batch in `instance_logits`: bounds memory without a per-instance loop.
@@ -170,8 +172,7 @@ class TransMIL(Aggregator):
         check_positive(hidden_dim=hidden_dim, num_heads=num_heads, pinv_iterations=pinv_iterations)
         check_dropout(dropout)
         check_choice("attention", attention, ("full", "nystrom"))
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim: expected a multiple of num_heads={num_heads}, got {hidden_dim}")
+        check("hidden_dim", hidden_dim % num_heads == 0, f"a multiple of num_heads={num_heads}", hidden_dim)
         landmarks = hidden_dim // 2 if num_landmarks is None else num_landmarks
         check_positive(num_landmarks=landmarks)
 

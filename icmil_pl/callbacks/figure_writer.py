@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from data_modules.annotations import annotations_of
 from data_modules.cohort import SlideFinder
+from data_modules.io import check
 from data_modules.slides import open_slide
 
 from ..outputs.patch_scores import SCORES_STORE, PatchScores, write_scores
@@ -48,8 +49,8 @@ class FigureWriter(pl.Callback):
     """
 
     def __init__(self, slides: str | list[str] | None = None, top_k: int = 8, thumbnail_px: int = 1024) -> None:
-        if top_k < 1 or thumbnail_px < 64:
-            raise ValueError(f"top_k: expected >= 1 (got {top_k}); thumbnail_px: expected >= 64 (got {thumbnail_px})")
+        check("top_k", top_k >= 1, "an int >= 1", top_k)
+        check("thumbnail_px", thumbnail_px >= 64, "an int >= 64", thumbnail_px)
         self._finder = None if slides is None else SlideFinder(slides)
         self.top_k = top_k
         self.thumbnail_px = thumbnail_px

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
 from data_modules.cohort.targets import NO_LABELS
+from data_modules.io import check
 
 from ..outputs.plots import multilabel_roc_figure
 from .base import PER_LABEL, Task
@@ -29,8 +30,7 @@ class MultiLabel(Task):
 
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold: expected a float in (0, 1), got {threshold}")
+        check("threshold", 0 < threshold < 1, "a float in (0, 1)", threshold)
         self.threshold = threshold
 
     def bag_loss(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef, R2Score, SpearmanCorrCoef
 
 from data_modules.cohort.targets import REGRESSION_STRATA, quantile_strata
+from data_modules.io import check_choice
 
 from ..outputs.plots import scatter_figure
 from .base import Task
@@ -34,8 +35,7 @@ class Regression(Task):
         self, loss: Literal["mse", "huber"] = "mse", standardize: bool = True, huber_delta: float = 1.0
     ) -> None:
         super().__init__()
-        if loss not in ("mse", "huber"):
-            raise ValueError(f"loss: expected 'mse' or 'huber', got {loss!r}")
+        check_choice("loss", loss, ("mse", "huber"))
         self.loss_name = loss
         self.standardize = standardize
         self.huber_delta = huber_delta

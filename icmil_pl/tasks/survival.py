@@ -13,6 +13,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from data_modules.io import check, check_choice
+
 from ..aggregators import MILOutput
 from ..outputs.plots import kaplan_meier_figure
 from .base import Task
@@ -43,10 +45,8 @@ class Survival(Task):
         select_by: Literal["loss", "c_index"] | None = None,
     ) -> None:
         super().__init__()
-        if loss not in ("nll", "cox"):
-            raise ValueError(f"loss: expected 'nll' or 'cox', got {loss!r}")
-        if bins < 1:
-            raise ValueError(f"bins: expected an int >= 1, got {bins}")
+        check_choice("loss", loss, ("nll", "cox"))
+        check("bins", bins >= 1, "an int >= 1", bins)
         select_by = select_by or ("loss" if loss == "nll" else "c_index")
         if select_by not in ("loss", "c_index") or (loss == "cox" and select_by == "loss"):
             allowed = (

@@ -34,7 +34,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from data_modules.cohort.splits import SPLITS, SPLITS_FILE
-from data_modules.io import atomic_write, safe_name
+from data_modules.io import atomic_write, check, safe_name
 
 from ..callbacks.figure_writer import SLIDE_FIGURES
 from ..callbacks.prediction_writer import PREDICTIONS_FILE
@@ -363,8 +363,7 @@ def _render(root: Path, runs: list[Path], port: int) -> str:
 def write_report(run_dir: str | os.PathLike, viewer_port: int = 8000) -> Path:
     """Write `<run_dir>/report.html` (see the module docstring) and return its path. The page is built whole before
     anything is written, then replaces the old one at once: a failed or killed report leaves no half file."""
-    if not 0 < viewer_port < 65536:
-        raise ValueError(f"viewer_port: expected a port in 1..65535 (got {viewer_port})")
+    check("viewer_port", 0 < viewer_port < 65536, "a port in 1..65535", viewer_port)
     root = Path(run_dir)
     text = _render(root, find_runs(root), viewer_port)
     path = root / REPORT_FILE
