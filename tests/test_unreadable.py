@@ -61,7 +61,7 @@ def test_by_default_a_broken_tile_stops_extraction_naming_slide_level_and_tile(c
     root, broken, blank = cohort
     with pytest.raises(ValueError, match=rf"{blank}\.tif: no tissue found"):
         _extract(root, tmp_path)
-    labels = tmp_path / "labels.csv"
+    labels = root / "without_blank.csv"  # beside the cohort's: its annotations cells are relative to it
     labels.write_text(
         "".join(line + "\n" for line in (root / "labels.csv").read_text().splitlines() if blank not in line)
     )
