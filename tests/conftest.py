@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,3 +22,26 @@ from helpers import ICMIL_COHORT  # noqa: E402 - after the environment is set
 def icmil_cohort(tmp_path_factory) -> Path:
     """`helpers.ICMIL_COHORT` on disk (labels.csv, slides/), written once per test session."""
     return make_cohort(tmp_path_factory.mktemp("icmil_cohort"), ICMIL_COHORT)
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures(tmp_path_factory) -> Path:
+    """OpenSlide's own test slides, files no one here wrote (`boxes.tiff` at 72 dpi, `boxes_0.dcm` typed DERIVED,
+    the 16 px `small.svs`, ...): the `tests/fixtures` folder of the installed openslide-python's sdist, fetched with
+    `pip download`. Skipped, saying why, where no package index answers."""
+    version = importlib.metadata.version("openslide-python")
+    out = tmp_path_factory.mktemp("openslide_sdist")
+    sdist = ["--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", str(out)]
+    command = [sys.executable, "-m", "pip", "download", f"openslide-python=={version}", *sdist]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"pip download of openslide-python=={version}'s sdist took over 180 s (no package index?)")
+    archives = sorted(out.glob("openslide_python-*.tar.gz"))
+    if done.returncode or not archives:
+        reason = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+        pytest.skip(f"no package index gave openslide-python=={version}'s sdist: {reason}")
+    with tarfile.open(archives[0]) as tar:
+        members = [m for m in tar.getmembers() if "/tests/fixtures/" in m.name and m.isfile()]
+        tar.extractall(out, members=members, filter="data")
+    return next(out.glob("openslide_python-*/tests/fixtures"))

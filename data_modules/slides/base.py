@@ -15,9 +15,12 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-__all__ = ["BACKGROUND", "Resample", "Slide", "SlideError", "positive"]
+__all__ = ["BACKGROUND", "MAX_SCAN_MPP", "Resample", "Slide", "SlideError", "positive"]
 
 BACKGROUND = 255  # glass is white: regions outside the image read as white
+# Microns per pixel beyond which a file's resolution is a screen's, not a scanner's: ImageJ, Photoshop and QuPath
+# exports carry 72 dpi (352.8 um/px), and tiling at 0.5 um/px on that would upsample 700 times.
+MAX_SCAN_MPP = 10.0
 Resample = Literal["nearest", "box", "bilinear", "lanczos"]
 _PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -42,6 +45,7 @@ class Slide:
     mpp: float | None  # level-0 microns per pixel: the file's, or the override; None if unknown
     objective_power: float | None  # the scan's objective magnification, where the file records it
     properties: dict[str, str]
+    mpp_unknown_because: str = "no MPP in the file's metadata"
 
     # -- what a backend provides ---------------------------------------------------------------------------------------
     @property
@@ -83,13 +87,22 @@ class Slide:
 
     def require_mpp(self) -> float:
         if self.mpp is None:
-            power = f" (the file records a {self.objective_power:g}x objective)" if self.objective_power else ""
+            power = f"; the file records a {self.objective_power:g}x objective" if self.objective_power else ""
             raise SlideError(
-                f"{self.path}: microns per pixel unknown (no MPP in the file's metadata{power}); give it: "
-                "open_slide(path, mpp=0.25), an `mpp` column in the labels CSV, tiling.mpp_override, or "
-                "tiling.mpp_from_objective"
+                f"{self.path}: microns per pixel unknown ({self.mpp_unknown_because}{power}); give it in the slide's "
+                "`mpp` cell of the labels CSV, or as tiling.mpp_override (tiling.mpp_from_objective reads it from the "
+                "objective power)"
             )
         return self.mpp
+
+    def _scan_mpp(self, mpp: float | None) -> float | None:
+        """A file's own resolution, or None where no scanner would write it (above `MAX_SCAN_MPP`), said why."""
+        if mpp is not None and mpp > MAX_SCAN_MPP:
+            self.mpp_unknown_because = (
+                f"its metadata says {mpp:.4g} um/px, {25_400 / mpp:.4g} dpi: a screen's resolution, not a scanner's"
+            )
+            return None
+        return mpp
 
     # -- reading -----------------------------------------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

@@ -45,7 +45,7 @@ class OpenSlideSlide(Slide):
         self.properties = {key: str(value) for key, value in props.items()}
         self.properties["vendor"] = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         self.properties["backend"] = "openslide"
-        self.mpp = float(mpp) if mpp is not None else _mpp(props)
+        self.mpp = float(mpp) if mpp is not None else self._scan_mpp(_mpp(props))
         self.objective_power = positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         if self.mpp is not None:
             self.properties["mpp"] = str(self.mpp)
@@ -109,7 +109,7 @@ def _check_dicom_base(path: Path, props, dimensions: tuple[int, int]) -> None:
     """OpenSlide builds a DICOM pyramid from the instances it finds and skips unreadable ones, so a series missing
     its full-resolution instance opens as a smaller slide at twice the mpp; the level-0 instance says what it is."""
     kind = props.get("dicom.ImageType[0]"), props.get("dicom.ImageType[3]")
-    if kind[0] == "DERIVED" or kind[1] == "RESAMPLED":
+    if kind[1] == "RESAMPLED":  # DERIVED\PRIMARY\VOLUME\NONE is a converter's level 0 (OpenSlide's own fixture)
         raise SlideError(
             f"{path}: the DICOM series has no full-resolution instance (the finest one found is "
             f"{'/'.join(filter(None, kind))}, {dimensions[0]} x {dimensions[1]} px): an instance is missing or "

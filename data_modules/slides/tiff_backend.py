@@ -96,7 +96,7 @@ class TiffSlide(Slide):
         try:
             self._levels = _stored_levels(self._tif, self.path)
             self.properties = _properties(self._tif)
-            self.mpp = float(mpp) if mpp is not None else _metadata_mpp(self._tif)
+            self.mpp = float(mpp) if mpp is not None else self._scan_mpp(_metadata_mpp(self._tif))
             self.objective_power = _objective_power(self._tif)
         except Exception:
             self._tif.close()

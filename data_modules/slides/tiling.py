@@ -23,6 +23,7 @@ from . import Slide, SlideError, file_signature, open_slide
 __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_grid", "tissue_mask"]
 
 _CACHE_VERSION = 2
+MAX_UPSAMPLE = 4.0  # the most a tiling may enlarge a slide's pixels: beyond it the slide's resolution is wrong
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class TissueParams:
     close_um: float = 64.0  # morphological closing radius: joins fragmented tissue
     min_object_um2: float = 50_000.0  # drop specks (dust, debris) smaller than this area
     fill_holes: bool = True
+
+    def __post_init__(self) -> None:
+        check("tiling.tissue.mask_mpp", self.mask_mpp > 0, "microns per pixel > 0", self.mask_mpp)
+        check("tiling.tissue.min_saturation", 0 <= self.min_saturation <= 1, "a float in [0, 1]", self.min_saturation)
+        check("tiling.tissue.max_value", 0 < self.max_value <= 1, "a float in (0, 1]", self.max_value)
+        for name in ("median_um", "close_um", "min_object_um2"):
+            check(f"tiling.tissue.{name}", getattr(self, name) >= 0, "a float >= 0", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class TilingConfig:
     mpp_from_objective: bool = False
 
     def __post_init__(self) -> None:
+        check("tiling.mpp", self.mpp > 0, "microns per pixel > 0", self.mpp)
+        check("tiling.patch_size", self.patch_size >= 1, "an int >= 1 (pixels)", self.patch_size)
+        check("tiling.tissue_threshold", 0 <= self.tissue_threshold <= 1, "a float in [0, 1]", self.tissue_threshold)
         override = self.mpp_override
         check("tiling.mpp_override", override is None or override > 0, "microns per pixel > 0", override)
         if self.force_mpp and self.mpp_override is None:
@@ -108,12 +119,13 @@ def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarr
     distance transforms): a 50k x 50k slide's 3k x 3k mask costs about a second, not ten.
     """
     w0, h0 = slide.dimensions
-    scale = params.mask_mpp / slide.require_mpp()
+    mask_mpp = mask_resolution(slide, params)
+    scale = mask_mpp / slide.require_mpp()
     thumb = slide.get_thumbnail((max(1, round(w0 / scale)), max(1, round(h0 / scale))))
     value = thumb.max(axis=2)
     spread = value - thumb.min(axis=2)
     saturation = (spread.astype(np.uint16) * 255 // np.maximum(value, 1)).astype(np.uint8)  # HSV S, 0-255
-    px = lambda um: max(0, int(round(um / params.mask_mpp)))  # noqa: E731 - tiny unit conversion
+    px = lambda um: max(0, int(round(um / mask_mpp)))  # noqa: E731 - tiny unit conversion
     if px(params.median_um) > 1:
         saturation = median(saturation, footprint=np.ones((px(params.median_um),) * 2, bool))
     stained = value < params.max_value * 255
@@ -126,12 +138,18 @@ def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarr
         mask = (ndimage.distance_transform_edt(dilated) > radius)[radius:-radius, radius:-radius]
     if params.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
-    min_pixels = params.min_object_um2 / params.mask_mpp**2
+    min_pixels = params.min_object_um2 / mask_mpp**2
     if min_pixels > 1 and mask.any():
         labels, n = ndimage.label(mask)
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
         mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
     return mask
+
+
+def mask_resolution(slide: Slide, params: TissueParams) -> float:
+    """The mask's microns per pixel: `params.mask_mpp`, or the slide's own where it is coarser (a mask is never
+    finer than level 0, whatever the settings)."""
+    return max(params.mask_mpp, slide.require_mpp())
 
 
 def patch_grid(
@@ -149,10 +167,9 @@ def patch_grid(
     With `cache_dir`, the grid is stored there keyed by the file (path, `file_signature`) and every parameter, so a
     second call with the same inputs only reads a small .npz.
     """
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
-    if not 0.0 <= tissue_threshold <= 1.0:
-        raise ValueError(f"tissue_threshold must be in [0, 1], got {tissue_threshold}")
+    check("mpp", mpp > 0, "microns per pixel > 0", mpp)
+    check("patch_size", patch_size >= 1, "an int >= 1 (pixels)", patch_size)
+    check("tissue_threshold", 0.0 <= tissue_threshold <= 1.0, "a float in [0, 1]", tissue_threshold)
     path = Path(path)
     cache_file = None
     if cache_dir is not None:
@@ -168,22 +185,32 @@ def patch_grid(
 
 
 def _compute_grid(slide: Slide, mpp: float, patch_size: int, threshold: float, tissue: TissueParams) -> PatchGrid:
-    mask = tissue_mask(slide, tissue)
-    if not mask.any():
-        raise SlideError(f"{slide.path}: no tissue found (check the slide, or lower `min_saturation`)")
-    level0_size = patch_size * mpp / slide.require_mpp()
+    slide_mpp = slide.require_mpp()
+    if slide_mpp > MAX_UPSAMPLE * mpp:  # bounded work and memory, whatever the resolution says
+        raise SlideError(
+            f"{slide.path}: tiling at {mpp:g} um/px would enlarge this slide's {slide_mpp:.4g} um/px pixels "
+            f"{slide_mpp / mpp:.0f} times (at most {MAX_UPSAMPLE:g}); check its resolution (the labels CSV's `mpp` "
+            "cell, tiling.mpp_override) or tiling.mpp"
+        )
+    level0_size = patch_size * mpp / slide_mpp
     w0, h0 = slide.dimensions
     nx, ny = int(w0 // level0_size), int(h0 // level0_size)
     if nx == 0 or ny == 0:
         raise SlideError(
             f"{slide.path}: slide ({w0} x {h0} px) is smaller than one {patch_size} px patch at {mpp} um/px"
         )
-    fraction = _cell_fractions(mask, level0_size * slide.mpp / tissue.mask_mpp, nx, ny)
+    mask, mask_mpp = tissue_mask(slide, tissue), mask_resolution(slide, tissue)
+    if not mask.any():
+        raise SlideError(
+            f"{slide.path}: no tissue found; tune tiling.tissue (min_saturation, max_value, min_object_um2) for this "
+            "slide's stain and background"
+        )
+    fraction = _cell_fractions(mask, level0_size * slide_mpp / mask_mpp, nx, ny)
     gy, gx = np.nonzero(fraction >= max(threshold, 1e-9))
     coords = np.stack([np.floor(gx * level0_size), np.floor(gy * level0_size)], axis=1).astype(np.int32)
     if len(coords) == 0:
         raise SlideError(f"{slide.path}: no patch has a tissue fraction of at least {threshold}")
-    return PatchGrid(coords, patch_size, mpp, level0_size, fraction[gy, gx].astype(np.float32), mask, tissue.mask_mpp)
+    return PatchGrid(coords, patch_size, mpp, level0_size, fraction[gy, gx].astype(np.float32), mask, mask_mpp)
 
 
 def _cell_fractions(mask: np.ndarray, cell: float, nx: int, ny: int) -> np.ndarray:

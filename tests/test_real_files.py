@@ -1,0 +1,78 @@
+"""Files no one here wrote, as a new user's own slides are: OpenSlide's test fixtures (a 72-dpi TIFF, a DICOM series
+whose level 0 is typed DERIVED, a 16 px SVS), read as OpenSlide reads them or refused in one line naming the way out."""
+
+from __future__ import annotations
+
+import numpy as np
+import openslide
+import pytest
+
+from data_modules.slides import MAX_SCAN_MPP, SlideError, open_slide
+from data_modules.slides.tiling import TilingConfig, patch_grid
+
+
+def test_a_72_dpi_tiff_has_no_resolution_and_tiling_it_stays_bounded(openslide_fixtures):
+    """boxes.tiff carries the 72 dpi of screen images (352.8 um/px): tiling at 0.5 um/px upsampled it 705 times and
+    exhausted memory. Its resolution is treated as unknown, and an override that would enlarge it is refused."""
+    path = openslide_fixtures / "boxes.tiff"
+    with openslide.OpenSlide(str(path)) as reference:
+        assert float(reference.properties["openslide.mpp-x"]) > MAX_SCAN_MPP  # what the file says
+    with open_slide(path) as slide:
+        assert slide.mpp is None
+        with pytest.raises(
+            SlideError,
+            match=r"boxes\.tiff: microns per pixel unknown \(its metadata says 352\.8 um/px, "
+            r"72 dpi: a screen's resolution.*`mpp` cell of the labels CSV.*tiling\.mpp_override",
+        ):
+            slide.require_mpp()
+    with pytest.raises(
+        SlideError,
+        match=r"boxes\.tiff: tiling at 0\.5 um/px would enlarge this slide's 350 um/px "
+        r"pixels 700 times \(at most 4\).*`mpp`",
+    ):
+        patch_grid(path, mpp=0.5, patch_size=64, mpp_override=350.0)
+    with open_slide(path, mpp=2.0) as slide:  # as the labels CSV's `mpp` cell gives it
+        assert slide.read_at_mpp((0, 0), (75, 62), 8.0).shape == (62, 75, 3)
+
+
+def test_openslide_s_dicom_fixture_with_a_derived_level_0_opens(openslide_fixtures):
+    """Converters (and OpenSlide's own fixture) type a full-resolution instance DERIVED\\PRIMARY\\VOLUME\\NONE: only
+    RESAMPLED marks a series whose finest instance is missing."""
+    path = openslide_fixtures / "boxes_0.dcm"
+    with openslide.OpenSlide(str(path)) as reference:
+        assert reference.properties["dicom.ImageType[0]"] == "DERIVED"
+        expected = reference.read_region((0, 0), 0, reference.dimensions)
+    with open_slide(path) as slide:
+        assert slide.dimensions == expected.size and slide.backend == "openslide"
+        region = slide.read_region((0, 0), 0, slide.dimensions)
+    rgba = np.asarray(expected)
+    assert np.array_equal(region[rgba[..., 3] == 255], rgba[..., :3][rgba[..., 3] == 255])
+
+
+def test_a_slide_smaller_than_one_patch_says_so(openslide_fixtures):
+    with pytest.raises(SlideError, match=r"small\.svs: slide \(16 x 16 px\) is smaller than one 64 px patch"):
+        patch_grid(openslide_fixtures / "small.svs", mpp=0.5, patch_size=64)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"mpp": 0}, r"tiling\.mpp: expected microns per pixel > 0, got 0"),
+        ({"mpp": -1}, r"tiling\.mpp: expected microns per pixel > 0, got -1"),
+        ({"patch_size": 0}, r"tiling\.patch_size: expected an int >= 1"),
+        ({"tissue_threshold": 2}, r"tiling\.tissue_threshold: expected a float in \[0, 1\]"),
+        ({"mpp_override": 0}, r"tiling\.mpp_override: expected microns per pixel > 0"),
+    ],
+)
+def test_tiling_typos_get_one_line_naming_the_setting(setting, message):
+    with pytest.raises(ValueError, match=message):
+        TilingConfig(**setting)
+
+
+def test_tissue_typos_get_one_line_naming_the_setting():
+    from data_modules.slides.tiling import TissueParams
+
+    with pytest.raises(ValueError, match=r"tiling\.tissue\.mask_mpp: expected microns per pixel > 0, got 0"):
+        TissueParams(mask_mpp=0)
+    with pytest.raises(ValueError, match=r"tiling\.tissue\.min_object_um2: expected a float >= 0"):
+        TissueParams(min_object_um2=-1)
