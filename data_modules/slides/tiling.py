@@ -24,6 +24,8 @@ __all__ = ["PatchGrid", "SlidePatches", "TilingConfig", "TissueParams", "patch_g
 
 _CACHE_VERSION = 2
 MAX_UPSAMPLE = 4.0  # the most a tiling may enlarge a slide's pixels: beyond it the slide's resolution is wrong
+MIN_GLASS = 0.15  # below this share of glass-like pixels, Otsu would split the tissue itself: the floor decides
+MAX_SPECK_SHARE = 0.25  # a speck is never this share of the image or more: in a small crop, min_object_um2 is not
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,12 @@ class SlidePatches:
 
 
 def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarray:
-    """Boolean tissue mask at `params.mask_mpp` microns per pixel.
+    """Boolean tissue mask at `params.mask_mpp` microns per pixel (`mask_resolution`).
+
+    Saturation above Otsu's threshold and `min_saturation`, on pixels darker than `max_value`; where glass is scarce
+    (TMA cores, ROI exports, tissue-filled crops: under `MIN_GLASS` of the image), Otsu would split the tissue itself,
+    so `min_saturation` alone decides. Specks under `min_object_um2` are dropped, never objects over
+    `MAX_SPECK_SHARE` of the image.
 
     Works in uint8 throughout (HSV saturation and value straight from RGB, a histogram median filter, closing by
     distance transforms): a 50k x 50k slide's 3k x 3k mask costs about a second, not ten.
@@ -129,16 +136,18 @@ def tissue_mask(slide: Slide, params: TissueParams = TissueParams()) -> np.ndarr
     if px(params.median_um) > 1:
         saturation = median(saturation, footprint=np.ones((px(params.median_um),) * 2, bool))
     stained = value < params.max_value * 255
+    floor = params.min_saturation * 255
     candidate = saturation[stained]
-    otsu = threshold_otsu(candidate) if candidate.size and np.ptp(candidate) > 0 else 255
-    mask = (saturation > max(otsu, params.min_saturation * 255)) & stained
+    glass = 1 - np.count_nonzero(stained & (saturation > floor)) / saturation.size  # near-white or unsaturated
+    otsu = threshold_otsu(candidate) if glass >= MIN_GLASS and candidate.size and np.ptp(candidate) > 0 else 0
+    mask = (saturation > max(otsu, floor)) & stained
     radius = px(params.close_um)
     if radius and mask.any():  # closing = dilation then erosion by a disk, each an exact distance threshold
         dilated = ndimage.distance_transform_edt(~np.pad(mask, radius)) <= radius
         mask = (ndimage.distance_transform_edt(dilated) > radius)[radius:-radius, radius:-radius]
     if params.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
-    min_pixels = params.min_object_um2 / mask_mpp**2
+    min_pixels = min(params.min_object_um2 / mask_mpp**2, MAX_SPECK_SHARE * mask.size)
     if min_pixels > 1 and mask.any():
         labels, n = ndimage.label(mask)
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
