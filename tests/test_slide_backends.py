@@ -83,12 +83,15 @@ def test_a_large_single_level_tiff_gets_coarse_levels_built_in_bands(tmp_path):
     )
     with open_slide(path) as slide:
         assert slide.mpp == pytest.approx(0.5)
-        assert slide.level_dimensions == ((2600, 1800), (650, 450))  # one computed level, 4x: under 1024 px
-        assert slide.level_downsamples == pytest.approx((1.0, 4.0))
+        assert slide.level_dimensions == ((2600, 1800),) and slide.level_count == 1  # the file's, as OpenSlide says
+        assert slide.pyramid_dimensions == ((2600, 1800), (650, 450))  # one computed level, 4x: under 1024 px
+        assert slide.pyramid_downsamples == pytest.approx((1.0, 4.0))
         assert slide.properties["icmil.computed_levels"] == "1"
         coarse = image[:1800, :2600].reshape(450, 4, 650, 4, 3).mean(axis=(1, 3))
-        np.testing.assert_allclose(slide.read_region((0, 0), 1, (650, 450)), coarse, atol=0.51)
-        np.testing.assert_array_equal(slide.read_region((2400, 1600), 1, (100, 100))[50:, :], 255)  # past the edge
+        np.testing.assert_allclose(slide.read_pyramid((0, 0), 1, (650, 450)), coarse, atol=0.51)
+        np.testing.assert_array_equal(slide.read_pyramid((2400, 1600), 1, (100, 100))[50:, :], 255)  # past the edge
+        with pytest.raises(SlideError, match="level 1 out of range"):
+            slide.read_region((0, 0), 1, (8, 8))  # OpenSlide's levels: a computed one is not the file's
         patch = slide.read_at_mpp((400, 400), (32, 32), mpp=2.0)  # 4x coarser: read from the computed level
         np.testing.assert_allclose(patch, coarse[100:132, 100:132], atol=0.51)
         thumb = slide.get_thumbnail((260, 260))

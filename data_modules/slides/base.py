@@ -79,11 +79,23 @@ class Slide:
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (OpenSlide's rule)."""
-        best = 0
-        for level, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * (1 + 1e-6):
-                best = level
-        return best
+        return _best_level(self.level_downsamples, downsample)
+
+    # -- the pyramid this library reads from: the file's levels, then coarser ones a backend computes where the file
+    # has few (a single-level TIFF), for thumbnails, tissue masks and the viewer; OpenSlide's geometry stays the file's
+    @property
+    def pyramid_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.level_dimensions
+
+    @property
+    def pyramid_downsamples(self) -> tuple[float, ...]:
+        w0, h0 = self.dimensions
+        computed = self.pyramid_dimensions[self.level_count :]
+        return self.level_downsamples + tuple((w0 / w + h0 / h) / 2.0 for w, h in computed)
+
+    def best_pyramid_level(self, downsample: float) -> int:
+        """As `get_best_level_for_downsample`, over the pyramid's levels, computed ones included."""
+        return _best_level(self.pyramid_downsamples, downsample)
 
     def require_mpp(self) -> float:
         if self.mpp is None:
@@ -107,10 +119,13 @@ class Slide:
     # -- reading -----------------------------------------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB pixels of `level` at level-0 `location`, `size` in level pixels; outside the image is white."""
-        w, h = self._check_region(level, size)
-        ds = self.level_downsamples[level]
-        x0, y0 = (math.floor(v / ds) for v in location)
-        return self._read_level(level, x0, y0, w, h)
+        return self._region(location, level, size, self.level_count)
+
+    def read_pyramid(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """As `read_region`, on any level of the pyramid (`pyramid_dimensions`)."""
+        if level < self.level_count:
+            return self.read_region(location, level, size)
+        return self._region(location, level, size, len(self.pyramid_dimensions))
 
     def read_at_mpp(
         self, location: tuple[int, int], size: tuple[int, int], mpp: float, resample: Resample = "bilinear"
@@ -120,8 +135,8 @@ class Slide:
         if w <= 0 or h <= 0:
             raise SlideError(f"{self.path}: region size must be positive, got {size}")
         scale = mpp / self.require_mpp()  # level-0 pixels per output pixel
-        level = self.get_best_level_for_downsample(scale)
-        ds = self.level_downsamples[level]
+        level = self.best_pyramid_level(scale)
+        ds = self.pyramid_downsamples[level]
         factor = scale / ds  # level pixels per output pixel, >= 1 up to rounding
         fx, fy = location[0] / ds, location[1] / ds
         if abs(factor - 1) < 1e-6 and fx == int(fx) and fy == int(fy):
@@ -140,8 +155,8 @@ class Slide:
         w0, h0 = self.dimensions
         downsample = max(w0 / max_w, h0 / max_h)
         out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        level = self.get_best_level_for_downsample(downsample)
-        reduced = self._block_reduced_level(level, max(1, int(downsample / self.level_downsamples[level])))
+        level = self.best_pyramid_level(downsample)
+        reduced = self._block_reduced_level(level, max(1, int(downsample / self.pyramid_downsamples[level])))
         return np.asarray(Image.fromarray(reduced).resize((out_w, out_h), Image.Resampling.LANCZOS))
 
     def zarr_level(self, level: int = 0):
@@ -168,17 +183,25 @@ class Slide:
         )
 
     # -- shared internals --------------------------------------------------------------------------------------------
-    def _check_region(self, level: int, size: tuple[int, int]) -> tuple[int, int]:
+    def _check_region(self, level: int, size: tuple[int, int], levels: int | None = None) -> tuple[int, int]:
+        """(w, h) of a region of `level`, one of the first `levels` (default: OpenSlide's `level_count`)."""
+        levels = self.level_count if levels is None else levels
         w, h = (int(s) for s in size)
         if w <= 0 or h <= 0:
             raise SlideError(f"{self.path}: region size must be positive, got {size}")
-        if not 0 <= level < self.level_count:
-            raise SlideError(f"{self.path}: level {level} out of range (the slide has {self.level_count} levels)")
+        if not 0 <= level < levels:
+            raise SlideError(f"{self.path}: level {level} out of range (the slide has {levels} levels)")
         return w, h
+
+    def _region(self, location: tuple[int, int], level: int, size: tuple[int, int], levels: int) -> np.ndarray:
+        w, h = self._check_region(level, size, levels)
+        ds = self.pyramid_downsamples[level]
+        x0, y0 = (math.floor(v / ds) for v in location)
+        return self._read_level(level, x0, y0, w, h)
 
     def _block_reduced_level(self, level: int, factor: int) -> np.ndarray:
         """Level `level` block-averaged by `factor`, one band of rows at a time so no whole level is ever held."""
-        width, height = self.level_dimensions[level]
+        width, height = self.pyramid_dimensions[level]
         band_h = self._band_height(level)
         out_w = width // factor or 1
         rows: list[np.ndarray] = []
@@ -194,6 +217,15 @@ class Slide:
         if not rows:
             rows.append(carry.mean(axis=0, keepdims=True))
         return np.round(np.concatenate(rows)).astype(np.uint8)
+
+
+def _best_level(downsamples: tuple[float, ...], downsample: float) -> int:
+    """The coarsest level whose downsample does not exceed `downsample` (OpenSlide's rule)."""
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if ds <= downsample * (1 + 1e-6):
+            best = level
+    return best
 
 
 def positive(value: str | float | None) -> float | None:

@@ -117,7 +117,12 @@ class TiffSlide(Slide):
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        stored = tuple((lv.width, lv.height) for lv in self._levels)
+        return tuple((lv.width, lv.height) for lv in self._levels)
+
+    @property
+    def pyramid_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """The stored levels, then the computed coarse ones (thumbnails and masks of a single-level file)."""
+        stored = self.level_dimensions
         w, h = stored[-1]
         return stored + tuple((max(1, w // f), max(1, h // f)) for f in self._computed_factors)
 

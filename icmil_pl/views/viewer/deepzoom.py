@@ -82,12 +82,12 @@ class DeepZoom:
         """RGB pixels of one tile (height, width, 3)."""
         x, y, w, h = self.tile_rect(level, col, row)
         d = self.downsample(level)
-        source = self.slide.get_best_level_for_downsample(d)
-        factor = d / self.slide.level_downsamples[source]  # source-level pixels per tile pixel, >= 1
+        source = self.slide.best_pyramid_level(d)
+        factor = d / self.slide.pyramid_downsamples[source]  # source-level pixels per tile pixel, >= 1
         location = (round(x * d), round(y * d))
         if abs(factor - 1) < _SAME_SCALE:
-            return self.slide.read_region(location, source, (w, h))
-        region = self.slide.read_region(location, source, (math.ceil(w * factor), math.ceil(h * factor)))
+            return self.slide.read_pyramid(location, source, (w, h))
+        region = self.slide.read_pyramid(location, source, (math.ceil(w * factor), math.ceil(h * factor)))
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.LANCZOS))
 
     def _level_size(self, level: int) -> tuple[int, int]:
