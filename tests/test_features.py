@@ -170,6 +170,18 @@ def test_reads_clam_and_trident_h5(tmp_path):
         cache.read("missing")
 
 
+def test_the_patch_side_is_read_where_clam_and_trident_record_it(tmp_path):
+    """Heatmaps, QuPath and the viewer draw each patch its recorded side, not a guess from the coordinates' stride."""
+    attrs = {"clam": {"patch_size": 256, "patch_level": 0}, "trident": {"patch_size": 224, "patch_size_level0": 448}}
+    for name, coords_attrs in attrs.items():
+        _h5(tmp_path, name, np.ones((4, 6), np.float32), np.arange(8).reshape(4, 2) * 512)  # strided coordinates
+        with h5py.File(tmp_path / f"{name}.h5", "a") as fh:
+            fh["coords"].attrs.update(coords_attrs)
+    _h5(tmp_path, "bare", np.ones((4, 6), np.float32), np.arange(8).reshape(4, 2))
+    cache = FeatureCache.find(tmp_path)
+    assert [cache.read(n).patch_side for n in ("clam", "trident", "bare")] == [256.0, 448.0, None]
+
+
 def test_data_module_serves_bags_and_standardization_stats(cohort, tmp_path):
     labels, feats = cohort
     data = FeatureBagDataModule(str(labels), str(feats), splits=SplitConfig(folds=3, val_fraction=0.25))

@@ -479,18 +479,24 @@ def test_models_without_attention_get_patch_probabilities(trained, tmp_path, mon
     np.testing.assert_allclose(group["scores"][:], expected, rtol=1e-5)
 
 
-def test_a_one_patch_slide_still_gets_its_figures(trained, tmp_path):
-    bag = FeatureCache(trained.features).read(trained.test_tumour)
-    features, coords = bag.features, bag.coords
+def test_a_one_patch_slide_still_gets_its_figures_with_its_own_patch_side(trained, tmp_path):
+    """A one-patch bag has no grid to guess a side from (it got a 256 px square, outside a small slide): the side
+    recorded with the features is the one scores.zarr, QuPath and the heatmap use."""
+    cached = FeatureCache(trained.features).read(trained.test_tumour)
+    assert cached.patch_side == PATCH
     bag = {
-        "features": torch.from_numpy(features[:1]),
-        "coords": torch.from_numpy(coords[:1].astype(np.int64)),
+        "features": torch.from_numpy(cached.features[:1]),
+        "coords": torch.from_numpy(cached.coords[:1].astype(np.int64)),
         "label": torch.tensor(1),
         "slide_id": trained.test_tumour,
+        "patch_side": cached.patch_side,
     }
     writer = FigureWriter(slides=str(trained.cohort / "slides"))
     _trainer(tmp_path, callbacks=[writer]).predict(trained.model, DataLoader([bag], batch_size=None))
     assert _png(tmp_path / "figures" / f"{trained.test_tumour}_heatmap.png")[0] == 1200
+    assert read_scores(tmp_path, trained.test_tumour).patch_side == PATCH != 256
+    tile = json.loads((tmp_path / "qupath" / f"{trained.test_tumour}.geojson").read_text())["features"][0]
+    assert shapely.geometry.shape(tile["geometry"]).area == PATCH * PATCH
 
 
 def test_figures_are_a_component_of_the_model(trained, tmp_path):

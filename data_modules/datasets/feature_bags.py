@@ -40,6 +40,8 @@ class FeatureBagDataset(Dataset):
             "slide_id": row.slide_id,
             "coords": torch.from_numpy(bag.coords.astype(np.int64)),
         }
+        if bag.patch_side is not None:
+            item["patch_side"] = bag.patch_side
         if self.targets[index] is not None:
             item["label"] = self.targets[index]
         return item

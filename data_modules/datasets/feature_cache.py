@@ -59,6 +59,17 @@ class SlideFeatures:
     def __len__(self) -> int:
         return len(self.features)
 
+    @property
+    def patch_side(self) -> float | None:
+        """Level-0 pixels per patch side where the bag says it: ours (`level0_patch_size`), TRIDENT's
+        (`patch_size_level0`), or CLAM's `patch_size` read at `patch_level` 0; None where it does not."""
+        for key in ("level0_patch_size", "patch_size_level0"):
+            if self.attrs.get(key) is not None:
+                return float(self.attrs[key])
+        if self.attrs.get("patch_size") is not None and int(self.attrs.get("patch_level", -1)) == 0:
+            return float(self.attrs["patch_size"])
+        return None
+
 
 class FeatureCache:
     """A folder of per-slide features: ours (zarr, with a `manifest.json`) or CLAM/TRIDENT `.h5` files.
@@ -143,7 +154,7 @@ class FeatureCache:
                     )
                 features = fh["features"][:]
                 coords = fh["coords"][:] if "coords" in fh else None
-                attrs = dict(fh.attrs)
+                attrs = {**fh.attrs, **(fh["coords"].attrs if "coords" in fh else {})}  # CLAM, TRIDENT: on coords
             batched = coords is not None and coords.ndim == 3 and coords.shape[0] == 1  # as for features: (1, N, 2)
             if coords is not None and not (coords.shape[-1:] == (2,) and (coords.ndim == 2 or batched)):
                 raise ValueError(f"{h5_path}: coords of shape {coords.shape}; expected (N, 2) level-0 (x, y) corners")

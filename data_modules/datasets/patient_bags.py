@@ -112,4 +112,6 @@ class PatientBags(Dataset):
             bag["patches"] = ConcatBag([item["patches"] for item in items])
         if "label" in items[0]:
             bag["label"] = items[0]["label"]
+        if "patch_side" in items[0]:  # a patient's slides share one tiling
+            bag["patch_side"] = items[0]["patch_side"]
         return bag

@@ -101,7 +101,8 @@ class SlideBagDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         slide, label = self.slides[index], self.labels[index]
         bag = SlideBag(slide, threads=self.threads)
-        item = {"patches": bag, "slide_id": slide.slide_id, "coords": torch.from_numpy(bag.coords.astype(np.int64))}
+        coords = torch.from_numpy(bag.coords.astype(np.int64))
+        item = {"patches": bag, "slide_id": slide.slide_id, "coords": coords, "patch_side": slide.grid.level0_size}
         if label is not None:
             item["label"] = torch.as_tensor(label)
         return item

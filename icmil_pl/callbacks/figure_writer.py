@@ -95,14 +95,20 @@ class FigureWriter(pl.Callback):
         for slide_id, n in outputs.get("slides") or [(outputs["slide_id"], len(coords))]:  # a patient bag: per slide
             rows = slice(start, start + n)
             start += n
-            self._write_slide(trainer, pl_module, _slide_outputs(outputs, slide_id, rows), coords[rows])
+            side = batch.get("patch_side")
+            self._write_slide(trainer, pl_module, _slide_outputs(outputs, slide_id, rows), coords[rows], side)
 
     def _write_slide(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict, coords: np.ndarray
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict,
+        coords: np.ndarray,
+        patch_side: float | None,
     ) -> None:
         slide_id = outputs["slide_id"]
         path = self._slide_path(trainer, slide_id)
-        scores = self._patch_scores(trainer, pl_module, outputs, coords, path)
+        scores = self._patch_scores(trainer, pl_module, outputs, coords, path, patch_side)
         write_scores(self._root, scores)
         write_geojson(self._root, scores)
         if path is None:
@@ -135,14 +141,22 @@ class FigureWriter(pl.Callback):
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _patch_scores(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict, coords: np.ndarray, path: Path | None
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict,
+        coords: np.ndarray,
+        path: Path | None,
+        patch_side: float | None,
     ) -> PatchScores:
         """Everything `scores.zarr` keeps of one predicted slide. Scores are the attention; an aggregator without one
-        gets each patch's last output on its own (the positive-class probability, the risk, the value)."""
+        gets each patch's last output on its own (the positive-class probability, the risk, the value). The patch
+        side is the bag's own (its tiling, or the features' attributes), guessed from the grid only for foreign
+        features that do not record it."""
         task, names = pl_module.task, pl_module.class_labels
         instance = outputs["instance_outputs"].numpy()
         attention = outputs.get("attention")
-        side = grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0  # a one-patch slide has no grid
+        side = patch_side if patch_side is not None else _guessed_side(coords)
         dimensions = None
         if path is not None:
             with open_slide(path) as slide:
@@ -232,3 +246,9 @@ def resolve_figures(figures: FigureWriter | bool) -> FigureWriter | None:
     if isinstance(figures, FigureWriter):
         return figures
     return FigureWriter() if figures else None
+
+
+def _guessed_side(coords: np.ndarray) -> float:
+    """A patch side from the grid of foreign features that do not record theirs: the step between positions, or
+    for a single patch 256 px, the commonest tiling."""
+    return grid_step(coords) if len(np.unique(coords, axis=0)) > 1 else 256.0
