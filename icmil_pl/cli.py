@@ -12,7 +12,9 @@ otherwise, and carries the resolved config under `cli` (see `icmil_pl.tools.wand
 
 from __future__ import annotations
 
+import functools
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
 from .callbacks import output_dir
+from .config_files import ConfigParser, config_files
 from .results import record_fit, write_run_report
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import read_record, restore
@@ -196,11 +199,14 @@ class _SaveConfig(SaveConfigCallback):
 
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
     """Entry point for `python -m icmil_pl`; tests call `main([...])` in-process."""
+    argv = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []
+    files = config_files(argv)
     return ICMILCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=functools.partial(ConfigParser, argv=argv, files=files),
         parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl", "epilog": _EPILOG},
         trainer_defaults={
             "default_root_dir": LOG_ROOT,
