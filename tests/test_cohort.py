@@ -66,6 +66,25 @@ def test_columns_it_does_not_know_are_refused(tmp_path, header, message):
         read_labels(path)
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_spreadsheet_s_semicolons_or_tabs_and_decimal_commas_are_read(tmp_path, separator):
+    """A European Excel export separates cells with `;` and writes `0,25`: it read as one unknown column."""
+    path = tmp_path / "labels.csv"
+    path.write_text(
+        "\ufeff"
+        + "\n".join(separator.join(r) for r in [("slide_id", "label", "mpp"), ("a", "1", "0,25"), ("b", "0", "")])
+    )
+    assert [(r.slide_id, r.label, r.mpp) for r in read_labels(path)] == [("a", "1", 0.25), ("b", "0", None)]
+
+
+def test_a_cohort_of_one_class_is_refused_for_training_naming_the_file(tmp_path):
+    path = write_labels(tmp_path / "tumour_only.csv", [(f"s{i}", "tumour", f"p{i}") for i in range(20)])
+    with pytest.raises(
+        ValueError, match=r"tumour_only\.csv: every labelled slide is of class 'tumour'; training needs"
+    ):
+        make_splits(read_labels(path), SplitConfig(), path)
+
+
 def test_rows_longer_than_the_header_and_bad_mpp_are_refused(tmp_path):
     path = write_labels(tmp_path / "a.csv", [("a", "0", "p", "extra")])
     with pytest.raises(ValueError, match=r"a\.csv:2: 4 cells, but the header names 3 columns"):

@@ -18,7 +18,7 @@ from ..io import id_key
 from ..slides import SlideError, open_slide
 from ..slides.tiling import SlidePatches, TilingConfig, patch_grid
 from .finder import SlideFolders, locate_slides, slide_roots
-from .labels import COLUMNS, SPLITS, SlideLabel
+from .labels import COLUMNS, SPLITS, SlideLabel, cell_number
 from .targets import Targets
 
 __all__ = ["OnSlideError", "SlideCohort", "name_classes", "read_labels", "require_labels"]
@@ -31,22 +31,28 @@ OnSlideError = Literal["raise", "skip"]
 def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list[SlideLabel]:
     """Rows of a `slide_id[,label][,patient_id][,split][,mpp][,path][,annotations]` CSV plus the columns of `targets`
     (default: a `label` class; see `data_modules.cohort.targets`); no patient id: one patient per slide. Header names
-    and cells are stripped, a UTF-8 BOM is accepted. Refused: an unknown column (a misspelt `patient_id` would split a
-    patient), a patient id written two ways (`PATIENT_002`, `patient_002`). Unlabelled slides can only be predicted."""
+    and cells are stripped, a UTF-8 BOM is accepted, and so are semicolons or tabs between cells (a spreadsheet's
+    export). Refused: an unknown column (a misspelt `patient_id` would split a patient), a patient id written two ways
+    (`PATIENT_002`, `patient_002`). Unlabelled slides can only be predicted."""
     targets = targets or Targets()
     columns = (*COLUMNS, *targets.allowed_columns)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: labels CSV not found")
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+        delimiter = _delimiter(fh.readline())
+        fh.seek(0)  # the decoder restarts: a BOM is skipped again
+        reader = csv.reader(fh, delimiter=delimiter)
         header = [name.strip() for name in next(reader, [])]
         if "slide_id" not in header:
             raise ValueError(f"{path}: missing column 'slide_id'; expected columns {', '.join(columns)}")
         unknown = [name for name in header if name not in columns]
         if unknown or len(set(header)) < len(header):
             what = f"unknown column {unknown[0]!r}" if unknown else "a repeated column"
-            raise ValueError(f"{path}: {what}; the columns are {', '.join(columns)} (slide_id required)")
+            raise ValueError(
+                f"{path}: {what}; the columns are {', '.join(columns)} (slide_id required), and those the task reads; "
+                "name other columns in targets.ignore"
+            )
         if absent := [name for name in targets.target_columns if name not in header]:
             raise ValueError(f"{path}: missing column {absent[0]!r}, which {targets.task} targets read")
         slides, patients = {}, {}  # slide id -> row; `id_key` of a patient_id as written -> that spelling, its line
@@ -70,6 +76,11 @@ def read_labels(path: str | os.PathLike, targets: Targets | None = None) -> list
     return [replace(row, stratum=s) for row, s in zip(rows, targets.strata(rows), strict=True)]
 
 
+def _delimiter(header: str) -> str:
+    """The header's separator: a comma, or the semicolon of a European spreadsheet's export, or a tab."""
+    return next((d for d in ",;\t" if "slide_id" in (cell.strip() for cell in header.split(d))), ",")
+
+
 def _row(path: Path, line: int, cells: dict[str, str], targets: Targets) -> SlideLabel:
     value = {name: (cells.get(name) or "").strip() or None for name in (*COLUMNS, *targets.target_columns)}
     if value["slide_id"] is None:
@@ -79,7 +90,7 @@ def _row(path: Path, line: int, cells: dict[str, str], targets: Targets) -> Slid
     mpp = None
     if value["mpp"] is not None:
         try:
-            mpp = float(value["mpp"])
+            mpp = cell_number(value["mpp"])
         except ValueError:
             mpp = -1.0
         if not 0 < mpp < 100:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COLUMNS", "SPLITS", "SlideLabel"]
+__all__ = ["COLUMNS", "SPLITS", "SlideLabel", "cell_number"]
 
 COLUMNS = ("slide_id", "label", "patient_id", "split", "mpp", "path", "annotations")
 SPLITS = ("train", "val", "test")
@@ -27,3 +27,10 @@ class SlideLabel:
     @property
     def labelled(self) -> bool:
         return self.label is not None or self.target is not None
+
+
+def cell_number(text: str) -> float:
+    """A number cell as written, a decimal comma included (`0,25`: a European spreadsheet's); ValueError if none."""
+    if text.count(",") == 1 and "." not in text:
+        text = text.replace(",", ".")
+    return float(text)

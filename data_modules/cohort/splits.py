@@ -97,6 +97,11 @@ def check_classes(
     targets = targets or Targets()
     by_id = {row.slide_id: row for row in rows}
     kind = targets.describe()
+    need = targets.kind.min_strata
+    present = sorted({row.stratum for row in rows if row.stratum is not None})
+    if len(present) < need:
+        held = f"every labelled slide is of {kind} {present[0]!r}" if present else f"no slide has a {kind}"
+        raise ValueError(f"{held}; training needs at least {need} different ones (such a CSV can only be predicted)")
     for name in SPLITS:
         if not splits[name]:
             if name == "val":

@@ -26,7 +26,7 @@ from functools import cached_property
 
 import torch
 
-from ..labels import SlideLabel
+from ..labels import SlideLabel, cell_number
 from .base import KINDS, REGRESSION_STRATA, TargetKind, class_index, quantile_strata
 from .multilabel import NO_LABELS
 
@@ -88,7 +88,7 @@ class Targets:
         numbers = []
         for column, value in zip(columns, values, strict=True):
             try:
-                number = float(value)
+                number = cell_number(value)
             except ValueError:
                 number = math.nan
             if not math.isfinite(number):

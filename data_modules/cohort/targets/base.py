@@ -51,6 +51,7 @@ class TargetKind:
     name: ClassVar[str]
     column_count: ClassVar[int | None] = None  # the number of columns it reads, where fixed
     stratum: ClassVar[str] = "stratum"  # how errors name a stratum
+    min_strata: ClassVar[int] = 1  # how many strata (classes) a training cohort must hold at least: checked above 1
     default_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -19,6 +19,7 @@ class ClassTargets(TargetKind):
     name = "classification"
     column_count = 0
     stratum = "class"
+    min_strata = 2  # one class has nothing to tell apart
 
     @property
     def uses_label_column(self) -> bool:
