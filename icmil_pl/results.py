@@ -56,8 +56,9 @@ FINAL_METRICS: dict[str, tuple[str, str]] = {final_name(s, m): (s, m) for s in S
 
 def stage_metrics(logged: list[dict] | dict, stage: str) -> dict[str, float]:
     """The task's metrics (`{auroc, accuracy, f1, balanced_accuracy}` for classification; per-label ones too) from
-    what `trainer.validate/test` returned for `stage`; the loss is not a result."""
-    values = logged[0] if isinstance(logged, list) else logged
+    what `trainer.validate/test` returned for `stage`; the loss is not a result. None where the stage had no slides
+    (`val_fraction: 0`: the last epoch is the model)."""
+    values = (logged[0] if logged else {}) if isinstance(logged, list) else logged
     prefix = f"{stage}/"
     return {
         k.removeprefix(prefix): float(v) for k, v in values.items() if k.startswith(prefix) and k != f"{prefix}loss"

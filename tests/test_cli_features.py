@@ -156,6 +156,18 @@ def test_fit_test_predict(cohort, features, tmp_path, capsys):
         main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", f"--data.init_args.labels={new}"])
 
 
+def test_a_fit_without_validation_slides_keeps_the_last_epoch(cohort, features, tmp_path):
+    """`splits.val_fraction: 0`, as the split errors advise for small cohorts: it trained, then failed in results."""
+    args = [f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.features={features / 'features'}"]
+    out = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main(["fit", "-c", str(CONF / "abmil.yaml"), *args, *out, "--data.init_args.splits.val_fraction=0"])
+    run = next(tmp_path.glob("lightning_logs/version_0"))
+    entry = json.loads((run / "results.json").read_text())["iterations"][0]
+    assert (
+        entry["val"] == {} and entry["test"]["auroc"] > 0.5 and not json.loads((run / "splits.json").read_text())["val"]
+    )
+
+
 def test_print_config_resolves_overrides(cohort, features, capsys):
     with pytest.raises(SystemExit):
         main(

@@ -501,3 +501,12 @@ def test_icmil_with_a_lora_vit_extracts_the_next_iteration_with_merged_weights(i
     assert len(manifests) == 2 and len(coupled) == 1
     assert coupled[0]["finetune"] == {"kind": "LoRA", "rank": 2, "alpha": 16.0, "dropout": 0.0, "target_modules": ""}
     assert coupled[0]["output"] == "cls" and coupled[0]["feature_dim"] == 32
+
+
+def test_icmil_without_validation_slides_keeps_each_phase_s_last_epoch(icmil_cohort, tmp_path):
+    """`splits.val_fraction: 0` trained every phase, then failed writing the results (no validation metrics)."""
+    main(icmil_args(icmil_cohort, tmp_path, "fit", "--model.init_args.splits.val_fraction=0"))
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())["iterations"]
+    assert [r["val"] for r in results] == [{}] * len(results) and all(0 <= r["test"]["auroc"] <= 1 for r in results)
+    assert (run / "figures" / "auroc_by_iteration.png").is_file() and (run / "report.html").is_file()

@@ -264,7 +264,8 @@ def iteration_figure(iterations: Sequence[dict], metric: str = "auroc") -> Figur
     fig = Figure(figsize=(4.5, 3.5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for stage in ("val", "test"):
-        ax.plot(its, [r[stage][metric] for r in iterations], marker="o", label=stage)
+        if any(metric in r[stage] for r in iterations):  # no validation slides: test alone
+            ax.plot(its, [r[stage].get(metric, float("nan")) for r in iterations], marker="o", label=stage)
     ax.set(xlabel="ICMIL iteration", ylabel=name, xticks=its, title=f"{name} by ICMIL iteration")
     ax.legend()
     return fig
