@@ -16,9 +16,19 @@ import torch
 from data_modules.datasets.bag_base import BagDataModule
 from data_modules.datasets.feature_bags import FeatureBagDataModule
 
-__all__ = ["RECORD_KEY", "check_record", "read_record", "record_of", "restore"]
+__all__ = [
+    "ARCHITECTURE_KEY",
+    "RECORD_KEY",
+    "architecture",
+    "check_architecture",
+    "check_record",
+    "read_record",
+    "record_of",
+    "restore",
+]
 
 RECORD_KEY = "run_record"  # where a checkpoint keeps it
+ARCHITECTURE_KEY = "architecture"  # the model's classes as `architecture` names them, for errors
 
 
 def record_of(data: BagDataModule) -> dict[str, Any]:
@@ -31,6 +41,36 @@ def read_record(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     """The record in a checkpoint file (None for checkpoints written before records), read without loading its
     tensors into memory."""
     return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(RECORD_KEY)
+
+
+def check_architecture(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose weights are not `model`'s (another aggregator, width or task head) in one line naming
+    both, before Lightning lists every key of the state dict that does not match."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    theirs = {k: tuple(v.shape) for k, v in saved.get("state_dict", {}).items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+    missing, unknown = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    if not (differ or missing or unknown):
+        return
+    first = (
+        f"{differ[0]} is {theirs[differ[0]]} there, {ours[differ[0]]} here"
+        if differ
+        else f"{len(missing)} weights missing (e.g. {missing[0]})"
+        if missing
+        else f"{len(unknown)} weights unknown here (e.g. {unknown[0]})"
+    )
+    theirs_named = saved.get(ARCHITECTURE_KEY) or saved.get("hyper_parameters", {}).get("_class_path", "another model")
+    raise ValueError(
+        f"{checkpoint}: the weights of {str(theirs_named).rsplit('.', 1)[-1]}, not of this config's "
+        f"{architecture(model)} ({first}); evaluate it with the config it was trained with (its run's config.yaml)"
+    )
+
+
+def architecture(model: torch.nn.Module) -> str:
+    """A model's class and its parts' (`BagClassifier(ABMIL, Classification)`), as errors name a model."""
+    parts = [type(m).__name__ for m in model.children() if type(m).__module__.startswith("icmil_pl")]
+    return f"{type(model).__name__}({', '.join(parts)})" if parts else type(model).__name__
 
 
 def restore(record: dict[str, Any], data: BagDataModule, source: str | os.PathLike) -> None:

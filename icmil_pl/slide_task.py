@@ -24,7 +24,7 @@ from .callbacks.divergence import DivergenceGuard
 from .callbacks.figure_writer import FigureWriter, resolve_figures
 from .callbacks.outputs import output_dir
 from .callbacks.prediction_writer import PredictionWriter
-from .run_record import RECORD_KEY, check_record, record_of
+from .run_record import ARCHITECTURE_KEY, RECORD_KEY, architecture, check_record, record_of
 from .tasks import Classification, Task, check_data, flatten_per_label
 
 __all__ = ["ClassNames", "SlideTask"]
@@ -97,6 +97,7 @@ class SlideTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["class_names"] = self.names
+        checkpoint[ARCHITECTURE_KEY] = architecture(self)
         if self.record is not None:
             checkpoint[RECORD_KEY] = self.record
 

@@ -168,6 +168,21 @@ def test_a_fit_without_validation_slides_keeps_the_last_epoch(cohort, features, 
     )
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(cohort, features, tmp_path):
+    """A traceback listing hundreds of state-dict keys, before: now the checkpoint's model and the config's."""
+    data = [f"--data.init_args.labels={cohort / 'labels.csv'}", f"--data.init_args.features={features / 'features'}"]
+    out = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main(["fit", "-c", str(CONF / "abmil.yaml"), *data, *out, "--trainer.max_epochs=1"])
+    best = next(tmp_path.glob("lightning_logs/version_0/checkpoints/best*.ckpt"))
+    other = ["--model.init_args.aggregator=TransMIL", "--model.init_args.aggregator.init_args.in_dim=128"]
+    with pytest.raises(
+        ValueError,
+        match=r"best.*\.ckpt: the weights of BagClassifier\(ABMIL.*\), not of this config's "
+        r"BagClassifier\(TransMIL.*\) \(.*\); evaluate it with the config it was trained with",
+    ):
+        main(["test", "-c", str(CONF / "abmil.yaml"), *data, *out, *other, f"--ckpt_path={best}"])
+
+
 def test_print_config_resolves_overrides(cohort, features, capsys):
     with pytest.raises(SystemExit):
         main(
