@@ -284,12 +284,20 @@ def test_killed_sweep_continues_and_failed_trials_are_recorded(tmp_path, monkeyp
     assert {r["trial"]: r[LR] for r in rows if r["trial"] != "3"} == {k: r[LR] for k, r in before.items()}
 
 
-def test_a_bad_key_fails_its_trial_with_the_clis_message(tmp_path, monkeypatch):
-    path = _digits_sweep(tmp_path, "grid", {"model.init_args.no_such_key": {"values": [1, 2]}})
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"model.init_args.no_such_key": {"values": [1, 2]}}, r"no_such_key=1\): .*no_such_key"),
+        ({LR: {"values": [1e-3, "fast"]}}, rf"{LR}=fast\): --{LR}: Expected a <class 'float'>\. Got value: fast$"),
+    ],
+)
+def test_a_bad_key_or_value_fails_the_sweep_before_its_first_trial(tmp_path, monkeypatch, parameters, message):
+    """Each trial ran and failed on the typo, then the sweep exited 0: every swept key and value is resolved first."""
+    path = _digits_sweep(tmp_path, "grid", parameters)
     calls = _count_trials(monkeypatch)
-    ranked = run_sweep(path, 2, tmp_path / "out")
-    assert calls == ["trial-1", "trial-2"] and [t["status"] for t in ranked] == ["failed", "failed"]
-    assert "no_such_key" in ranked[0]["error"] and "\n" not in ranked[0]["error"]
+    with pytest.raises(ValueError, match=rf"^{path}: parameters \(.*{message}") as raised:
+        run_sweep(path, 2, tmp_path / "out")
+    assert calls == [] and "\n" not in str(raised.value) and not (tmp_path / "out").exists()
 
 
 GOOD = {

@@ -50,6 +50,7 @@ with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1
 __all__ = [
     "Trial",
     "check_overrides",
+    "check_parameters",
     "expand_command",
     "load_sweep",
     "main",
@@ -166,6 +167,31 @@ def check_overrides(overrides: Sequence[str], sweep: dict) -> list[str]:
     return list(overrides)
 
 
+def check_parameters(sweep: dict, overrides: Sequence[str], path: str | os.PathLike) -> None:
+    """Every swept key with each of its values (a range: its ends) resolved as a trial's command line would be, once,
+    before the first trial: a misspelt key or a value of the wrong type used to fail every trial, then exit 0."""
+    candidates = {key: _candidates(spec) for key, spec in sweep["parameters"].items()}
+    for i in range(max(map(len, candidates.values()), default=0)):
+        params = {key: values[min(i, len(values) - 1)] for key, values in candidates.items() if values}
+        try:
+            resolve_config(trial_argv(sweep, params, overrides))
+        except ValueError as error:
+            tried = ", ".join(f"{key}={_format(value)}" for key, value in params.items())
+            raise ValueError(f"{path}: parameters ({tried}): {error}") from None
+
+
+def _candidates(spec: dict) -> list:
+    """The values of a W&B parameter spec worth trying before a sweep: all listed values, or a range's two ends."""
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    if "min" in spec and "max" in spec:
+        log = spec.get("distribution") in ("log_uniform", "q_log_uniform")  # ends as natural logs
+        return [math.exp(spec["min"]), math.exp(spec["max"])] if log else [spec["min"], spec["max"]]
+    return [spec["mu"]] if "mu" in spec else []
+
+
 def resolve_config(argv: list[str]) -> dict:
     """The config LightningCLI builds from `argv` (every -c file and override applied), parsed but not run; a bad
     key or value raises ValueError with jsonargparse's message on one line instead of exiting."""
@@ -175,7 +201,8 @@ def resolve_config(argv: list[str]) -> dict:
             cli_main([*argv, "--print_config"])
     except SystemExit as exit_:
         if exit_.code:
-            raise ValueError(" ".join(err.getvalue().partition("error:")[2].split()) or f"exit {exit_.code}") from None
+            said = err.getvalue().partition("error:")[2].strip().splitlines()  # the CLI's one line, not its hint
+            raise ValueError(said[0].strip() if said else f"exit {exit_.code}") from None
     return yaml.safe_load(out.getvalue())
 
 
@@ -211,6 +238,7 @@ def run_sweep(
     parameters; returns the trials, best first."""
     sweep = load_sweep(path)
     overrides = check_overrides(overrides, sweep)
+    check_parameters(sweep, overrides, path)
     folder = Path(out or Path("runs/sweeps") / Path(path).stem)
     state_path = folder / "state.json"
     identity = {"sweep": json.loads(json.dumps(sweep)), "seed": seed, "overrides": overrides}
@@ -373,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # no server: a WandbLogger in the command logs to disk
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the trials' argv, not sys.argv
     try:
-        run_sweep(args.sweep, args.count, args.out, args.seed, overrides)
+        ranked = run_sweep(args.sweep, args.count, args.out, args.seed, overrides)
     except ValueError as error:  # a bad sweep file or --out: one line, no traceback
         raise SystemExit(f"error: {error}") from None
+    if ranked and all(t["status"] == "failed" for t in ranked):  # nothing learnt: a script must not read success
+        raise SystemExit(f"error: all {len(ranked)} trials failed; their errors are in trials.csv")
