@@ -59,7 +59,12 @@ def main() -> None:
 
             cli()
     except (ValueError, OSError) as error:
-        sys.exit(message(error))
+        sys.exit(fresh_line() + message(error))
+
+
+def fresh_line() -> str:
+    """A newline before the error on a terminal: a progress bar may have left the cursor mid-line."""
+    return "\n" if sys.stderr.isatty() else ""
 
 
 if __name__ == "__main__":

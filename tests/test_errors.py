@@ -83,3 +83,18 @@ def test_the_message_is_the_outermost_project_error():
     wrapped = TypeError("Problem with given class_path")
     wrapped.__cause__ = ours.value
     assert message(wrapped) == "error: /no/such/slide.svs: no such file"
+
+
+def test_an_error_on_a_terminal_starts_on_a_fresh_line(monkeypatch):
+    """A progress bar may have left the cursor mid-line: `error:` was printed onto the half-drawn bar."""
+    import icmil_pl.__main__ as entry
+
+    monkeypatch.setattr(sys, "argv", ["icmil_pl", "report", "/no/such/run"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main()
+    assert str(exit_info.value.code).startswith("\nerror: ")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main()
+    assert str(exit_info.value.code).startswith("error: ")

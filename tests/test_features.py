@@ -347,3 +347,22 @@ def test_a_fit_that_fails_before_logging_leaves_no_version_folder(tmp_path, monk
             ]
         )
     assert not list((tmp_path / "out").rglob("version_*"))
+
+
+def test_a_full_disk_during_extraction_names_the_cache_folder(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    cache = FeatureCache(tmp_path / "cache")
+    writer = cache.writer("s1", 4, 3, "float32", {})
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    with pytest.raises(
+        OSError, match=rf"could not write features into {tmp_path / 'cache'} \(No space left on device\)"
+    ):
+        writer.append(np.ones((4, 3), np.float32), np.zeros((4, 2), np.int32))
+    assert not writer.tmp.exists() and not cache.has("s1")

@@ -275,8 +275,13 @@ class SlideFeatureWriter:
         features = np.concatenate([f for f, _ in self._buffer]).astype(self.features.dtype, copy=False)
         coords = np.concatenate([c for _, c in self._buffer]).astype(np.int32, copy=False)
         end = self.written + len(features)
-        self.features[self.written : end] = features
-        self.coords[self.written : end] = coords
+        try:
+            self.features[self.written : end] = features
+            self.coords[self.written : end] = coords
+        except OSError as error:  # a full disk said "[Errno 28] No space left on device", naming no folder
+            self.abort()
+            why = f"could not write features into {self.final.parent} ({error.strerror or error}); free space there"
+            raise OSError(error.errno, f"{why} or give the extraction another cache_root", str(self.final)) from error
         self._checksums = {
             "features": _crc(features, self._checksums["features"]),
             "coords": _crc(coords, self._checksums["coords"]),
