@@ -19,7 +19,6 @@ sweep stops at `--count` trials in all, or when a grid is exhausted.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -31,17 +30,16 @@ import warnings
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import yaml
-
-from data_modules.io import atomic_write
 
 from ..cli import main as cli_main
 from ..loop import ICMIL
 from ..results import FINAL_METRICS, read_results
 from ..tasks import METRIC_NAMES
+from .sweep_table import Goal, Trial, format_value, print_table, ranked, save_trials, short_names
 
 with warnings.catch_warnings():  # sweeps 0.2 declares its models the pydantic-1 way, which pydantic 2 warns about
     warnings.simplefilter("ignore")
@@ -61,22 +59,10 @@ __all__ = [
 ]
 
 Method = Literal["random", "grid", "bayes"]
-Goal = Literal["maximize", "minimize"]
-Status = Literal["running", "finished", "failed"]
 
 _KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # what follows `--` in a jsonargparse override
 _ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # the agent's SWEEP_COMMAND_ENV_VAR_REGEX
 _MODULE = ["-m", "icmil_pl", "fit"]
-
-
-class Trial(TypedDict):
-    """One trial as state.json keeps it; "running" after a kill means: run it again with these parameters."""
-
-    trial: int
-    status: Status
-    params: dict[str, Any]
-    metric: float | None
-    error: str
 
 
 def load_sweep(path: str | os.PathLike) -> dict:
@@ -176,7 +162,7 @@ def check_parameters(sweep: dict, overrides: Sequence[str], path: str | os.PathL
         try:
             resolve_config(trial_argv(sweep, params, overrides))
         except ValueError as error:
-            tried = ", ".join(f"{key}={_format(value)}" for key, value in params.items())
+            tried = ", ".join(f"{key}={format_value(value)}" for key, value in params.items())
             raise ValueError(f"{path}: parameters ({tried}): {error}") from None
 
 
@@ -247,7 +233,7 @@ def run_sweep(
     if {key: state[key] for key in identity} != identity:
         raise ValueError(f"{folder}: holds another sweep, seed or overrides (state.json); pass another --out")
     trials: list[Trial] = state["trials"]
-    names = _short_names(list(sweep["parameters"]))
+    names = short_names(list(sweep["parameters"]))
     while sum(t["status"] != "running" for t in trials) < count:
         trial = next((t for t in trials if t["status"] == "running"), None)  # killed last time: run it again
         if trial is None:
@@ -257,10 +243,10 @@ def run_sweep(
                 break
             trial = Trial(trial=len(trials) + 1, status="running", params=params, metric=None, error="")
             trials.append(trial)
-            _save(folder, state, sweep)
+            save_trials(folder, state, sweep)
         print(
             f"trial {trial['trial']}/{count}: "
-            + " ".join(f"{name}={_format(trial['params'].get(key))}" for key, name in names.items())
+            + " ".join(f"{name}={format_value(trial['params'].get(key))}" for key, name in names.items())
         )
         try:
             results = run_trial(trial_argv(sweep, trial["params"], overrides), folder / f"trial-{trial['trial']}")
@@ -271,11 +257,11 @@ def run_sweep(
         finally:  # each trial its own W&B run, as under `wandb agent` (a WandbLogger would reuse an open one)
             if (wandb := sys.modules.get("wandb")) is not None and wandb.run is not None:
                 wandb.finish(exit_code=0 if trial["status"] == "finished" else 1)
-        _save(folder, state, sweep)
-    ranked = _ranked(trials, sweep["metric"]["goal"])
-    _print_table(ranked, sweep)
+        save_trials(folder, state, sweep)
+    best_first = ranked(trials, sweep["metric"]["goal"])
+    print_table(best_first, sweep)
     print(f"trials: {folder / 'trials.csv'}")
-    return ranked
+    return best_first
 
 
 def _module_at(command: list) -> int | None:
@@ -308,82 +294,6 @@ def _propose(sweep: dict, trials: list[Trial], seed: int) -> dict[str, Any] | No
         key: value["value"].item() if isinstance(value["value"], np.generic) else value["value"]
         for key, value in proposal.config.items()
     }
-
-
-def _ranked(trials: list[Trial], goal: Goal) -> list[Trial]:
-    """Finished trials best first, then the rest (failed, or without a finite metric) in trial order."""
-    sign = -1.0 if goal == "maximize" else 1.0
-
-    def key(t: Trial) -> tuple[bool, float, int]:
-        ok = t["status"] == "finished" and math.isfinite(t["metric"])
-        return not ok, sign * t["metric"] if ok else 0.0, t["trial"]
-
-    return sorted(trials, key=key)
-
-
-def _save(out: Path, state: dict, sweep: dict) -> None:
-    """state.json and trials.csv, each replaced whole: a kill never leaves half a file."""
-    out.mkdir(parents=True, exist_ok=True)
-    keys = list(sweep["parameters"])
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["trial", "status", "metric", *keys, "error"])
-    for t in _ranked(state["trials"], sweep["metric"]["goal"]):
-        writer.writerow(
-            [
-                t["trial"],
-                t["status"],
-                "" if t["metric"] is None else t["metric"],
-                *(t["params"].get(k, "") for k in keys),
-                t["error"],
-            ]
-        )
-    for name, text in (("state.json", json.dumps(state, indent=1)), ("trials.csv", table.getvalue())):
-        atomic_write(out / name, text)
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    """`model.init_args.bag.init_args.lr` -> `bag.lr`: the shortest dotted suffix, without init_args and class_path,
-    that no other parameter shares; for the printed table."""
-    parts = {key: [p for p in key.split(".") if p not in ("init_args", "class_path")] or [key] for key in keys}
-
-    def suffix(p: list[str], n: int) -> str:
-        return ".".join(p[-n:])
-
-    return {
-        key: next(
-            (
-                suffix(p, n)
-                for n in range(1, len(p) + 1)
-                if sum(suffix(q, n) == suffix(p, n) for q in parts.values()) == 1
-            ),
-            key,
-        )
-        for key, p in parts.items()
-    }
-
-
-def _format(value: Any) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _print_table(trials: list[Trial], sweep: dict) -> None:
-    keys = list(sweep["parameters"])
-    names = _short_names(keys)
-    rows = [["trial", "status", sweep["metric"]["name"], *(names[k] for k in keys), "error"]]
-    rows += [
-        [
-            str(t["trial"]),
-            t["status"],
-            _format(t["metric"]),
-            *(_format(t["params"].get(k)) for k in keys),
-            t["error"][:80],
-        ]
-        for t in trials
-    ]
-    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> None:
