@@ -11,13 +11,20 @@ Pure PyTorch on purpose (no Lightning): `EndToEndMIL` and the ICMIL coupling pha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+__all__ = ["Bag", "LazyBag", "bag_backward", "bag_backward_sharded", "embed_chunked"]
+
+# exchanged between processes as a number: every process's (N, D) matrix must share the dtype of the embeddings
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LazyBag(Protocol):
@@ -97,9 +104,14 @@ def _check_embedding(out: torch.Tensor, a: int, b: int, dim: int | None) -> None
 
 
 def _embed_chunks(
-    embedder: nn.Module, patches: Bag, chunk_size: int, before_read: Callable[[int], None]
+    embedder: nn.Module,
+    patches: Bag,
+    chunk_size: int,
+    before_read: Callable[[int], None],
+    chunks: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yields (a, b, embedder(patches[a:b])) chunk by chunk, calling `before_read(i)` before chunk i is read.
+    """Yields (a, b, embedder(patches[a:b])) chunk by chunk (`chunks`: these chunk indices only), calling
+    `before_read(i)` before chunk i is read.
 
     The hook runs before the read, not after, so that draws a lazy bag makes (augmentations) are replayed too.
     """
@@ -107,7 +119,8 @@ def _embed_chunks(
     device = _device_of(embedder)
     item_shape: torch.Size | None = None
     dim: int | None = None
-    for i, a in enumerate(range(0, n, chunk_size)):
+    for i in range(math.ceil(n / chunk_size)) if chunks is None else chunks:
+        a = i * chunk_size
         b = min(a + chunk_size, n)
         before_read(i)
         chunk = _read(patches, a, b, item_shape, device)
@@ -154,26 +167,18 @@ def _frozen_train_buffers(embedder: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def bag_backward(
-    embedder: nn.Module,
-    bag_loss: Callable[[torch.Tensor], torch.Tensor],
-    patches: Bag,
-    chunk_size: int,
-    *,
-    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Accumulates into `.grad` the exact gradient of `bag_loss(embedder(patches))` and returns that loss detached.
+def _seeded(chunk_seed: int) -> Callable[[int], None]:
+    """Seeds torch's generators for chunk i from one bag seed: the masks a chunk draws then depend on the bag and the
+    chunk alone, so any process that embeds it, in either pass, draws the same."""
+    return lambda i: torch.manual_seed((chunk_seed * 1_000_003 + i) % 2**63)
 
-    `bag_loss` maps the (N, D) embeddings to a scalar (it closes over the aggregator and the target). `scale_loss`
-    (e.g. a GradScaler's `scale`) is applied once, to the loss that is back-propagated, so both the aggregator and the
-    embedder gradients carry the scale exactly once. Runs in the caller's autocast context. Pass 1 and the loss use
-    the global random stream as a plain chunked forward would; afterwards the stream continues from where `bag_loss`
-    left it. A lazy bag must return the same patches when read twice (augmentations may draw from torch's global
-    generator, which is replayed; other generators are not).
-    """
-    device = _device_of(embedder)
-    states: list[_RandomState] = []
-    h = _embed(embedder, patches, chunk_size, lambda i: states.append(_RandomState.capture(device)))
+
+def _loss_and_grad(
+    h: torch.Tensor,
+    bag_loss: Callable[[torch.Tensor], torch.Tensor],
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The bag loss on the (N, D) embeddings, back-propagated once (aggregator gradients), and dL/dH."""
     h.requires_grad_()
     with torch.enable_grad():
         loss = bag_loss(h)
@@ -182,13 +187,115 @@ def bag_backward(
             raise ValueError(f"bag_loss: expected a scalar tensor, got {shape}")
         if not loss.requires_grad:
             raise ValueError("bag_loss: expected a loss computed from the embeddings (with a graph), got a constant")
-        after_loss = _RandomState.capture(device)
         (loss if scale_loss is None else scale_loss(loss)).backward()
-        grad = h.grad
+    return loss.detach(), h.grad
+
+
+def bag_backward(
+    embedder: nn.Module,
+    bag_loss: Callable[[torch.Tensor], torch.Tensor],
+    patches: Bag,
+    chunk_size: int,
+    *,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_seed: int | None = None,
+) -> torch.Tensor:
+    """Accumulates into `.grad` the exact gradient of `bag_loss(embedder(patches))` and returns that loss detached.
+
+    `bag_loss` maps the (N, D) embeddings to a scalar (it closes over the aggregator and the target). `scale_loss`
+    (e.g. a GradScaler's `scale`) is applied once, to the loss that is back-propagated, so both the aggregator and the
+    embedder gradients carry the scale exactly once. Runs in the caller's autocast context. Pass 1 and the loss use
+    the global random stream as a plain chunked forward would; afterwards the stream continues from where `bag_loss`
+    left it. A lazy bag must return the same patches when read twice (augmentations may draw from torch's global
+    generator, which is replayed; other generators are not). With `chunk_seed`, each chunk draws from generators
+    seeded by the bag's seed and its index instead, and the loss from the caller's stream as it was on entry: the
+    gradient then equals `bag_backward_sharded`'s with that seed, on any number of processes.
+    """
+    device = _device_of(embedder)
+    states: list[_RandomState] = []
+    on_entry = _RandomState.capture(device)
+    first = _seeded(chunk_seed) if chunk_seed is not None else lambda i: states.append(_RandomState.capture(device))
+    h = _embed(embedder, patches, chunk_size, first)
+    if chunk_seed is not None:
+        on_entry.restore(device)
+    with torch.enable_grad():
+        loss, grad = _loss_and_grad(h, bag_loss, scale_loss)
+        after_loss = _RandomState.capture(device)
         del h
+        again = _seeded(chunk_seed) if chunk_seed is not None else lambda i: states[i].restore(device)
         if grad is not None and any(p.requires_grad for p in embedder.parameters()):
             with _frozen_train_buffers(embedder):
-                for a, b, out in _embed_chunks(embedder, patches, chunk_size, lambda i: states[i].restore(device)):
+                for a, b, out in _embed_chunks(embedder, patches, chunk_size, again):
                     torch.autograd.backward(out, grad[a:b].to(out.dtype))
     after_loss.restore(device)
-    return loss.detach()
+    return loss
+
+
+def bag_backward_sharded(
+    embedder: nn.Module,
+    bag_loss: Callable[[torch.Tensor], torch.Tensor],
+    patches: Bag,
+    chunk_size: int,
+    group: dist.ProcessGroup | None = None,
+    *,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_seed: int | None = None,
+) -> torch.Tensor:
+    """`bag_backward` of one bag spread over the processes of `group` (default: every process), each holding the
+    same bag and the same modules: process r embeds chunks r, r + R, ... without a graph; the (N, D) matrix is summed
+    across processes (each row from the one process that embedded it, so the sum is exact); every process computes
+    the bag loss and dL/dH on it (its aggregator gradients are then the same everywhere); each re-embeds its own
+    chunks with a graph, and the embedder gradients of all chunks are summed across processes once, then added to
+    `.grad`. Afterwards every process's `.grad` equals single-process `bag_backward`'s: exactly (in float64) for a
+    deterministic embedder; with dropout, when both are given the same `chunk_seed`, which makes a chunk's masks
+    independent of which process embeds it. Memory per process: its chunks' activations plus N x D; time about
+    1/R of one process's. Train-mode BatchNorm statistics see each process's chunks only, as under DDP without
+    SyncBatchNorm. The caller's random stream must be the same on every process (the loss draws from it).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = _check_bag(patches, chunk_size)
+    device = _device_of(embedder)
+    mine = [i for i in range(math.ceil(n / chunk_size)) if i % world == rank]
+    on_entry = _RandomState.capture(device)
+    states: dict[int, _RandomState] = {}
+    chunk_seeded = _seeded(chunk_seed) if chunk_seed is not None else None
+    first = chunk_seeded or (lambda i: states.__setitem__(i, _RandomState.capture(device)))
+    with torch.no_grad():
+        parts = list(_embed_chunks(embedder, patches, chunk_size, first, mine)) if mine else []
+    meta = torch.tensor(
+        [parts[0][2].shape[1], _DTYPES.index(parts[0][2].dtype) + 1] if parts else [0, 0], device=device
+    )
+    dist.all_reduce(meta, dist.ReduceOp.MAX, group)  # a process without a chunk learns D and the dtype
+    h = torch.zeros((n, int(meta[0])), dtype=_DTYPES[int(meta[1]) - 1], device=device)
+    for a, b, out in parts:
+        h[a:b] = out
+    del parts
+    dist.all_reduce(h, dist.ReduceOp.SUM, group)
+    on_entry.restore(device)  # the loss draws alike on every process
+    loss, grad = _loss_and_grad(h, bag_loss, scale_loss)
+    after_loss = _RandomState.capture(device)
+    del h
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    if grad is not None and params:
+        summed = [torch.zeros_like(p) for p in params]
+        used = torch.zeros(len(params), device=device)  # a parameter no chunk reaches keeps `.grad` None, as alone
+        again = chunk_seeded or (lambda i: states[i].restore(device))
+        with torch.enable_grad(), _frozen_train_buffers(embedder):
+            for a, b, out in _embed_chunks(embedder, patches, chunk_size, again, mine):
+                grads = torch.autograd.grad(out, params, grad[a:b].to(out.dtype), allow_unused=True)
+                for k, (total, g) in enumerate(zip(summed, grads, strict=True)):
+                    if g is not None:
+                        total += g
+                        used[k] = 1
+        dist.all_reduce(used, dist.ReduceOp.MAX, group)
+        for dtype in {t.dtype for t in summed}:  # one collective per dtype: the gradients flattened
+            same = [t for t in summed if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.all_reduce(flat, dist.ReduceOp.SUM, group)
+            for t, part in zip(same, flat.split([t.numel() for t in same]), strict=True):
+                t.copy_(part.view_as(t))
+        for p, g, reached in zip(params, summed, used.tolist(), strict=True):
+            if reached:
+                p.grad = g if p.grad is None else p.grad + g
+    after_loss.restore(device)
+    return loss
