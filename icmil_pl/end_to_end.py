@@ -28,7 +28,7 @@ from data_modules.io import check, check_choice
 
 from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
-from .chunked import Bag, bag_backward, embed_chunked
+from .chunked import Bag, bag_backward, bag_backward_sharded, embed_chunked
 from .slide_task import ClassNames, Scheduler, SlideTask
 from .tasks import Task
 
@@ -40,8 +40,11 @@ class EndToEndMIL(SlideTask):
 
     Gradients accumulate over `bags_per_step` bags (the loss of each is divided by it, so a step follows the mean
     loss). Under DDP nothing is synchronised during the many backward passes of a bag; the gradients are averaged
-    across processes once, right before each optimizer step. Clipping happens in `on_before_optimizer_step`, after
-    the precision plugin unscaled fp16 gradients. Patches stay on the CPU; chunks move to the device as they are used.
+    across processes once, right before each optimizer step. With `shard_bags`, every process steps through the same
+    bags instead and splits each bag's chunks (`chunked.bag_backward_sharded`): one slide's exact gradient over
+    several GPUs, one step equal to a single process's (set `trainer.use_distributed_sampler: false`, so that every
+    process is given every bag). Clipping happens in `on_before_optimizer_step`, after the precision plugin unscaled
+    fp16 gradients. Patches stay on the CPU; chunks move to the device as they are used.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class EndToEndMIL(SlideTask):
         head: str | None = None,
         embedder_from: str | None = None,
         trains: Literal["both", "aggregator", "embedder"] = "both",
+        shard_bags: bool = False,
     ) -> None:
         super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
         self.save_hyperparameters(ignore=["embedder", "aggregator", "figures", "task", "stain_jitter"])
@@ -86,6 +90,7 @@ class EndToEndMIL(SlideTask):
             eval_chunk_size=eval_chunk_size,
             stain_jitter=stain_jitter,
             trains=trains,
+            shard_bags=shard_bags,
         )
         self.automatic_optimization = False
         check("chunk_size", chunk_size is None or chunk_size >= 1, "an int >= 1 or null (full bag)", chunk_size)
@@ -182,6 +187,11 @@ class EndToEndMIL(SlideTask):
                 loss = bag_loss(self.embedder(patches[0 : len(patches)].to(self.device, non_blocking=True)))
                 (loss if scale is None else scale(loss)).backward()
                 loss = loss.detach()
+            elif self._sharded:
+                seed = int(torch.randint(2**62, ()))  # the same on every process: their streams are
+                loss = bag_backward_sharded(
+                    self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale, chunk_seed=seed
+                )
             else:
                 loss = bag_backward(self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale)
             self.log("train/loss", loss * cfg.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
@@ -218,9 +228,27 @@ class EndToEndMIL(SlideTask):
         index = torch.randperm(n)[:k].sort().values
         return patches[index] if isinstance(patches, torch.Tensor) else patches.select(index.numpy())
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether each bag is split over the processes (`shard_bags` under DDP, chunked)."""
+        return self.cfg.shard_bags and self.cfg.chunk_size is not None and self.trainer.world_size > 1
+
+    @property
+    def same_bags_on_every_process(self) -> bool:
+        """What `EpochSeed` reads: sharded bags need one random stream on every process."""
+        return self._sharded
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._sharded and self.trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "shard_bags: every process must be given every bag; set trainer.use_distributed_sampler: false"
+            )
+
     def _average_gradients_across_processes(self) -> None:
-        """One all-reduce of every gradient as a single flat buffer: the only DDP communication of a step."""
-        if self.trainer.world_size <= 1:
+        """One all-reduce of every gradient as a single flat buffer: the only DDP communication of a step (none for
+        sharded bags, whose gradients are already the whole step's on every process)."""
+        if self.trainer.world_size <= 1 or self._sharded:
             return
         params = [p for p in self.parameters() if p.requires_grad]
         for p in params:  # a parameter unused on one rank (e.g. a DTFD branch) must still take part

@@ -135,6 +135,19 @@ def test_ddp_update_equals_single_process_update(tmp_path):
     assert _max_diff(single, _model()) > 1e-4
 
 
+def test_sharded_bags_step_equals_single_process_step(tmp_path):
+    """`shard_bags`: both processes step through both bags, each embedding half of every bag's chunks; the one
+    optimizer step equals one process's on the same two bags."""
+    single = _one_step(_model(chunk_size=3, bags_per_step=2), _Data(), tmp_path)
+    sharded = _model(chunk_size=3, bags_per_step=2, shard_bags=True)
+    ddp = dict(strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+    _one_step(sharded, _Data(), tmp_path, **ddp)
+    diffs = [(single.state_dict()[k].float() - v.float()).abs().max().item() for k, v in sharded.state_dict().items()]
+    assert max(diffs) < 1e-5 and _max_diff(single, _model()) > 1e-4
+    with pytest.raises(Exception, match="shard_bags: every process must be given every bag"):
+        _one_step(_model(chunk_size=3, shard_bags=True), _Data(), tmp_path, strategy="ddp_spawn", devices=2)
+
+
 def test_end_to_end_warm_starts_from_a_bag_classifiers_checkpoint(tmp_path):
     """`head`: the aggregator's weights and the bag classifier's feature standardisation, so that end to end starts
     where the two-stage model ended; anything else is refused in one line."""

@@ -11,7 +11,8 @@ __all__ = ["EpochSeed"]
 
 
 class EpochSeed(Callback):
-    """Reseeds torch, numpy and random before every training epoch from (seed, epoch, rank).
+    """Reseeds torch, numpy and random before every training epoch from (seed, epoch, rank); the rank left out for a
+    model whose processes step through the same bags (`same_bags_on_every_process`).
 
     Dropout, augmentation, within-bag sampling and loader workers of epoch k then do not depend on the epochs before
     it, so a run resumed from a checkpoint mid-phase continues exactly as an uninterrupted one would (Lightning saves
@@ -26,7 +27,8 @@ class EpochSeed(Callback):
         self._first_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seed = (self.seed * 1_000_003 + trainer.current_epoch * 7919 + trainer.global_rank) % 2**32
+        rank = 0 if getattr(pl_module, "same_bags_on_every_process", False) else trainer.global_rank
+        seed = (self.seed * 1_000_003 + trainer.current_epoch * 7919 + rank) % 2**32
         pl.seed_everything(seed, workers=True, verbose=False)
         if trainer.current_epoch > 0 and trainer.current_epoch == self._first_epoch:
             _draw_loader_seeds(trainer)
