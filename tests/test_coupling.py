@@ -444,6 +444,20 @@ def test_bag_gradient_fit(cohort, tmp_path, train_head, n_slides):
     assert ("val/loss" in logged) == (n_slides == 4) and "train/loss" in logged
 
 
+def test_bag_gradient_passes_shard_bags_on_with_every_bag_for_every_process(cohort, tmp_path, monkeypatch):
+    """One setting: the module splits each bag's chunks, and its Trainer gives every process every bag."""
+    from icmil_pl.coupling import bag_gradient
+
+    seen = {}
+    monkeypatch.setattr(bag_gradient, "fit_best", lambda module, *args, **kw: seen.update(module=module, kw=kw))
+    slides, labels = cohort
+    embedder, bag = _models()
+    BagGradient(shard_bags=True, chunk_size=8, read_threads=1).fit(
+        embedder, bag, slides, labels=labels, root=tmp_path, seed=0, trainer_kwargs={}
+    )
+    assert seen["module"].cfg.shard_bags and seen["kw"]["use_distributed_sampler"] is False
+
+
 def test_bad_configuration(cohort, tmp_path):
     for kwargs, field in [
         ({"lr": 0.0}, "lr"),

@@ -58,7 +58,8 @@ class BagGradient(CouplingStrategy):
     are held out whole (slides of one patient share tissue: one on each side would select epochs on leaked validation);
     with `patient_bags` too, a bag is a patient's slides. With fewer than 4 bags, or a class of one bag, all slides
     train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual optimisation (norm
-    clipping).
+    clipping). `shard_bags` splits each slide's chunks over the DDP processes instead of giving each process its own
+    slides (`EndToEndMIL.shard_bags`): one slide too large for one GPU's step.
     """
 
     needs_labels = True
@@ -74,6 +75,7 @@ class BagGradient(CouplingStrategy):
     read_threads: int = 4
     max_epochs: int = 5
     stain_jitter: StainJitter | None = None
+    shard_bags: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -116,8 +118,11 @@ class BagGradient(CouplingStrategy):
             gradient_clip_val=clip,
             task=copy.deepcopy(bag.task),  # its fitted bins or target scale included
             stain_jitter=self.stain_jitter,
+            shard_bags=self.shard_bags,
         )
         overrides: dict[str, Any] = {"max_epochs": self.max_epochs}
+        if self.shard_bags:  # every process is given every bag, whose chunks it splits with the others
+            overrides["use_distributed_sampler"] = False
         if val_ids:
             task = bag.task
             metric, mode = {"loss": ("loss", "min"), "auroc": ("auroc", "max")}.get(
