@@ -35,6 +35,22 @@ from .tasks import Task
 __all__ = ["EndToEndMIL"]
 
 
+# the settings a step reads (`EndToEndMIL.cfg`), as named in `__init__`
+_SETTINGS = (
+    "chunk_size",
+    "max_instances",
+    "bags_per_step",
+    "lr",
+    "embedder_lr",
+    "weight_decay",
+    "scheduler",
+    "gradient_clip_val",
+    "eval_chunk_size",
+    "trains",
+    "shard_bags",
+)
+
+
 class EndToEndMIL(SlideTask):
     """Manual optimization over whole bags: `{"patches": (N, C, H, W) tensor or lazy bag, "label", "slide_id"}`.
 
@@ -77,21 +93,9 @@ class EndToEndMIL(SlideTask):
                 "task: a Cox loss compares bags, but end to end each bag's gradient is taken on its own; use "
                 "Survival(loss='nll'), whose loss is per bag"
             )
-        # settings live in plain attributes: LightningCLI rewrites the hparams of modules nested in another module
-        self.cfg = SimpleNamespace(
-            chunk_size=chunk_size,
-            max_instances=max_instances,
-            bags_per_step=bags_per_step,
-            lr=lr,
-            embedder_lr=embedder_lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            gradient_clip_val=gradient_clip_val,
-            eval_chunk_size=eval_chunk_size,
-            stain_jitter=stain_jitter,
-            trains=trains,
-            shard_bags=shard_bags,
-        )
+        # settings live in plain attributes, copied from the hparams as given: LightningCLI rewrites the hparams of
+        # modules nested in another module
+        self.cfg = SimpleNamespace(**{name: self.hparams[name] for name in _SETTINGS}, stain_jitter=stain_jitter)
         self.automatic_optimization = False
         check("chunk_size", chunk_size is None or chunk_size >= 1, "an int >= 1 or null (full bag)", chunk_size)
         whole = max_instances is None or max_instances >= 1
