@@ -66,6 +66,11 @@ def test_extraction_writes_one_group_per_slide(cohort, features):
     assert np.isfinite(group["features"][:]).all()
     assert group.attrs["weights_hash"] == manifest["weights_hash"]
     assert not list(caches[0].glob(".*tmp*"))  # nothing half-written left behind
+    run = manifest["last_extraction"]  # the throughput users compare across versions
+    assert (run["slides_embedded"], run["slides_cached"], run["slides_skipped"]) == (len(ids), 0, 0)
+    patches = sum(zarr.open_group(g, mode="r")["features"].shape[0] for g in caches[0].glob("*.zarr"))
+    assert run["patches"] == patches and run["patches_per_second"] > 0
+    assert 0 < run["seconds_per_slide_median"] <= run["seconds_per_slide_slowest"] and run["slowest_slide"] in ids
 
 
 def _slides(cache: Path) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
@@ -86,7 +91,9 @@ def test_second_extraction_skips_finished_slides(cohort, features, capsys):
         warnings.simplefilter("always")
         _extract(cohort, features)
     assert not [w for w in caught if "DataLoader" in str(w.message)]  # nothing to embed is expected, not warned
-    assert f"features: {cache}" in capsys.readouterr().out  # says where they are
+    printed = capsys.readouterr().out
+    assert f"features: {cache}" in printed  # says where they are, and that nothing was left to do
+    assert "extraction: 0 slides embedded, 18 already cached, 0 skipped; 0 patches" in printed
     assert not (features / "config.yaml").exists()  # no logger, no folder of its own: no config.yaml in runs/
     after = _slides(cache)
     assert after.keys() == before.keys()

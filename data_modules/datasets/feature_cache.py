@@ -38,6 +38,7 @@ _ROWS_PER_CHUNK = 4096
 _HOST = socket.gethostname().replace("-", "_")  # in temporaries' names, where `-` separates host and pid
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped"  # the manifest's record of slides without features, beside the provenance
+_LAST_EXTRACTION = "last_extraction"  # the manifest's record of the latest extraction's throughput
 _CHECKSUMS = "checksums"  # a group's attribute: array name -> CRC-32 of its little-endian bytes (older caches lack it)
 _ARRAYS = ("features", "coords")
 _VERIFIED: set[tuple] = set()  # groups whose checksums matched, by their files' stats: each is hashed once a process
@@ -117,7 +118,7 @@ class FeatureCache:
         The rest of the provenance (where the weights file is, the code version) may differ and is updated."""
         existing = self.manifest()
         if existing and self.fingerprint() != {key: provenance.get(key) for key in FINGERPRINT}:
-            produced_by = {k: v for k, v in existing.items() if k != _SKIPPED}
+            produced_by = {k: v for k, v in existing.items() if k not in (_SKIPPED, _LAST_EXTRACTION)}
             raise ValueError(f"feature cache {self.path} was written by {produced_by}, not by {provenance}")
         self._save_manifest({**existing, **provenance})
 
@@ -135,6 +136,11 @@ class FeatureCache:
         """Add `skipped` to the manifest's record; slides that have features by now leave it."""
         merged = {**self.skipped(), **skipped}
         self._save_manifest({**self.manifest(), _SKIPPED: {k: v for k, v in sorted(merged.items()) if not self.has(k)}})
+
+    def record_extraction(self, summary: dict) -> None:
+        """Keep the latest extraction's throughput in the manifest (`extraction_summary`), to compare across
+        versions and machines."""
+        self._save_manifest({**self.manifest(), _LAST_EXTRACTION: summary})
 
     def _save_manifest(self, manifest: dict) -> None:
         atomic_write(self.path / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))

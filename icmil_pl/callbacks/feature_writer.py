@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from data_modules.slides.tiling import TilingConfig
 from ..encoders import PatchEmbedder
 from .outputs import report_skipped
 
-__all__ = ["FeatureWriter", "cache_key", "extract_features"]
+__all__ = ["FeatureWriter", "cache_key", "extract_features", "extraction_summary"]
 
 
 def cache_key(embedder: PatchEmbedder, tiling: TilingConfig) -> str:
@@ -62,6 +63,10 @@ class FeatureWriter(pl.Callback):
         self._grid_sizes: dict[str, float] = {}
         self._sources: dict[str, str] = {}  # slide id -> SlidePatches.digest of what its features are computed from
         self._open: dict[str, SlideFeatureWriter] = {}
+        self._began: dict[str, float] = {}  # slide id -> when its first features arrived
+        self._done: dict[str, float] = {}  # slide id -> seconds from its first features to its commit
+        self._cached = 0  # slides whose features were there before this run
+        self._clock = time.perf_counter()
         self._bar: tqdm | None = None
         self.skipped: dict[str, str] = {}  # slide id -> why it has no features
         self._warning_filters: list | None = None  # the filters to restore after a run with nothing to embed
@@ -80,7 +85,9 @@ class FeatureWriter(pl.Callback):
         data.setup()
         self.skipped = dict(data.skipped)
         self._sources = {s.slide_id: s.digest() for s in data.slide_patches}
-        data.exclude({slide_id for slide_id, source in self._sources.items() if self.cache.has(slide_id, source)})
+        cached = {slide_id for slide_id, source in self._sources.items() if self.cache.has(slide_id, source)}
+        data.exclude(cached)
+        self._cached, self._done, self._clock = len(cached), {}, time.perf_counter()
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
         self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
@@ -119,6 +126,7 @@ class FeatureWriter(pl.Callback):
                 if writer.complete:
                     writer.commit()
                     del self._open[slide]
+                    self._done[slide] = time.perf_counter() - self._began.pop(slide)
                     if self._bar is not None:
                         self._bar.update()
             start = end
@@ -128,16 +136,20 @@ class FeatureWriter(pl.Callback):
         self._abort()
         if unfinished:
             raise RuntimeError(f"feature extraction ended with incomplete slides: {unfinished}")
-        if trainer.world_size > 1:  # each process skipped slides of its own share
-            parts: list[dict] = [{} for _ in range(trainer.world_size)]
-            torch.distributed.all_gather_object(parts, self.skipped)
-            self.skipped = {k: v for part in parts for k, v in part.items()}
+        if trainer.world_size > 1:  # each process skipped and embedded slides of its own share
+            parts: list[tuple] = [() for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(parts, (self.skipped, self._done))
+            self.skipped = {k: v for part in parts for k, v in part[0].items()}
+            self._done = {k: v for part in parts for k, v in part[1].items()}
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             self.cache.record_skipped(self.skipped)
+            summary = extraction_summary(self._done, self._sizes, self._cached, self.skipped, self._clock)
+            self.cache.record_extraction({k: v for k, v in summary.items() if k != "line"})
             print(f"features: {self.cache.path}")
+            print(summary["line"])
             report_skipped(self.skipped)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -160,6 +172,7 @@ class FeatureWriter(pl.Callback):
             "source": self._sources[slide_id],
         }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
+        self._began[slide_id] = time.perf_counter()
         return writer
 
     def _abort(self) -> None:
@@ -169,6 +182,41 @@ class FeatureWriter(pl.Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def extraction_summary(
+    done: dict[str, float], sizes: dict[str, int], cached: int, skipped: dict[str, str], began: float
+) -> dict:
+    """What an extraction did and how fast, as printed at its end and kept in the cache's manifest: slides embedded,
+    already cached and skipped, patches, patches per second (of the wall time since it began) and seconds per slide
+    (median and slowest), the figure users compare across versions."""
+    seconds = time.perf_counter() - began
+    patches = sum(sizes.get(slide, 0) for slide in done)
+    per_slide = sorted(done.values())
+    slowest = max(done, key=done.get) if done else None
+    summary = {
+        "slides_embedded": len(done),
+        "slides_cached": cached,
+        "slides_skipped": len(skipped),
+        "patches": patches,
+        "seconds": round(seconds, 3),
+        "patches_per_second": round(patches / seconds, 2) if seconds > 0 else None,
+        "seconds_per_slide_median": round(per_slide[len(per_slide) // 2], 3) if per_slide else None,
+        "seconds_per_slide_slowest": round(per_slide[-1], 3) if per_slide else None,
+        "slowest_slide": slowest,
+    }
+    rate = f"{summary['patches_per_second']:.1f} patches/s" if summary["patches_per_second"] is not None else "-"
+    timing = (
+        f"; per slide {summary['seconds_per_slide_median']:.2f} s median, {summary['seconds_per_slide_slowest']:.2f} "
+        f"s slowest ({slowest})"
+        if per_slide
+        else ""
+    )
+    summary["line"] = (
+        f"extraction: {len(done)} slides embedded, {cached} already cached, {len(skipped)} skipped; {patches} patches "
+        f"in {seconds:.1f} s, {rate}{timing}"
+    )
+    return summary
 
 
 def extract_features(
