@@ -260,16 +260,16 @@ def bag_backward_sharded(
     states: dict[int, _RandomState] = {}
     chunk_seeded = _seeded(chunk_seed) if chunk_seed is not None else None
     first = chunk_seeded or (lambda i: states.__setitem__(i, _RandomState.capture(device)))
+    h: torch.Tensor | None = None
     with torch.no_grad():
-        parts = list(_embed_chunks(embedder, patches, chunk_size, first, mine)) if mine else []
-    meta = torch.tensor(
-        [parts[0][2].shape[1], _DTYPES.index(parts[0][2].dtype) + 1] if parts else [0, 0], device=device
-    )
+        for a, b, out in _embed_chunks(embedder, patches, chunk_size, first, mine) if mine else ():
+            if h is None:
+                h = out.new_zeros((n, out.shape[1]))
+            h[a:b] = out
+    meta = torch.tensor([0, 0] if h is None else [h.shape[1], _DTYPES.index(h.dtype) + 1], device=device)
     dist.all_reduce(meta, dist.ReduceOp.MAX, group)  # a process without a chunk learns D and the dtype
-    h = torch.zeros((n, int(meta[0])), dtype=_DTYPES[int(meta[1]) - 1], device=device)
-    for a, b, out in parts:
-        h[a:b] = out
-    del parts
+    if h is None:
+        h = torch.zeros((n, int(meta[0])), dtype=_DTYPES[int(meta[1]) - 1], device=device)
     dist.all_reduce(h, dist.ReduceOp.SUM, group)
     on_entry.restore(device)  # the loss draws alike on every process
     loss, grad = _loss_and_grad(h, bag_loss, scale_loss)

@@ -38,7 +38,7 @@ from .callbacks import output_dir
 from .config_files import ConfigParser, config_files
 from .results import record_fit, write_run_report
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
-from .run_record import check_architecture, read_record, restore
+from .run_record import RECORD_KEY, check_architecture, load_checkpoint, restore
 from .slide_task import SlideTask
 from .tools import wandb_run
 
@@ -129,11 +129,13 @@ class ICMILCLI(LightningCLI):
         """A checkpoint evaluated on bags encodes and splits them as it was trained, and refuses other features
         (`run_record`); slides it never saw are said to be left out of validate and test."""
         ckpt = self.config[subcommand].get("ckpt_path")
-        if ckpt and Path(ckpt).is_file():
-            check_architecture(ckpt, self.model)
-        if not (ckpt and Path(ckpt).is_file() and isinstance(self.datamodule, BagDataModule)):
+        if not (ckpt and Path(ckpt).is_file()):
             return
-        record = read_record(ckpt)
+        saved = load_checkpoint(ckpt)  # read once, for both checks
+        check_architecture(saved, self.model, ckpt)
+        if not isinstance(self.datamodule, BagDataModule):
+            return
+        record = saved.get(RECORD_KEY)
         if record is None:  # a checkpoint from before records
             return
         restore(record, self.datamodule, ckpt)

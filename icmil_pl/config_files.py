@@ -50,13 +50,14 @@ def config_files(argv: Sequence[str]) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise ValueError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
         try:
-            yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+            yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = error.problem or str(error)
-            if "\t" in path.read_text(encoding="utf-8").splitlines()[mark.line if mark else 0]:
+            if "\t" in (text.splitlines() or [""])[mark.line if mark else 0]:
                 problem += " (a tab: YAML indents with spaces)"
             raise ValueError(f"{where}: {problem}") from None
     return files

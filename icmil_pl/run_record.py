@@ -22,6 +22,7 @@ __all__ = [
     "architecture",
     "check_architecture",
     "check_record",
+    "load_checkpoint",
     "read_record",
     "record_of",
     "restore",
@@ -37,16 +38,19 @@ def record_of(data: BagDataModule) -> dict[str, Any]:
     return {"task": data.targets.task, "classes": list(data.classes), "splits": data.splits, "features": features}
 
 
+def load_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint file's contents, its tensors memory-mapped rather than read."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+
+
 def read_record(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    """The record in a checkpoint file (None for checkpoints written before records), read without loading its
-    tensors into memory."""
-    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(RECORD_KEY)
+    """The record in a checkpoint file (None for checkpoints written before records)."""
+    return load_checkpoint(checkpoint).get(RECORD_KEY)
 
 
-def check_architecture(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose weights are not `model`'s (another aggregator, width or task head) in one line naming
-    both, before Lightning lists every key of the state dict that does not match."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+def check_architecture(saved: dict[str, Any], model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Refuse a checkpoint (`saved`, read from `checkpoint`) whose weights are not `model`'s (another aggregator,
+    width or task head) in one line naming both, before Lightning lists every key of the state dict that differs."""
     theirs = {k: tuple(v.shape) for k, v in saved.get("state_dict", {}).items()}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
