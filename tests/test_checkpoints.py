@@ -1,5 +1,5 @@
 """A phase's checkpoints: the latest epoch saved every epoch, each file written whole or not at all (a full disk
-names the checkpoint and keeps the one before), a damaged `last.ckpt` set aside so the phase starts over, and a
+names the checkpoint and keeps the one before), the best epoch's ties broken on the validation loss, a damaged `last.ckpt` set aside so the phase starts over, and a
 diverging phase stopped before it keeps non-finite weights."""
 
 from __future__ import annotations
@@ -116,3 +116,63 @@ def test_a_diverging_bag_phase_stops_naming_the_phase_epoch_and_learning_rate(ic
         _fit(icmil_cohort, tmp_path, f"--model.init_args.bag.init_args.lr={lr}")
     folder = _checkpoints(tmp_path)
     assert not folder.exists() or not list(folder.iterdir())
+
+
+def _scripted_fit(tmp_path: Path, auroc: list[float], loss: list[float], state: dict | None = None):
+    """A phase of one parameter whose validation logs a scripted metric and loss per epoch."""
+    import pytorch_lightning as pl
+
+    from icmil_pl.callbacks.checkpoints import best_checkpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, i):
+            self.log("val/auroc", auroc[self.current_epoch])
+            self.log("val/loss", loss[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    checkpoint = best_checkpoint(tmp_path, "val/auroc", "max")
+    if state is not None:
+        checkpoint.load_state_dict(state)
+    data = torch.utils.data.DataLoader(torch.zeros(1, 1))
+    trainer = pl.Trainer(
+        max_epochs=len(auroc), callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(Module(), data, data)
+    return checkpoint
+
+
+@pytest.mark.parametrize(
+    "auroc, loss, best",
+    [
+        ([0.9, 1.0, 1.0, 1.0, 0.95], [0.5, 0.3, 0.1, 0.2, 0.01], 2),  # a saturated metric: the lowest loss on it
+        ([1.0, 1.0, 1.0], [0.169, 0.01, 8e-5], 2),  # saturated from epoch 0, the loss still falling
+        ([0.8, 0.9, 0.9], [0.1, 0.3, 0.2], 2),  # the metric first, the loss only among equals
+        ([0.9, 0.9], [0.1, 0.1], 0),  # a full tie keeps the earlier epoch
+    ],
+)
+def test_equal_validation_metrics_keep_the_epoch_of_lower_validation_loss(tmp_path, auroc, loss, best):
+    checkpoint = _scripted_fit(tmp_path, auroc, loss)
+    assert Path(checkpoint.best_model_path).name == f"best-epoch={best}.ckpt"
+    assert sorted(p.name for p in tmp_path.glob("best-*.ckpt")) == [f"best-epoch={best}.ckpt"]
+    assert checkpoint.best_tie.item() == pytest.approx(loss[best])
+
+
+def test_a_resumed_phase_remembers_the_loss_of_its_best_epoch(tmp_path):
+    """The tie-break value travels in the callback's state: after a resume an equal metric with a higher loss than
+    the best epoch's does not replace it."""
+    first = _scripted_fit(tmp_path, [1.0], [0.05])
+    state = first.state_dict()
+    assert state["best_tie"].item() == pytest.approx(0.05)
+    resumed = _scripted_fit(tmp_path, [1.0, 1.0], [0.5, 0.5], state=state)  # epochs 0, 1 again, worse loss
+    assert Path(resumed.best_model_path).name == "best-epoch=0.ckpt"
+    assert resumed.best_tie.item() == pytest.approx(0.05)
