@@ -159,9 +159,9 @@ class SlideTask(pl.LightningModule):
             data.skipped[batch["slide_id"]] = str(error)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Keep the best model by the task's selection metric (ties: the lower validation loss), and the last for resuming;
-        write predictions.csv and the figures, and stop if the weights diverge, unless the Trainer has its own
-        callback of the kind (the ICMIL loop names its phases' guards)."""
+        """Keep the best model by the task's selection metric (ties: the lower validation loss), and the last for
+        resuming; write predictions.csv and the figures, and stop if the weights diverge, unless the Trainer has its
+        own callback of the kind (the ICMIL loop names its phases' guards)."""
         metric, mode = self.task.selects_by
         callbacks: list[pl.Callback] = [
             best_checkpoint(self.checkpoint_dir, f"val/{metric}", mode),

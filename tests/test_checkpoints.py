@@ -1,6 +1,6 @@
-"""A phase's checkpoints: the latest epoch saved every epoch, each file written whole or not at all (a full disk
-names the checkpoint and keeps the one before), the best epoch's ties broken on the validation loss, a damaged `last.ckpt` set aside so the phase starts over, and a
-diverging phase stopped before it keeps non-finite weights."""
+"""A phase's checkpoints: the latest epoch saved every epoch, each file written whole or not at all (a full disk names
+the checkpoint and keeps the one before), the best epoch's ties broken on the validation loss, a damaged `last.ckpt`
+set aside so the phase starts over, and a diverging phase stopped before it keeps non-finite weights."""
 
 from __future__ import annotations
 
@@ -144,8 +144,12 @@ def _scripted_fit(tmp_path: Path, auroc: list[float], loss: list[float], state: 
         checkpoint.load_state_dict(state)
     data = torch.utils.data.DataLoader(torch.zeros(1, 1))
     trainer = pl.Trainer(
-        max_epochs=len(auroc), callbacks=[checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=len(auroc),
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(Module(), data, data)
     return checkpoint

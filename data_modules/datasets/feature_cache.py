@@ -30,6 +30,7 @@ import zarr
 from filelock import FileLock
 
 from ..io import atomic_write, safe_name
+from .claims import process_alive
 
 __all__ = ["FINGERPRINT", "FeatureCache", "FeatureDtype", "SlideFeatureWriter", "SlideFeatures"]
 
@@ -39,6 +40,8 @@ _HOST = socket.gethostname().replace("-", "_")  # in temporaries' names, where `
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped"  # the manifest's record of slides without features, beside the provenance
 _LAST_EXTRACTION = "last_extraction"  # the manifest's record of the latest extraction's throughput
+_EXTRACTIONS = "extractions"  # the manifest's record of each extraction process: who embedded which slides
+_KEPT_EXTRACTIONS = 100  # the latest this many (a job array of a thousand tasks keeps its last hundred)
 _CHECKSUMS = "checksums"  # a group's attribute: array name -> CRC-32 of its little-endian bytes (older caches lack it)
 _ARRAYS = ("features", "coords")
 _VERIFIED: set[tuple] = set()  # groups whose checksums matched, by their files' stats: each is hashed once a process
@@ -116,11 +119,13 @@ class FeatureCache:
     def write_manifest(self, provenance: dict) -> None:
         """Record (or check) what produced these features: another `FINGERPRINT` means two embedders share a key.
         The rest of the provenance (where the weights file is, the code version) may differ and is updated."""
-        existing = self.manifest()
-        if existing and self.fingerprint() != {key: provenance.get(key) for key in FINGERPRINT}:
-            produced_by = {k: v for k, v in existing.items() if k not in (_SKIPPED, _LAST_EXTRACTION)}
-            raise ValueError(f"feature cache {self.path} was written by {produced_by}, not by {provenance}")
-        self._save_manifest({**existing, **provenance})
+        with self._manifest_lock():
+            existing = self.manifest()
+            if existing and self.fingerprint() != {key: provenance.get(key) for key in FINGERPRINT}:
+                records = (_SKIPPED, _LAST_EXTRACTION, _EXTRACTIONS)
+                produced_by = {k: v for k, v in existing.items() if k not in records}
+                raise ValueError(f"feature cache {self.path} was written by {produced_by}, not by {provenance}")
+            self._save_manifest({**existing, **provenance})
 
     def fingerprint(self) -> dict | None:
         """The `FINGERPRINT` entries of the manifest (None for features without one: CLAM/TRIDENT `.h5`): a bag
@@ -134,13 +139,25 @@ class FeatureCache:
 
     def record_skipped(self, skipped: dict[str, str]) -> None:
         """Add `skipped` to the manifest's record; slides that have features by now leave it."""
-        merged = {**self.skipped(), **skipped}
-        self._save_manifest({**self.manifest(), _SKIPPED: {k: v for k, v in sorted(merged.items()) if not self.has(k)}})
+        with self._manifest_lock():
+            merged = {**self.skipped(), **skipped}
+            kept = {k: v for k, v in sorted(merged.items()) if not self.has(k)}
+            self._save_manifest({**self.manifest(), _SKIPPED: kept})
 
     def record_extraction(self, summary: dict) -> None:
-        """Keep the latest extraction's throughput in the manifest (`extraction_summary`), to compare across
-        versions and machines."""
-        self._save_manifest({**self.manifest(), _LAST_EXTRACTION: summary})
+        """Keep an extraction's throughput and the slides it embedded in the manifest (`extraction_summary`): the
+        latest as `last_extraction`, to compare across versions and machines, and each process's in `extractions`,
+        which says who embedded which slide when several ran at once."""
+        with self._manifest_lock():
+            manifest = self.manifest()
+            history = [*manifest.get(_EXTRACTIONS, []), summary][-_KEPT_EXTRACTIONS:]
+            self._save_manifest({**manifest, _LAST_EXTRACTION: summary, _EXTRACTIONS: history})
+
+    def _manifest_lock(self) -> FileLock:
+        """Held around every read-modify-write of the manifest: extractions running at once each record theirs."""
+        locks = self.path / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(locks / f"{_MANIFEST}.lock")
 
     def _save_manifest(self, manifest: dict) -> None:
         atomic_write(self.path / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -187,7 +204,7 @@ class FeatureCache:
         for folder, dirs, _ in os.walk(self.path):  # never into slides' groups: a cache holds many files per slide
             for name in [d for d in dirs if ".zarr.tmp-" in d]:
                 host, _, pid = name.rpartition(".tmp-")[2].rpartition("-")
-                if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                if host == _HOST and pid.isdigit() and not process_alive(int(pid)):
                     shutil.rmtree(Path(folder, name), ignore_errors=True)
                     removed.append(Path(folder, name))
             dirs[:] = [d for d in dirs if not d.endswith(".zarr") and ".zarr.tmp-" not in d]
@@ -335,13 +352,3 @@ def _damage(folder: Path, stamps: list[tuple] | None = None) -> str | None:
             if found == 0 or (size is not None and found != size):
                 return f"chunk {name}/{key} holds {found} bytes" + (f", not {size}" if size else "")
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -21,9 +21,10 @@ from ..cohort.targets import Targets
 from ..io import check
 from ..slides import Resample, Slide, SlideError, open_slide
 from ..slides.tiling import SlidePatches, TilingConfig
-from .samplers import SlideShardSampler
+from .claims import SlideClaims
+from .samplers import SlideShardSampler, balanced_owners
 
-__all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule"]
+__all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule", "parse_shard"]
 
 
 class PatchDataset(Dataset):
@@ -123,6 +124,9 @@ class SlidePatchDataModule(pl.LightningDataModule):
     records it: here the slides that could not be tiled, the feature writer adds those with a broken tile.
     `targets` says which columns of the labels CSV hold the slides' targets (ICMIL trains its bag phase on them).
     `annotations`: a folder of `<slide_id>.geojson` / `.xml` ground truth for rows without an `annotations` cell.
+    `shard` (`i/n`, e.g. `${oc.env:SLURM_ARRAY_TASK_ID}/8`): this process takes the i-th of n fixed shares of the
+    slides (balanced by patch count), for schedulers whose tasks cannot share claims on one filesystem; where they can,
+    running the same extraction n times needs no shard (the feature writer's claims split the slides as they go).
     """
 
     def __init__(
@@ -136,8 +140,10 @@ class SlidePatchDataModule(pl.LightningDataModule):
         on_slide_error: OnSlideError = "raise",
         targets: Targets = Targets(),
         annotations: str | None = None,
+        shard: str | None = None,
     ) -> None:
         super().__init__()
+        self.shard = parse_shard(shard)
         self.labels = labels
         self.annotations = annotations
         self.targets = targets
@@ -150,6 +156,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
         self.slide_patches: list[SlidePatches] | None = None
         self.skipped: dict[str, str] = {}
         self._excluded: set[str] = set()
+        self.claims: SlideClaims | None = None  # set by the feature writer: slides are served once claimed
 
     @functools.cached_property
     def cohort(self) -> SlideCohort:
@@ -175,8 +182,14 @@ class SlidePatchDataModule(pl.LightningDataModule):
         return [row.slide_id for row in self.cohort.rows]
 
     def dataset(self) -> PatchDataset:
+        """The patches still to embed: this shard's slides, less the excluded."""
         self.setup()
-        slides = [s for s in self.slide_patches if s.slide_id not in self._excluded]
+        slides = self.slide_patches
+        if self.shard is not None:
+            index, parts = self.shard
+            owners = balanced_owners([len(s.grid) for s in slides], parts)
+            slides = [s for s, owner in zip(slides, owners, strict=True) if owner == index]
+        slides = [s for s in slides if s.slide_id not in self._excluded]
         return PatchDataset(slides, skip_errors=self.on_slide_error == "skip")
 
     def predict_dataloader(self) -> DataLoader:
@@ -185,10 +198,20 @@ class SlidePatchDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=SlideShardSampler(dataset, rank, world),
+            sampler=SlideShardSampler(dataset, rank, world, self.claims),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """`"i/n"` as (i, n), 0 <= i < n."""
+    if shard is None:
+        return None
+    index, _, parts = str(shard).partition("/")
+    ok = index.strip().isdigit() and parts.strip().isdigit() and 0 <= int(index) < int(parts)
+    check("data.shard", ok, "i/n with 0 <= i < n (e.g. 0/4)", shard)
+    return int(index), int(parts)
 
 
 class PatchSampleDataModule(pl.LightningDataModule):

@@ -7,7 +7,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["EpochShuffle", "SlideShardSampler", "evaluation_sampler"]
+from .claims import SlideClaims
+
+__all__ = ["EpochShuffle", "SlideShardSampler", "balanced_owners", "evaluation_sampler"]
 
 
 class EpochShuffle(Sampler[int]):
@@ -38,24 +40,35 @@ def evaluation_sampler(dataset: Dataset, trainer: pl.Trainer | None) -> Sampler 
     )
 
 
+def balanced_owners(sizes: list[int], parts: int) -> list[int]:
+    """Which of `parts` shares each item goes to, balancing the sum of `sizes` (largest first to the lightest share;
+    ties to the lower share): the same answer in every process that has the same sizes."""
+    loads = [0] * parts
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner = owners[index] = loads.index(min(loads))
+        loads[owner] += sizes[index]
+    return owners
+
+
 class SlideShardSampler(Sampler[int]):
     """Whole slides per process (balanced by patch count), in order: each rank writes complete slides under DDP.
 
-    `dataset` is a `PatchDataset` (anything with `slide_ranges()`)."""
+    `dataset` is a `PatchDataset` (anything with `slide_ranges()`). With `claims`, a slide is served only once this
+    process holds its claim (taken as the loader reaches it, in the main process), so that extractions running at
+    once on one cache each embed different slides; `len` then counts every slide this rank could get."""
 
-    def __init__(self, dataset, rank: int = 0, world_size: int = 1) -> None:
-        loads = [0] * world_size
-        mine: list[tuple[int, int]] = []
-        for _, start, end in sorted(dataset.slide_ranges(), key=lambda r: r[1] - r[2]):  # largest first
-            owner = loads.index(min(loads))
-            loads[owner] += end - start
-            if owner == rank:
-                mine.append((start, end))
-        self.indices = [i for start, end in sorted(mine) for i in range(start, end)]
-        self.num_slides = len(mine)
+    def __init__(self, dataset, rank: int = 0, world_size: int = 1, claims: SlideClaims | None = None) -> None:
+        ranges = dataset.slide_ranges()
+        owners = balanced_owners([end - start for _, start, end in ranges], world_size)
+        self.slides = [r for r, owner in zip(ranges, owners, strict=True) if owner == rank]
+        self.claims = claims
+        self.num_slides = len(self.slides)
 
     def __iter__(self):
-        return iter(self.indices)
+        for slide_id, start, end in self.slides:
+            if self.claims is None or self.claims.claim(slide_id):
+                yield from range(start, end)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return sum(end - start for _, start, end in self.slides)

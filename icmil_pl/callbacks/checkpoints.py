@@ -82,8 +82,11 @@ class BestCheckpoint(AtomicCheckpoint):
         tie = self._candidates.get(self.tie_break) if self.tie_break else None
         best = self.best_model_score
         ties = (
-            tie is not None and self.best_tie is not None and best is not None
-            and bool(torch.eq(current.cpu(), best.cpu())) and bool(torch.lt(tie.cpu(), self.best_tie.cpu()))
+            tie is not None
+            and self.best_tie is not None
+            and best is not None
+            and bool(torch.eq(current.cpu(), best.cpu()))
+            and bool(torch.lt(tie.cpu(), self.best_tie.cpu()))
         )
         return trainer.strategy.reduce_boolean_decision(ties)
 

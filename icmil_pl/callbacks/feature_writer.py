@@ -2,13 +2,16 @@
 
 `python -m icmil_pl predict -c experiments/extract.yaml` and the ICMIL loop both run `trainer.predict(PatchEmbedder,
 SlidePatchDataModule)` with this callback: it picks the cache folder from the embedder's fingerprint and the patch
-geometry, tells the data module to skip slides already there, and commits each slide atomically once complete.
+geometry, tells the data module to skip slides already there, and commits each slide atomically once complete. The
+same command run several times at once (a job array) fills one cache together: each slide is claimed before it is
+embedded (`data_modules.datasets.claims`), so each is embedded once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import icmil_pl
+from data_modules.datasets.claims import HOST, SlideClaims
 from data_modules.datasets.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
 from data_modules.datasets.patches import SlidePatchDataModule
 from data_modules.slides.tiling import TilingConfig
@@ -53,11 +57,21 @@ class FeatureWriter(pl.Callback):
     With the data's `on_slide_error: skip`, a slide with a patch that cannot be read is dropped whole (its writer
     aborted, nothing half written) and recorded in `skipped` with the reader's error, as are the slides that could not
     be tiled; the cache's manifest keeps them and the end of the run lists them.
+
+    Extractions running at once on one cache claim each slide before embedding it and leave the slides others hold;
+    `claim_timeout`: seconds without a heartbeat after which a claim from another host is taken to be dead (a dead
+    process's claim on this host is taken over at once). A heartbeat comes with every batch, so the timeout bounds
+    the time of one batch, not of one slide.
     """
 
-    def __init__(self, cache_root: str = "runs/features", dtype: FeatureDtype = "float16") -> None:
-        self.cache_root, self.dtype = Path(cache_root), dtype
+    def __init__(
+        self, cache_root: str = "runs/features", dtype: FeatureDtype = "float16", claim_timeout: float = 600.0
+    ) -> None:
+        self.cache_root, self.dtype, self.claim_timeout = Path(cache_root), dtype, claim_timeout
+        if not claim_timeout > 0:
+            raise ValueError(f"FeatureWriter.claim_timeout: expected seconds > 0, got {claim_timeout!r}")
         self.cache: FeatureCache | None = None
+        self.claims: SlideClaims | None = None
         self._provenance: dict = {}
         self._sizes: dict[str, int] = {}
         self._grid_sizes: dict[str, float] = {}
@@ -87,6 +101,7 @@ class FeatureWriter(pl.Callback):
         self._sources = {s.slide_id: s.digest() for s in data.slide_patches}
         cached = {slide_id for slide_id, source in self._sources.items() if self.cache.has(slide_id, source)}
         data.exclude(cached)
+        self.claims = data.claims = SlideClaims(self.cache.path / ".claims", self.claim_timeout, self._complete)
         self._cached, self._done, self._clock = len(cached), {}, time.perf_counter()
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
@@ -125,32 +140,48 @@ class FeatureWriter(pl.Callback):
                 writer.append(features[start:end], coords[start:end])
                 if writer.complete:
                     writer.commit()
+                    self.claims.release(slide)
                     del self._open[slide]
                     self._done[slide] = time.perf_counter() - self._began.pop(slide)
                     if self._bar is not None:
                         self._bar.update()
             start = end
+        self.claims.refresh()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         unfinished = sorted(self._open)
         self._abort()
         if unfinished:
             raise RuntimeError(f"feature extraction ended with incomplete slides: {unfinished}")
+        others = {s for s in self.claims.left_to_others if s not in self._done}
+        taken = dict(self.claims.taken_over)
         if trainer.world_size > 1:  # each process skipped and embedded slides of its own share
             parts: list[tuple] = [() for _ in range(trainer.world_size)]
-            torch.distributed.all_gather_object(parts, (self.skipped, self._done))
+            torch.distributed.all_gather_object(parts, (self.skipped, self._done, others, taken))
             self.skipped = {k: v for part in parts for k, v in part[0].items()}
             self._done = {k: v for part in parts for k, v in part[1].items()}
-        self._report(trainer)
+            others = {s for part in parts for s in part[2]}
+            taken = {k: v for part in parts for k, v in part[3].items()}
+        self._report(trainer, others, taken)
 
-    def _report(self, trainer: pl.Trainer) -> None:
+    def _report(self, trainer: pl.Trainer, others: set[str] = frozenset(), taken: dict | None = None) -> None:
         if trainer.is_global_zero:
             self.cache.record_skipped(self.skipped)
-            summary = extraction_summary(self._done, self._sizes, self._cached, self.skipped, self._clock)
-            self.cache.record_extraction({k: v for k, v in summary.items() if k != "line"})
+            summary = extraction_summary(self._done, self._sizes, self._cached, self.skipped, self._clock, others)
+            record = {k: v for k, v in summary.items() if k != "line"}
+            started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - summary["seconds"]))
+            record.update(host=HOST, pid=os.getpid(), started=started, embedded=sorted(self._done))
+            record.update(taken_over=taken or {})
+            self.cache.record_extraction(record)
             print(f"features: {self.cache.path}")
             print(summary["line"])
+            for slide, holder in sorted((taken or {}).items()):
+                print(f"took over {slide}: its claim was held by {holder}, which is gone")
             report_skipped(self.skipped)
+
+    def _complete(self, slide_id: str) -> bool:
+        """Whether another process finished `slide_id` since this one looked at the cache."""
+        return self.cache.has(slide_id, self._sources.get(slide_id))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._abort()
@@ -159,6 +190,7 @@ class FeatureWriter(pl.Callback):
         writer = self._open.pop(slide_id, None)
         if writer is not None:
             writer.abort()
+        self.claims.release(slide_id)
         self.skipped[slide_id] = error
         if self._bar is not None:
             self._bar.update()
@@ -170,6 +202,7 @@ class FeatureWriter(pl.Callback):
             "num_patches": self._sizes[slide_id],
             "level0_patch_size": self._grid_sizes[slide_id],
             "source": self._sources[slide_id],
+            "embedded_by": {"host": HOST, "pid": os.getpid()},
         }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
         self._began[slide_id] = time.perf_counter()
@@ -179,17 +212,25 @@ class FeatureWriter(pl.Callback):
         for writer in self._open.values():
             writer.abort()
         self._open.clear()
+        if self.claims is not None:
+            self.claims.release_all()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
 
 def extraction_summary(
-    done: dict[str, float], sizes: dict[str, int], cached: int, skipped: dict[str, str], began: float
+    done: dict[str, float],
+    sizes: dict[str, int],
+    cached: int,
+    skipped: dict[str, str],
+    began: float,
+    others: set[str] = frozenset(),
 ) -> dict:
     """What an extraction did and how fast, as printed at its end and kept in the cache's manifest: slides embedded,
-    already cached and skipped, patches, patches per second (of the wall time since it began) and seconds per slide
-    (median and slowest), the figure users compare across versions."""
+    already cached, skipped and left to other processes at work on the same cache, patches, patches per second (of
+    the wall time since it began) and seconds per slide (median and slowest), the figure users compare across
+    versions."""
     seconds = time.perf_counter() - began
     patches = sum(sizes.get(slide, 0) for slide in done)
     per_slide = sorted(done.values())
@@ -198,6 +239,7 @@ def extraction_summary(
         "slides_embedded": len(done),
         "slides_cached": cached,
         "slides_skipped": len(skipped),
+        "slides_left_to_others": len(others),
         "patches": patches,
         "seconds": round(seconds, 3),
         "patches_per_second": round(patches / seconds, 2) if seconds > 0 else None,
@@ -212,9 +254,10 @@ def extraction_summary(
         if per_slide
         else ""
     )
+    left = f", {len(others)} left to other processes" if others else ""
     summary["line"] = (
-        f"extraction: {len(done)} slides embedded, {cached} already cached, {len(skipped)} skipped; {patches} patches "
-        f"in {seconds:.1f} s, {rate}{timing}"
+        f"extraction: {len(done)} slides embedded, {cached} already cached, {len(skipped)} skipped{left}; {patches} "
+        f"patches in {seconds:.1f} s, {rate}{timing}"
     )
     return summary
 
@@ -226,9 +269,11 @@ def extract_features(
     *,
     dtype: FeatureDtype = "float16",
     trainer_kwargs: dict | None = None,
+    claim_timeout: float = 600.0,
 ) -> FeatureCache:
-    """Embed every patch of `data` not already cached under this embedder's key; returns the cache."""
-    writer = FeatureWriter(cache_root, dtype)
+    """Embed every patch of `data` not already cached under this embedder's key (nor claimed by another extraction
+    at work on the same cache); returns the cache."""
+    writer = FeatureWriter(cache_root, dtype, claim_timeout)
     kwargs = {"logger": False, "enable_checkpointing": False, **(trainer_kwargs or {})}
     kwargs["use_distributed_sampler"] = False  # the data module shards whole slides across processes itself
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), writer]
