@@ -8,6 +8,11 @@ with the trainable parameters and Adam's state bytes of both fine-tuning modes. 
 fresh subprocess so that peak memory (max RSS on CPU, max allocated on CUDA) belongs to that configuration alone.
 Patches come from a lazy bag that generates them on demand (a 16384-patch float bag would be 800 MB by itself).
 
+`--variants evaluate` measures evaluation instead (validation, test, predict: no graph): the bag head's output and
+every patch's instance logits (what heatmaps draw), after embedding the bag chunk by chunk (`chunked.embed_chunked`),
+or with `--features-only D` on an (N, D) feature bag held in memory, as the bag phase reads it from the cache.
+`--head` picks the aggregator (`icmil_pl.aggregators`, by name; `TransMIL-nystrom` for the paper's approximation).
+
 Full-bag backward is run only while its estimated peak (its growth above the model's baseline, extrapolated linearly
 from the largest size measured so far) fits --budget-gb; the worker also caps its address space on CPU, so a
 misestimate reports OOM instead of taking the machine down. Timings are the fastest of --steps steps after one
@@ -15,6 +20,7 @@ warm-up step (bags larger than --large warm up on a --warmup-size bag and are ti
 
     python benchmarks/bench_chunked.py [--sizes 256 1024 4096 16384] [--device cpu|cuda] [--precision 32|bf16]
     python benchmarks/bench_chunked.py --embedder vit_small_lora --chunk-size 32 --sizes 64 128 256 1024 8192
+    python benchmarks/bench_chunked.py --variants evaluate --sizes 10000 50000 100000 [--features-only 1024] [--head X]
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-VARIANTS = ("chunked", "full", "checkpoint")
+VARIANTS = ("chunked", "full", "checkpoint", "evaluate")
+HEADS = ("gated", "MeanPool", "MaxPool", "ABMIL", "CLAMSB", "DSMIL", "DTFDMIL", "TransMIL", "TransMIL-nystrom")
 EMBEDDERS = ("resnet18", "vit_small_lora", "vit_small_full")
 PATCH = {"resnet18": 64, "vit_small_lora": 224, "vit_small_full": 224}
 GB = 1024**3
@@ -109,6 +116,28 @@ class GatedAttention(nn.Module):
         return self.head((a * h).sum(0))
 
 
+def make_head(name: str, dim: int) -> nn.Module:
+    """The bench's own gated-attention head, or one of the project's aggregators (random init, evaluation mode)."""
+    if name == "gated":
+        return GatedAttention(dim)
+    from icmil_pl import aggregators
+
+    family, _, attention = name.partition("-")
+    return getattr(aggregators, family)(dim, 2, **({"attention": attention} if attention else {})).eval()
+
+
+def evaluate(embedder: nn.Module | None, head: nn.Module, bag, chunk: int) -> None:
+    """What validation, test and predict do with one bag: embed without a graph (a lazy bag) or take the features,
+    then the bag output and the per-patch instance logits."""
+    from icmil_pl.chunked import embed_chunked
+
+    with torch.inference_mode():
+        h = bag if embedder is None else embed_chunked(embedder, bag, chunk)
+        head(h)
+        if hasattr(head, "instance_logits"):
+            head.instance_logits(h)
+
+
 def step(variant: str, embedder: nn.Module, head: nn.Module, bag: SyntheticBag, chunk: int, device: torch.device):
     from icmil_pl.chunked import bag_backward
 
@@ -147,31 +176,45 @@ def worker(args: argparse.Namespace) -> dict:
         limit = vm_size_bytes() + int(1.5 * args.budget_gb * GB)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.manual_seed(0)
-    embedder = make_embedder(args.embedder, args.grad_checkpointing).to(device)
-    head = GatedAttention(getattr(embedder, "feature_dim", None) or embedder.num_features).to(device)
+    features = args.variant == "evaluate" and args.features_only
+    embedder = None if features else make_embedder(args.embedder, args.grad_checkpointing).to(device)
+    dim = args.features_only or getattr(embedder, "feature_dim", None) or embedder.num_features
+    head = make_head(args.head, dim).to(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     large = args.size > args.large
     patch, uint8 = PATCH[args.embedder], args.embedder != "resnet18"
     warm_size = min(args.warmup_size, args.size) if large else args.size
-    warmup, steps = SyntheticBag(warm_size, patch, uint8), 1 if large else args.steps
 
-    def timed(bag: SyntheticBag) -> tuple[float, float]:
+    def make_bag(n: int):
+        if features:  # in float32 as the model reads a cache, made in place (no second copy)
+            return torch.empty(n, dim, device=device).uniform_(-1, 1, generator=torch.Generator(device).manual_seed(0))
+        return SyntheticBag(n, patch, uint8)
+
+    warmup, steps = make_bag(warm_size), 1 if large else args.steps
+
+    def timed(bag) -> tuple[float, float]:
         """Wall seconds, and this process's CPU seconds (less sensitive to other jobs sharing the cores)."""
-        embedder.zero_grad(set_to_none=True)
-        head.zero_grad(set_to_none=True)
+        for module in (embedder, head):
+            if module is not None:
+                module.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
         with amp:
-            step(args.variant, embedder, head, bag, args.chunk_size, device)
+            if args.variant == "evaluate":
+                evaluate(embedder, head, bag, args.chunk_size)
+            else:
+                step(args.variant, embedder, head, bag, args.chunk_size, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, time.process_time() - cpu_start
 
     try:
         timed(warmup)
-        seconds, cpu_seconds = min(timed(SyntheticBag(args.size, patch, uint8)) for _ in range(steps))
+        del warmup
+        bag = make_bag(args.size)
+        seconds, cpu_seconds = min(timed(bag) for _ in range(steps))
     except (RuntimeError, MemoryError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
@@ -187,13 +230,14 @@ def worker(args: argparse.Namespace) -> dict:
         "steps": steps,
         "peak_gb": peak / GB,
         "base_gb": base / GB,
-        "warmup_size": len(warmup),
+        "warmup_size": warm_size,
     }
 
 
 def run_config(args: argparse.Namespace, variant: str, size: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--size", str(size)]
-    for flag in ("device", "precision", "chunk_size", "steps", "budget_gb", "large", "warmup_size", "embedder"):
+    flags = ("device", "precision", "chunk_size", "steps", "budget_gb", "large", "warmup_size", "embedder", "head")
+    for flag in (*flags, "features_only"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -213,8 +257,9 @@ def ratio(a: dict | None, b: dict | None, key: str) -> str:
 def main(args: argparse.Namespace) -> None:
     sizes = sorted(args.sizes)
     results: dict[tuple[str, int], dict] = {}
+    source = f"features_only={args.features_only}" if args.features_only else f"embedder={args.embedder}"
     print(
-        f"embedder={args.embedder} device={args.device} precision={args.precision} chunk_size={args.chunk_size} "
+        f"{source} head={args.head} device={args.device} precision={args.precision} chunk_size={args.chunk_size} "
         f"patch={PATCH[args.embedder]}px threads={torch.get_num_threads()} budget={args.budget_gb} GB (full bag)"
         + (" grad_checkpointing" if args.grad_checkpointing else "")
     )
@@ -251,12 +296,19 @@ def main(args: argparse.Namespace) -> None:
             )
 
     lo, hi = sizes[0], sizes[-1]
+    if "evaluate" in args.variants:
+        peaks = "  ".join(
+            f"N={n}: {ratio(results.get(('evaluate', n)), results.get(('evaluate', lo)), 'peak_gb')}" for n in sizes
+        )
+        print(f"\nevaluation peak memory as a ratio of N={lo}'s: {peaks}")
+        if args.variants == ["evaluate"]:
+            return
     print(
         f"\nratios (time: wall, in brackets process CPU)\n  chunked peak memory N={hi} / N={lo}: "
         f"{ratio(results.get(('chunked', hi)), results.get(('chunked', lo)), 'peak_gb')}  (target <= 1.25x)"
     )
     for size in sizes:
-        chunked, full, ckpt = (results.get((v, size)) for v in VARIANTS)
+        chunked, full, ckpt = (results.get((v, size)) for v in ("chunked", "full", "checkpoint"))
         print(
             f"  N={size:<6} chunked/full time {ratio(chunked, full, 'seconds')} ({ratio(chunked, full, 'cpu_seconds')})"
             f" [target <= 1.4x, floor ~4/3]; chunked/checkpoint time {ratio(chunked, ckpt, 'seconds')}"
@@ -276,6 +328,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per configuration; fastest kept")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="full-bag runs only while estimated to fit")
     parser.add_argument("--embedder", choices=EMBEDDERS, default="resnet18")
+    parser.add_argument("--head", choices=HEADS, default="gated", help="the bag head (evaluate: any aggregator)")
+    parser.add_argument("--features-only", type=int, default=0, metavar="D", help="evaluate on (N, D) features")
     parser.add_argument("--grad-checkpointing", action="store_true", help="ViTs: recompute block activations")
     parser.add_argument("--summary-only", action="store_true", help="print the fine-tuning parameter summary, exit")
     parser.add_argument(
