@@ -92,6 +92,7 @@ class ICMILCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         self._wandb_offline_by_default = wandb_run.default_offline(self.trainer.loggers)
+        wandb_run.group_job_array(self.trainer.loggers)
 
     def _run_subcommand(self, subcommand: str) -> None:
         self._mention_precision()

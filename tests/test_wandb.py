@@ -207,6 +207,15 @@ def test_a_netrc_entry_counts_as_logged_in(host, no_credentials):
     assert not wandb_run.has_credentials()
 
 
+def test_the_tasks_of_a_slurm_job_array_share_a_group(no_credentials, monkeypatch):
+    """Folds or seeds run as array tasks land in one W&B group; a group the user names is kept."""
+    assert wandb_run.group_job_array([_logger()]) is None
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    plain, named = _logger(), _logger(group="mine")
+    assert wandb_run.group_job_array([plain, named, CSVLogger(str(no_credentials))]) == "slurm-4242"
+    assert plain._wandb_init["group"] == "slurm-4242" and named._wandb_init["group"] == "mine"
+
+
 def test_offline_on_the_logger_is_passed_to_wandb_init(no_credentials):
     """Lightning's `offline=True` sets WANDB_MODE, which wandb ignores once it is set up in the process."""
     logger = _logger(offline=True)

@@ -6,6 +6,10 @@ setting, the netrc entry `wandb login` writes for the W&B host) and offline othe
 upload it (`wandb sync <dir>`). The mode is passed to `wandb.init` (not through `WANDB_MODE`: wandb reads its
 environment once per process, so a variable set after its first use is ignored).
 
+Tasks of one Slurm job array (folds, seeds or sweep trials as array tasks) share a W&B group, `slurm-<array job id>`,
+unless the logger names one; the processes of one DDP job, on one node or several, make one run (Lightning logs from
+rank 0 only).
+
 The resolved config goes on the run as one nested dict under `CONFIG_KEY`: under `wandb agent` the run's config
 already holds the sweep parameters as flat dotted keys (`model.init_args.lr`), and Lightning logs the model's
 hyperparameters by argument name (`lr`), so neither is overwritten (and W&B shows `cli.model.init_args.lr`).
@@ -20,7 +24,7 @@ from typing import Any
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["CONFIG_KEY", "default_offline", "has_credentials", "locations", "start"]
+__all__ = ["CONFIG_KEY", "default_offline", "group_job_array", "has_credentials", "locations", "start"]
 
 CONFIG_KEY = "cli"  # not a CLI argument (`config` is: a sweep over `--config` files would lock that key)
 
@@ -79,6 +83,20 @@ def default_offline(loggers: Iterable[Logger]) -> bool:
     for init in unset:
         init["mode"] = "offline"
     return True
+
+
+def group_job_array(loggers: Iterable[Logger]) -> str | None:
+    """Puts the W&B runs of `loggers` in the group of their Slurm job array (`SLURM_ARRAY_JOB_ID`) where no group is
+    set; returns the group given, or None outside an array. Call before the runs start."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if not job:
+        return None
+    group = f"slurm-{job}"
+    for logger in _wandb_loggers(loggers):
+        run, _, init = _private(logger)
+        if run is None and not init.get("group"):
+            init["group"] = group
+    return group
 
 
 @rank_zero_only
