@@ -4,6 +4,7 @@ ground truth of the slide."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -68,9 +69,22 @@ def test_geojson_tiles_carry_the_stored_scores_and_the_annotations(tmp_path):
         m = tile["properties"]["measurements"]
         assert (m["attention"], m["prob_normal"], m["prob_tumour"]) == pytest.approx((attention, *probs), rel=1e-6)
         assert tile["properties"]["classification"]["name"] == ("tumour" if probs[1] > 0.5 else "normal")
-    names = [f["properties"]["name"] for f in features if f["properties"]["objectType"] == "annotation"]
-    assert names == ["tiled tissue", "tumour (ground truth)"]
+    annotations = [f["properties"] for f in features if f["properties"]["objectType"] == "annotation"]
+    assert [a["name"] for a in annotations] == ["tiled tissue", "tumour (ground truth)"]
+    assert all("classification" not in a and len(a["color"]) == 3 for a in annotations)  # no classes added to QuPath
     assert shape(features[-1]["geometry"]).equals(shape(truth))
+
+
+def test_every_feature_has_an_id_that_a_rerun_keeps_and_another_run_changes(tmp_path):
+    """QuPath updates objects of the same id on import: a rerun into one folder must not duplicate a slide's tiles."""
+    scores = _scores(truth={"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]})
+    first = json.loads(write_geojson(tmp_path / "run", scores).read_text())["features"]
+    again = json.loads(write_geojson(tmp_path / "run", scores).read_text())["features"]
+    other = json.loads(write_geojson(tmp_path / "other", scores).read_text())["features"]
+    ids = [f["id"] for f in first]
+    assert len(set(ids)) == len(first) == len(scores.coords) + 2
+    assert all(str(uuid.UUID(i)) == i for i in ids)
+    assert ids == [f["id"] for f in again] and not set(ids) & {f["id"] for f in other}
 
 
 def test_without_attention_tiles_carry_only_probabilities():
