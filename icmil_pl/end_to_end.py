@@ -29,6 +29,7 @@ from data_modules.io import check, check_choice
 from .aggregators import Aggregator
 from .callbacks.figure_writer import FigureWriter
 from .chunked import Bag, bag_backward, bag_backward_sharded, embed_chunked
+from .encoders import PatchEmbedder
 from .slide_task import ClassNames, Scheduler, SlideTask
 from .tasks import Task
 
@@ -244,6 +245,9 @@ class EndToEndMIL(SlideTask):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        tiling = getattr(self.trainer.datamodule, "tiling", None)
+        if tiling is not None and isinstance(self.embedder, PatchEmbedder):
+            self.embedder.check_tiling(tiling.mpp, tiling.patch_size)
         if self._sharded and self.trainer._accelerator_connector.use_distributed_sampler:
             raise ValueError(
                 "shard_bags: every process must be given every bag; set trainer.use_distributed_sampler: false"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import httpx
 import huggingface_hub
@@ -234,6 +235,28 @@ def test_hub_ids_take_model_kwargs(monkeypatch):
     assert seen["name"] == "hf-hub:org/model" and seen["pretrained"] and seen["mlp_layer"] is timm.layers.SwiGLUPacked
     assert embedder.feature_dim == 16 and embedder(torch.zeros(1, 3, 48, 48, dtype=torch.uint8)).shape == (1, 16)
     assert (embedder.input_size, embedder.resize_size, embedder.mean.flatten()[0]) == (32, 40, 0.5)  # its data config
+
+
+def test_patches_cut_otherwise_than_the_preset_authors_are_warned_about_once(monkeypatch):
+    """256 px tiles resized to a 224 px model: H-optimus-0 and Virchow2 would see 0.571 um/px, not their 0.5."""
+    from icmil_pl.encoders import embedder as module
+
+    monkeypatch.setattr(module, "_WARNED", set())
+    vit = PatchEmbedder("kaiko-vit-s16")
+    expected = (
+        r"tiling: kaiko-vit-s16 was trained on 224 px tiles at 0.5 um/px; this run cuts 256 px at 0.5 um/px, resized "
+        r"to 224 px, so the model sees 0.571 um/px where its authors fed 0.5. Set tiling: \{mpp: 0.5, patch_size: "
+        r"224\} \(experiments/encoders/kaiko-vit-s16.yaml does\)"
+    )
+    with pytest.warns(UserWarning, match=expected):
+        vit.check_tiling(0.5, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the coupling and the next extraction read the same tiles
+        assert vit.check_tiling(0.5, 256) is not None
+        assert vit.check_tiling(0.5, 224) is None and vit.check_tiling(0.50001, 224) is None
+        assert PatchEmbedder("resnet18", truncate_after="layer1").check_tiling(1.0, 64) is None  # no preset
+    with pytest.warns(UserWarning, match="cuts 224 px at 1 um/px"):
+        vit.check_tiling(1.0, 224)
 
 
 def test_the_cli_mentions_a_preset_run_at_another_precision(capsys):

@@ -71,17 +71,22 @@ def test_fragment_composes(experiment, fragment, capsys):
 
 @pytest.mark.parametrize("encoder", ENCODERS, ids=[p.stem for p in ENCODERS])
 def test_encoder_fragment_sets_the_embedder_and_the_aggregator_width(encoder, capsys):
-    """Each preset's fragment composes with every ICMIL experiment, also before an aggregator fragment."""
+    """Each preset's fragment composes with every ICMIL experiment, also before an aggregator fragment, and cuts the
+    tiles the preset's authors cut."""
     from icmil_pl.encoders import PRESETS
 
     assert encoder.stem in PRESETS
     for configs in [(experiment, encoder) for experiment in ENCODER_EXPERIMENTS] + [
         (ROOT / "demo.yaml", encoder, ROOT / "aggregators" / "transmil.yaml")
     ]:
-        model = _print_config(capsys, "fit", *configs)["model"]["init_args"]
+        config = _print_config(capsys, "fit", *configs)
+        model, tiling = config["model"]["init_args"], config["data"]["init_args"]["tiling"]
         embedder, aggregator = model["embedder"]["init_args"], model["bag"]["init_args"]["aggregator"]
         assert embedder["backbone"] == encoder.stem and embedder["truncate_after"] is None, configs
         assert aggregator["init_args"]["in_dim"] == embedder["feature_dim"] == PRESETS[encoder.stem].feature_dim
+        preset, own = PRESETS[encoder.stem], yaml.safe_load(configs[0].read_text())["data"]["init_args"]["tiling"]
+        assert (tiling["mpp"], tiling["patch_size"]) == (preset.tile_mpp, preset.tile_px), configs  # its authors'
+        assert tiling["tissue_threshold"] == own["tissue_threshold"], configs  # the experiment's tissue settings
 
 
 @pytest.mark.parametrize("command", _readme_commands(), ids=" ".join)

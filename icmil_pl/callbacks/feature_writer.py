@@ -91,6 +91,7 @@ class FeatureWriter(pl.Callback):
         data = trainer.datamodule
         if not isinstance(pl_module, PatchEmbedder) or not isinstance(data, SlidePatchDataModule):
             raise ValueError("FeatureWriter needs model: PatchEmbedder and data: SlidePatchDataModule")
+        pl_module.check_tiling(data.tiling.mpp, data.tiling.patch_size)
         self.cache = FeatureCache(self.cache_root / cache_key(pl_module, data.tiling))
         self._provenance = provenance(pl_module, data.tiling)
         if trainer.is_global_zero:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +24,12 @@ from data_modules.slides.tiling import SlidePatches
 
 from .backbones import Preprocessing, build_backbone
 from .finetune import Finetune, FullFinetune
-from .presets import PRESETS, EncoderPreset, Interpolation, Output
+from .presets import PRESETS, EncoderPreset, Interpolation, Output, tiling_mismatch
 from .weights import hub_weights, load_weights, weights_from_map
 
 __all__ = ["FrozenBatchNorm2d", "LeNetEmbedder", "PatchEmbedder", "freeze_batchnorm", "reestimated"]
+
+_WARNED: set[str] = set()  # tiling warnings given in this process: each once, however many phases read patches
 
 
 class PatchEmbedder(pl.LightningModule):
@@ -210,6 +213,15 @@ class PatchEmbedder(pl.LightningModule):
             self.backbone = self.finetune.merge(self.backbone)
             self._finetuning = False
         return self
+
+    def check_tiling(self, mpp: float, patch_size: int) -> str | None:
+        """Warns (once per process) where patches are cut otherwise than a preset's authors cut them, naming both;
+        returns the warning, or None."""
+        message = tiling_mismatch(self.preset, mpp, patch_size, self.resize_size)
+        if message is not None and message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=2)
+        return message
 
     def fingerprint(self) -> str:
         """A short hash of the architecture, normalisation and current weights: feature caches are keyed by it."""

@@ -7,11 +7,21 @@ and the models' own hub configs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "EncoderPreset", "Interpolation", "Output", "licence_page"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "EncoderPreset",
+    "Interpolation",
+    "Output",
+    "licence_page",
+    "tiling_mismatch",
+]
 
 Output = Literal["pooled", "cls", "cls+mean"]  # timm's own pooled output, the class token, or class ++ patch mean
 Interpolation = Literal["bilinear", "bicubic"]
@@ -39,6 +49,8 @@ class EncoderPreset:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     precision: str = "bf16-mixed"  # Lightning's name for the precision the model is usually run at
+    tile_px: int = 224  # the tiles its authors cut, in pixels at `tile_mpp` (resized to the input on the device)
+    tile_mpp: float = 0.5
     gated: bool = True  # the hub asks users to accept a licence before downloading
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in this order
 
@@ -82,6 +94,7 @@ PRESETS: dict[str, EncoderPreset] = {
         {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
         1024,
         precision="16-mixed",
+        tile_px=256,  # 256 px at 20x, resized to 224 (the paper; TRIDENT's default)
     ),
     "uni2-h": EncoderPreset(
         "MahmoodLab/UNI2-h",
@@ -100,6 +113,7 @@ PRESETS: dict[str, EncoderPreset] = {
             "dynamic_img_size": True,
         },
         1536,
+        tile_px=256,  # as UNI: 256 px at 20x, resized to 224
     ),
     "virchow": _VIRCHOW,
     "virchow2": replace(_VIRCHOW, hub_id="paige-ai/Virchow2", model_kwargs={**_VIRCHOW.model_kwargs, "reg_tokens": 4}),
@@ -131,6 +145,7 @@ PRESETS: dict[str, EncoderPreset] = {
         resize_size=256,
         interpolation="bicubic",
         precision="16-mixed",
+        tile_px=256,  # 256 px at 0.5 um/px, centre crop 224
     ),
     "kaiko-vit-s16": _kaiko("vit_small_patch16_224", {"dynamic_img_size": True}, 384),
     "kaiko-vit-b16": _kaiko("vit_base_patch16_224", {"dynamic_img_size": True}, 768),
@@ -147,3 +162,19 @@ PRESETS: dict[str, EncoderPreset] = {
         gated=False,
     ),
 }
+
+
+def tiling_mismatch(name: str | None, mpp: float, patch_size: int, resize_size: int) -> str | None:
+    """Why patches of `patch_size` px at `mpp` um/px, resized to `resize_size`, are not what preset `name` was
+    trained on (another size is resized on the device, so the model sees another scale); None where they are, or
+    where `name` is no preset."""
+    preset = PRESETS.get(name) if name else None
+    if preset is None or (patch_size == preset.tile_px and math.isclose(mpp, preset.tile_mpp, rel_tol=1e-3)):
+        return None
+    seen, theirs = patch_size * mpp / resize_size, preset.tile_px * preset.tile_mpp / preset.resize_size
+    return (
+        f"tiling: {name} was trained on {preset.tile_px} px tiles at {preset.tile_mpp:g} um/px; this run cuts "
+        f"{patch_size} px at {mpp:g} um/px, resized to {resize_size} px, so the model sees {seen:.3g} um/px where its "
+        f"authors fed {theirs:.3g}. Set tiling: {{mpp: {preset.tile_mpp:g}, patch_size: {preset.tile_px}}} "
+        f"(experiments/encoders/{name}.yaml does)"
+    )
