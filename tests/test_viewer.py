@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from data_modules.annotations import read_annotations
+from data_modules.cohort.splits import save_splits
 from data_modules.slides import open_slide
 from data_modules.slides.tiling import patch_grid
 from data_modules.synthetic import CohortSpec, make_cohort
@@ -37,16 +38,22 @@ needs_openseadragon = pytest.mark.skipif(
 )
 
 
+LONG_ID = "TCGA-A1-A0SB-01Z-00-DX1.ABC123"  # 30 characters, as TCGA's slide ids (23 and more) are
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A run folder whose `final/predict` holds two synthetic slides' patches (the real tissue grid) with random
-    scores and per-patch probabilities, and the tumour truth the cohort knows."""
+    scores and per-patch probabilities, and the tumour truth the cohort knows: one called tumour under a 30-character
+    id (a training slide), one called normal (a test slide)."""
     root = tmp_path_factory.mktemp("viewer")
     spec = CohortSpec(n_slides=2, size=(1536, 1152), positive_fraction=1.0, tumour_area=(0.2, 0.3))
     cohort = make_cohort(root / "cohort", spec)
     rng = np.random.default_rng(0)
-    for path in sorted((cohort / "slides").iterdir()):
-        slide_id = path.name.split(".")[0]
+    ids = {}
+    for negative, path in enumerate(sorted((cohort / "slides").iterdir())):
+        slide_id = path.name.split(".")[0] if negative else LONG_ID
+        ids["test" if negative else "train"] = [slide_id]
         grid = patch_grid(path, mpp=1.0, patch_size=32)
         n = len(grid.coords)
         probs = rng.dirichlet([1, 1], n).astype(np.float32)
@@ -60,14 +67,15 @@ def run(tmp_path_factory) -> Path:
             probs=probs,
             classes=["normal", "tumour"],
             label="tumour",
-            predicted="tumour",
-            slide_probs=[0.2, 0.8],
+            predicted="normal" if negative else "tumour",
+            slide_probs=[0.8, 0.2] if negative else [0.2, 0.8],
             patch_side=grid.level0_size,
             slide_path=str(path.resolve()),
             dimensions=dimensions,
-            truth=read_annotations(cohort / "annotations" / f"{slide_id}.geojson").outline(),
+            truth=read_annotations(cohort / "annotations" / f"{path.name.split('.')[0]}.geojson").outline(),
         )
         write_scores(root / "run" / "final" / "predict", scores)
+    save_splits(ids, root / "run")
     return root / "run"
 
 
@@ -150,7 +158,9 @@ def test_served_tiles_decode_to_the_tile_and_the_api_carries_the_scores(server, 
         "Polygon",
         "MultiPolygon",
     )
-    status, body, kind = _get(server, f"/overlay/{quote(name)}.png")
+    assert info["split"] == "train" and info["default_scale"] == "percentile"  # a positive call: attention ranks
+    assert [s["key"] for s in info["scales"]] == ["percentile", "p0", "p1"] and len(info["colours"]) == 11
+    status, body, kind = _get(server, f"/overlay/percentile/{quote(name)}.png")
     heat = np.asarray(Image.open(io.BytesIO(body)))
     x0, y0 = scores.coords.min(0)
     cols, rows = ((scores.coords.max(0) - scores.coords.min(0)) / scores.patch_side).round().astype(int) + 1
@@ -161,6 +171,20 @@ def test_served_tiles_decode_to_the_tile_and_the_api_carries_the_scores(server, 
     colour = (np.asarray(matplotlib.colormaps[CMAP](percentiles(scores.scores)[k])) * 255).astype(np.uint8)
     np.testing.assert_array_equal(heat[j * factor, i * factor], colour)
     assert (heat[..., 3] > 0).sum() == len(scores.coords) * factor * factor  # transparent where no patch is
+    absolute = np.asarray(Image.open(io.BytesIO(_get(server, f"/overlay/p1/{quote(name)}.png")[1])))
+    colour = (np.asarray(matplotlib.colormaps[CMAP](scores.probs[k, 1])) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(absolute[j * factor, i * factor], colour)  # p(tumour) itself, not its rank
+
+
+def test_a_slide_called_negative_opens_on_the_absolute_probability_and_the_list_has_splits(server):
+    listed = json.loads(_get(server, "/api/slides")[1])
+    assert {(s["slide_id"], s["split"], s["predicted"], s["truth"]) for s in listed} == {
+        (LONG_ID, "train", "tumour", True),
+        (server.viewer.scores(server.viewer.names[1]).slide_id, "test", "normal", True),
+    }
+    negative = next(s["name"] for s in listed if s["predicted"] == "normal")
+    info = json.loads(_get(server, f"/api/slide/{quote(negative)}")[1])
+    assert info["split"] == "test" and info["default_scale"] == "p1"  # p(tumour), on the same scale as any slide
 
 
 @pytest.mark.parametrize(
@@ -173,6 +197,10 @@ def test_served_tiles_decode_to_the_tile_and_the_api_carries_the_scores(server, 
         "/dz/{name}_files/{max_level}/0_99.jpeg",
         "/api/slide/no_such_slide",
         "/overlay/no_such_slide.png",
+        "/overlay/percentile/no_such_slide.png",
+        "/overlay/{name}.png",  # no scale
+        "/overlay/p7/{name}.png",  # no class 7
+        "/overlay/attention/{name}.png",
         "/static/../server.py",
         "/static/%2e%2e/server.py",
         "/static/..%2f..%2f..%2f..%2fetc%2fpasswd",
@@ -446,3 +474,55 @@ def test_the_view_command_ends_with_one_line_on_a_bad_run(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == f"error: {tmp_path / 'missing'}: no such run directory"
+
+
+@needs_openseadragon
+def test_the_sidebar_shows_split_and_p_without_scrolling_and_a_negative_slide_its_absolute_scale(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    listed = json.loads(_get(server, "/api/slides")[1])
+    negative = next(s["name"] for s in listed if s["predicted"] == "normal")
+    scores = server.viewer.scores(negative)
+    driver = _chromium(tmp_path)
+    try:
+        driver.set_window_size(1280, 800)
+        driver.get(f"{server.url}#slide={quote(negative)}")
+        _wait(driver, _LOADED)
+        sidebar = driver.find_element(By.ID, "sidebar")
+        scroll, width = driver.execute_script("return [arguments[0].scrollWidth, arguments[0].clientWidth];", sidebar)
+        assert scroll <= width  # no horizontal scrollbar, with a 30-character id
+        long_row = driver.find_element(By.CSS_SELECTOR, f'#slides tr[data-name="{listed[0]["name"]}"]')
+        cells = long_row.find_elements(By.TAG_NAME, "td")
+        assert [c.text for c in cells] == [LONG_ID, "train", "tumour", "tumour", "0.800"]
+        assert cells[-1].rect["x"] + cells[-1].rect["width"] <= sidebar.rect["x"] + sidebar.rect["width"]
+        Select(driver.find_element(By.ID, "split-filter")).select_by_value("test")
+        assert not long_row.is_displayed() and driver.find_element(By.CSS_SELECTOR, "#slides tr.current").is_displayed()
+
+        # called normal: p(tumour) of each patch on 0-1, said by the colour bar
+        assert driver.execute_script("return window.icmilViewer.scale;") == "p1"
+        assert driver.find_element(By.ID, "bar-title").text == (
+            "p(tumour) of the patch alone, 0 to 1: the same scale on every slide"
+        )
+        assert driver.find_element(By.ID, "truth-control").is_displayed()
+        k = int(np.argmax(scores.probs[:, 1]))
+        x, y = scores.coords[k] + scores.patch_side / 2
+        driver.execute_script(
+            "const s = window.icmilViewer, v = s.viewer.viewport;"
+            "const p = s.viewer.world.getItemAt(0).imageToViewportCoordinates(arguments[0], arguments[1]);"
+            "v.panTo(p, true); v.zoomTo(v.getMaxZoom(), p, true);"
+            "const o = document.getElementById('opacity'); o.value = 1; o.dispatchEvent(new Event('input'));",
+            float(x),
+            float(y),
+        )
+        _wait(driver, _LOADED)
+        time.sleep(0.5)
+        expected = np.asarray(matplotlib.colormaps[CMAP](scores.probs[k, 1]))[:3] * 255
+        assert np.abs(_pixel(driver, _screen_point(driver, x, y)) - expected).max() <= 12
+
+        Select(driver.find_element(By.ID, "scale")).select_by_value("percentile")  # back to the ranks in the slide
+        _wait(driver, _LOADED)
+        assert driver.find_element(By.ID, "bar-title").text == "attention, percentile in slide"
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium", ignore_errors=True)

@@ -19,7 +19,16 @@ from ..io import check
 from .labels import SPLITS, SlideLabel
 from .targets import Targets
 
-__all__ = ["SPLITS", "SPLITS_FILE", "SplitConfig", "check_classes", "hold_out", "make_splits", "save_splits"]
+__all__ = [
+    "SPLITS",
+    "SPLITS_FILE",
+    "SplitConfig",
+    "check_classes",
+    "hold_out",
+    "make_splits",
+    "save_splits",
+    "split_of",
+]
 
 SPLITS_FILE = "splits.json"
 
@@ -140,6 +149,15 @@ def save_splits(splits: dict[str, list[str]], folder: str | os.PathLike) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(splits, indent=1))
     return path
+
+
+def split_of(*folders: str | os.PathLike) -> dict[str, str]:
+    """Slide id -> its split (train / val / test) from the first of `folders` with a `splits.json`; {} if none has."""
+    for folder in folders:
+        path = Path(folder) / SPLITS_FILE
+        if path.is_file():
+            return {slide: split for split, slides in json.loads(path.read_text()).items() for slide in slides}
+    return {}
 
 
 def hold_out(

@@ -23,7 +23,6 @@ import base64
 import csv
 import html
 import io
-import json
 import os
 import shlex
 import time
@@ -33,7 +32,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from data_modules.cohort.splits import SPLITS, SPLITS_FILE
+from data_modules.cohort.splits import SPLITS, split_of
 from data_modules.io import atomic_write, check, safe_name
 
 from ..callbacks.figure_writer import SLIDE_FIGURES
@@ -228,12 +227,9 @@ def _predictions(run: RunDir) -> Path | None:
 
 
 def _split_of(run: RunDir, predictions: Path) -> dict[str, str]:
-    """Slide id -> its split (train / val / test) from the run's splits.json, else the one beside the predictions:
-    predict scores every slide, and accuracy over training slides says little."""
-    for path in (run.splits_path, predictions.parent / SPLITS_FILE):
-        if path.is_file():
-            return {slide: split for split, slides in json.loads(path.read_text()).items() for slide in slides}
-    return {}
+    """Slide id -> its split from the run's splits.json, else the one beside the predictions: predict scores every
+    slide, and accuracy over training slides says little."""
+    return split_of(run.splits_path.parent, predictions.parent)
 
 
 def _slides(path: Path, caption: str, split_of: dict[str, str], port: int, level: int) -> _Html:

@@ -12,10 +12,15 @@ serves only the slides named in that folder's `scores.zarr`, the viewer's own fi
 
     /                                        the page (static/index.html)
     /static/<file>, /osd/<file>              the viewer's script and style; OpenSeadragon's build
-    /api/slides                              every slide: id, label, call, probabilities
-    /api/slide/<name>                        one slide: geometry, patches and their scores, outlines
+    /api/slides                              every slide: id, split, label, call, probability, has truth
+    /api/slide/<name>                        one slide: geometry, patches and their scores, outlines, scales
     /dz/<name>.dzi, /dz/<name>_files/<level>/<col>_<row>.jpeg    Deep Zoom tiles, cut on request and cached
-    /overlay/<name>.png                      the attention heatmap, one cell per patch
+    /overlay/<scale>/<name>.png              the heatmap, one cell per patch: `percentile` (the score's rank in
+                                             its slide) or `p<k>` (the patch's own probability of class k, 0 to 1:
+                                             the same scale on every slide)
+
+A slide called negative (its first class) opens on the absolute scale of the most probable other class: percentiles
+would paint half of any slide red, a negative one too.
 
 `<name>` is the slide's safe name (`data_modules.io.safe_name`), URL-quoted. Anything else (a NUL byte, a
 name the file system refuses) is a 404.
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
 import re
@@ -36,18 +40,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import imagecodecs
-import matplotlib
 import numpy as np
-from PIL import Image
 
 from data_modules.cohort import SlideFinder, SlideFolders
+from data_modules.cohort.splits import split_of
 from data_modules.slides import Slide, open_slide
 from data_modules.slides.outlines import cells_outline
 
 from ...outputs.patch_scores import SCORES_STORE, PatchScores, read_scores, scored_slides
-from ...outputs.plots import CMAP, percentiles
 from .deepzoom import DeepZoom, TileOutOfRange
 from .guards import LOOPBACK, NotFound, host_allowed, request_path, static_file
+from .overlays import overlay_grid, overlay_png, scales
 
 __all__ = ["OPENSEADRAGON", "RunViewer", "ViewerServer", "main", "predict_folder", "serve"]
 
@@ -56,7 +59,7 @@ STATIC = _HERE / "static"
 OPENSEADRAGON = _HERE / "node_modules" / "openseadragon" / "build" / "openseadragon"
 _TILE = re.compile(r"/dz/(?P<name>.+)_files/(?P<level>\d{1,3})/(?P<col>\d{1,7})_(?P<row>\d{1,7})\.jpeg")
 _JPEG_QUALITY = 90
-_OVERLAY_PX = 2048  # the heatmap image's longest side at most: cells stay sharp-edged under the browser's smoothing
+_OVERLAY = re.compile(r"/overlay/(?P<scale>percentile|p\d{1,3})/(?P<name>.+)\.png")
 
 
 class RunViewer:
@@ -82,6 +85,7 @@ class RunViewer:
                 f"{self.predict_dir / SCORES_STORE}: no predicted slides in it; run `python -m icmil_pl predict -c "
                 f"{self.run_dir / 'config.yaml'}` first"
             )
+        self._splits = split_of(self.run_dir, self.predict_dir)
         self._lock = threading.Lock()
         self._slides: dict[str, Slide] = {}
         self.tile = functools.lru_cache(maxsize=cache_tiles)(self._tile)
@@ -102,10 +106,12 @@ class RunViewer:
                 {
                     "name": name,
                     "slide_id": s.slide_id,
+                    "split": self._splits.get(s.slide_id),
                     "label": s.label,
                     "predicted": s.predicted,
                     "probability": max(s.slide_probs),
                     "viewable": path is not None,
+                    "truth": s.truth is not None,
                 }
             )
         return listed
@@ -113,7 +119,7 @@ class RunViewer:
     def slide_info(self, name: str) -> dict:
         """One slide for the page: its size, patches and scores (flat lists), the heatmap's place, the outlines."""
         s, slide = self.scores(name), self._slide(name)
-        x0, y0, cols, rows = _overlay_grid(s)
+        x0, y0, cols, rows = overlay_grid(s)
         return {
             "name": name,
             "slide_id": s.slide_id,
@@ -131,6 +137,8 @@ class RunViewer:
             "overlay": {"x": x0, "y": y0, "width": cols * s.patch_side, "height": rows * s.patch_side},
             "tissue": self._tissue(name),
             "truth": s.truth,
+            "split": self._splits.get(s.slide_id),
+            **scales(s),
         }
 
     def dzi(self, name: str) -> str:
@@ -144,20 +152,11 @@ class RunViewer:
         return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=_JPEG_QUALITY))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one viewer per server process; the cache lives as long
-    def overlay_png(self, name: str) -> bytes:
-        """The heatmap: each patch's attention percentile in the slide through the heatmaps' colour map, transparent
-        where no patch is; enlarged by whole pixels so cells keep their edges."""
+    def overlay_png(self, name: str, scale: str = "percentile") -> bytes:
         s = self.scores(name)
-        x0, y0, cols, rows = _overlay_grid(s)
-        i = np.round((s.coords[:, 0] - x0) / s.patch_side).astype(int)
-        j = np.round((s.coords[:, 1] - y0) / s.patch_side).astype(int)
-        rgba = np.zeros((rows, cols, 4), np.uint8)
-        rgba[j, i] = (matplotlib.colormaps[CMAP](percentiles(s.scores)) * 255).astype(np.uint8)
-        factor = max(1, _OVERLAY_PX // max(rows, cols))
-        image = Image.fromarray(rgba).resize((cols * factor, rows * factor), Image.Resampling.NEAREST)
-        out = io.BytesIO()
-        image.save(out, format="PNG")
-        return out.getvalue()
+        if scale not in {entry["key"] for entry in scales(s)["scales"]}:
+            raise NotFound(f"slide {name!r} has no {scale!r} scale")
+        return overlay_png(s, scale)
 
     def close(self) -> None:
         with self._lock:
@@ -215,13 +214,6 @@ def _slide_file(scores: PatchScores, finder: SlideFinder | None) -> Path | None:
     if scores.slide_path and Path(scores.slide_path).exists():  # a file, or a DICOM WSI's folder
         return Path(scores.slide_path)
     return None
-
-
-def _overlay_grid(s: PatchScores) -> tuple[float, float, int, int]:
-    """Level-0 top-left of the patch grid and its columns and rows."""
-    x0, y0 = (float(v) for v in s.coords.min(0))
-    cols, rows = (int(round(float(v))) + 1 for v in (s.coords.max(0) - s.coords.min(0)) / s.patch_side)
-    return x0, y0, cols, rows
 
 
 class ViewerServer(ThreadingHTTPServer):
@@ -338,8 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
             return _json(viewer.slide_list())
         if path.startswith("/api/slide/"):
             return _json(viewer.slide_info(path.removeprefix("/api/slide/")))
-        if path.startswith("/overlay/") and path.endswith(".png"):
-            return viewer.overlay_png(path.removeprefix("/overlay/").removesuffix(".png")), "image/png", True
+        overlay = _OVERLAY.fullmatch(path)
+        if overlay is not None:
+            return viewer.overlay_png(overlay["name"], overlay["scale"]), "image/png", True
         tile = _TILE.fullmatch(path)
         if tile is not None:
             address = (int(tile["level"]), int(tile["col"]), int(tile["row"]))

@@ -1,11 +1,13 @@
-// The zoomable slide viewer (python -m icmil_pl view): OpenSeadragon over the server's Deep Zoom tiles, the attention
-// heatmap as a second image, outlines drawn on a canvas above both, and a patch's scores on click.
+// The zoomable slide viewer (python -m icmil_pl view): OpenSeadragon over the server's Deep Zoom tiles, a heatmap as a
+// second image (attention percentile in the slide, or a class probability on the same 0-1 scale for every slide),
+// outlines drawn on a canvas above both, and a patch's scores on click.
 "use strict";
 
 const state = {
   viewer: null, // OpenSeadragon.Viewer
   slide: null, // /api/slide/<name> of the open slide
   heatmap: null, // the heatmap's TiledImage
+  scale: "percentile", // the heatmap's scale: "percentile" or "p<k>" (the server's /overlay/<scale>/)
   cells: new Map(), // "column,row" of the patch grid -> patch index
   selected: -1, // the clicked patch
   tiles: [], // {image, level} of every tile drawn, for tests
@@ -29,19 +31,32 @@ function cell(row, value, className) {
   return td;
 }
 
+const SPLITS = ["train", "val", "test"];
+
 async function listSlides() {
   const slides = await getJSON("api/slides");
   const body = $("slides").tBodies[0];
   for (const s of slides) {
     const row = body.insertRow();
     row.dataset.name = s.name;
-    cell(row, s.slide_id);
+    row.dataset.split = s.split ?? "";
+    cell(row, s.slide_id).title = s.slide_id;
+    cell(row, s.split ?? "", "split");
     cell(row, s.label ?? "");
     cell(row, s.predicted, s.label != null && s.label !== s.predicted ? "wrong" : "");
-    cell(row, s.probability.toFixed(3));
+    cell(row, s.probability.toFixed(3), "p");
     if (s.viewable) row.addEventListener("click", () => { location.hash = `slide=${encodeURIComponent(s.name)}`; });
-    else { row.className = "unviewable"; row.title = "slide file not found (view --slides <folder>)"; }
+    else { row.classList.add("unviewable"); row.title = "slide file not found (view --slides <folder>)"; }
   }
+  const splits = SPLITS.filter((split) => slides.some((s) => s.split === split));
+  $("slides").classList.toggle("no-splits", splits.length === 0);
+  $("split-control").hidden = splits.length === 0;
+  for (const split of splits) $("split-filter").add(new Option(split, split));
+  $("split-filter").addEventListener("change", () => {
+    const wanted = $("split-filter").value;
+    for (const row of body.rows) row.hidden = wanted !== "" && row.dataset.split !== wanted;
+  });
+  $("truth-control").hidden = !slides.some((s) => s.truth); // a cohort without annotations: no toggle
   return slides;
 }
 
@@ -71,14 +86,35 @@ async function openSlide(name) {
   $("show-truth").disabled = !hasTruth;
   $("truth-control").classList.toggle("disabled", !hasTruth);
   $("info").textContent = "Click a patch for its scores.";
+  const select = $("scale");
+  select.replaceChildren(...slide.scales.map((s) => new Option(s.label, s.key)));
+  select.value = state.scale = slide.default_scale;
+  showColourBar();
   state.viewer.open(`dz/${quoted(name)}.dzi`);
+}
+
+function showColourBar() {
+  const slide = state.slide;
+  const scale = slide.scales.find((s) => s.key === state.scale);
+  $("bar").style.background = `linear-gradient(to right, ${slide.colours.join(", ")})`;
+  $("bar-low").textContent = scale.absolute ? "0" : "low";
+  $("bar-high").textContent = scale.absolute ? "1" : "high";
+  $("bar-title").textContent = scale.absolute ? `${scale.label}: the same scale on every slide` : scale.label;
+}
+
+function changeScale() {
+  state.scale = $("scale").value;
+  showColourBar();
+  if (state.heatmap) state.viewer.world.removeItem(state.heatmap);
+  state.heatmap = null;
+  addHeatmap();
 }
 
 function addHeatmap() {
   const slide = state.slide;
   const width = slide.dimensions[0];
   state.viewer.addSimpleImage({
-    url: `overlay/${quoted(slide.name)}.png`,
+    url: `overlay/${state.scale}/${quoted(slide.name)}.png`,
     x: slide.overlay.x / width,
     y: slide.overlay.y / width,
     width: slide.overlay.width / width,
@@ -223,6 +259,7 @@ async function main() {
   $("opacity").addEventListener("input", () => state.heatmap && state.heatmap.setOpacity(heatmapOpacity()));
   $("show-heatmap").addEventListener("change", () => state.heatmap && state.heatmap.setOpacity(heatmapOpacity()));
   for (const id of ["show-tissue", "show-truth"]) $(id).addEventListener("change", drawVectors);
+  $("scale").addEventListener("change", changeScale);
   const slides = await listSlides();
   $("run").textContent = `${slides.length} slide(s)`;
   window.addEventListener("hashchange", () => {
