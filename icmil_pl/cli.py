@@ -34,6 +34,7 @@ from icmil_pl import aggregators, bag_classifier, callbacks, coupling, encoders,
 from icmil_pl.encoders import PatchEmbedder
 from icmil_pl.loop import ICMIL, ICMILLoop
 
+from . import console
 from .callbacks import output_dir
 from .config_files import ConfigParser, config_files
 from .results import record_fit, write_run_report
@@ -95,6 +96,7 @@ class ICMILCLI(LightningCLI):
         wandb_run.group_job_array(self.trainer.loggers)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        self._log_console()
         self._mention_precision()
         if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
             wandb_run.start(
@@ -125,6 +127,13 @@ class ICMILCLI(LightningCLI):
             folder = output_dir(self.trainer)  # a collective under DDP: every process asks, rank 0 prints
             rank_zero_only(print)(f"{subcommand}: outputs in {folder} (predictions.csv, figures/)")
             write_run_report(folder)
+
+    def _log_console(self) -> None:
+        """Lightning's lines and the warnings of this command go to its run's `logs/console.log` as well."""
+        if isinstance(self.model, ICMIL):
+            console.log_to(self.model.run_dir.root / "logs")
+        elif self.trainer.log_dir is not None and self.trainer.logger is not None:
+            console.log_to(self.trainer.log_dir)
 
     def _restore_record(self, subcommand: str) -> None:
         """A checkpoint evaluated on bags encodes and splits them as it was trained, and refuses other features
@@ -203,8 +212,16 @@ class _SaveConfig(SaveConfigCallback):
 
 
 def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
-    """Entry point for `python -m icmil_pl`; tests call `main([...])` in-process."""
+    """Entry point for `python -m icmil_pl`; tests call `main([...])` in-process. `--verbose` anywhere prints
+    Lightning's own lines and every warning (`icmil_pl.console`)."""
     argv = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []
+    verbose = console.VERBOSE_FLAG in argv
+    argv = [a for a in argv if a != console.VERBOSE_FLAG]
+    if args is None:
+        sys.argv[1:] = argv
+    elif isinstance(args, list):
+        args = argv
+    console.configure(verbose)
     files = config_files(argv)
     return ICMILCLI(
         LightningModule,
@@ -214,6 +231,7 @@ def main(args: ArgsType = None, run: bool = True) -> ICMILCLI:
         parser_class=functools.partial(ConfigParser, argv=argv, files=files),
         parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m icmil_pl", "epilog": _EPILOG},
         trainer_defaults={
+            **console.trainer_defaults(),
             "default_root_dir": LOG_ROOT,
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": LOG_ROOT}},
         },

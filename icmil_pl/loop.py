@@ -179,7 +179,11 @@ class ICMILLoop:
         pl.seed_everything(phase_seed(self.seed, i, phase), verbose=False)
         start = time.perf_counter()
         output, metrics = work(i, *args)
-        self.state.record(key, output, time.perf_counter() - start, metrics, self._step)
+        seconds = time.perf_counter() - start
+        self.state.record(key, output, seconds, metrics, self._step)
+        metric, found = self.icmil.bag.task.monitor, metrics or {}
+        scores = [f"{k} {metric} {found[k][metric]:.3f}" for k in ("val", "test") if metric in (found.get(k) or {})]
+        _say(f"{key}: done in {seconds:.1f} s" + (f" ({', '.join(scores)})" if scores else ""))
         return output
 
     def _calibrate(self, i: int, embedder: PatchEmbedder) -> tuple[str, None]:

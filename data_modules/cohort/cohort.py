@@ -179,7 +179,7 @@ class SlideCohort:
         policy `skip`), a slide that cannot be tiled (unreadable, no tissue) is left out and its error recorded there
         instead of stopping the cohort."""
         out = []
-        for row in tqdm(self.rows, desc="tiling", unit="slide", leave=False):
+        for row in tqdm(self.rows, desc="tiling", unit="slide", leave=False, disable=None):  # no bar in a log file
             slide_id = row.slide_id
             try:
                 override = self.mpp_override(slide_id, tiling)

@@ -86,7 +86,7 @@ def make_cohort(root: str | os.PathLike, spec: CohortSpec = CohortSpec(), *, wor
 
     ids = [f"slide_{i:03d}" for i in range(n_slides)]
     infos = []
-    for i, slide_id in enumerate(tqdm(ids, desc=f"writing {root}", unit="slide", leave=False)):
+    for i, slide_id in enumerate(tqdm(ids, desc=f"writing {root}", unit="slide", leave=False, disable=None)):
         flavour = spec.flavours[i % len(spec.flavours)]
         path = root / "slides" / f"{slide_id}{EXTENSIONS[flavour]}"
         site = sites[of_patient[patients[i]]] if sites else None

@@ -120,7 +120,8 @@ class FeatureWriter(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = getattr(trainer.predict_dataloaders, "sampler", None)  # under DDP: this process's share
         total = getattr(sampler, "num_slides", len(self._sizes))
-        self._bar = tqdm(total=total, desc="extracting", unit="slide", disable=not trainer.is_global_zero)
+        quiet = None if trainer.is_global_zero else True  # None: no bar where the output is not a terminal (logs)
+        self._bar = tqdm(total=total, desc="extracting", unit="slide", disable=quiet)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         features = outputs.detach().float().cpu().numpy()
