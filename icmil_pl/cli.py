@@ -51,7 +51,7 @@ _EPILOG = (
     "server (python -m icmil_pl sweep --help). A run's report.html: python -m icmil_pl report <run dir>. Its slides "
     "in a browser: python -m icmil_pl view <run dir> [--port 8000]."
 )
-_NOTHING_LOGGED = {"config.yaml", "hparams.yaml"}  # what a version folder holds before the first metric
+_NOTHING_LOGGED = {"config.yaml", "hparams.yaml", console.LOG_FILE}  # a version folder before the first metric
 
 
 class ICMILCLI(LightningCLI):
