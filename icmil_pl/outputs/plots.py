@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
@@ -102,12 +103,22 @@ def heatmap_figure(
     be an annotation), and the ground truth's outline where the slide has annotations (`truth`, a GeoJSON geometry in
     level-0 pixels). `downsample` = level-0 pixels per thumbnail pixel;
     `patch` = patch side in level-0 pixels (inferred from the grid when None)."""
-    heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), percentiles(scores))
     h, w = thumbnail.shape[:2]
-    side = 5.5  # inches per panel along the slide's longer axis
+    side, dpi = 5.5, 100  # inches per panel along the slide's longer axis
     panel = (side, side * h / w) if w >= h else (side * w / h, side)
-    fig = Figure(figsize=(2 * panel[0] + 1.0, panel[1] + 0.7), dpi=100, layout="constrained")
-    plain, ax = fig.subplots(1, 2)
+    pixels = (max(1, round(panel[0] * dpi)), max(1, round(panel[1] * dpi)))
+    if w > pixels[0]:  # drawn at the panel's own pixels: Agg would resample a larger image on every draw
+        downsample *= w / pixels[0]
+        thumbnail = np.asarray(Image.fromarray(thumbnail).resize(pixels, Image.Resampling.LANCZOS))
+    heat = score_map(thumbnail.shape[:2], downsample, coords, patch or grid_step(coords), percentiles(scores))
+    width, height = 2 * panel[0] + 1.0, panel[1] + 0.7
+    fig = Figure(figsize=(width, height), dpi=dpi)  # axes placed by hand: a layout engine costs more than the drawing
+
+    def rect(left: float, wide: float) -> list[float]:
+        return [left / width, 0.1 / height, wide / width, panel[1] / height]
+
+    plain, ax = fig.add_axes(rect(0.1, panel[0])), fig.add_axes(rect(0.2 + panel[0], panel[0]))
+    bar = fig.add_axes(rect(0.3 + 2 * panel[0], 0.15))
     tiled = np.isfinite(heat).astype(np.float32)
     outlined = 0 < tiled.mean() < 1
     rings = [np.asarray(ring, np.float64) / downsample for ring in _rings(truth)]
@@ -124,8 +135,8 @@ def heatmap_figure(
     if handles:
         plain.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.8)
     image = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
-    fig.suptitle(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
+    fig.suptitle(title, y=1 - 0.15 / height)
+    fig.colorbar(image, cax=bar, label=label)
     return fig
 
 
@@ -146,8 +157,9 @@ def montage_figure(
 ) -> Figure:
     """Two rows of patches: the k highest-scoring (top) and the k lowest-scoring (bottom), each with its score."""
     k = max(len(top), len(bottom), 1)
-    fig = Figure(figsize=(1.6 * k, 3.8), dpi=100, layout="constrained")
+    fig = Figure(figsize=(1.6 * k, 3.8), dpi=100)  # placed by hand, as the heatmap
     axes = np.asarray(fig.subplots(2, k, squeeze=False))
+    fig.subplots_adjust(left=0.3 / (1.6 * k), right=0.99, bottom=0.02, top=0.84, wspace=0.08, hspace=0.22)
     for row, (patches, scores, name) in enumerate([(top, top_scores, "highest"), (bottom, bottom_scores, "lowest")]):
         for j in range(k):
             ax = axes[row, j]
