@@ -1,0 +1,141 @@
+"""The bag phase's framework cost: `BagClassifier` fitted through Lightning on cached features, against a plain
+PyTorch loop over the same features doing the same work.
+
+Both train the same gated ABMIL (seeded alike) with Adam for `--epochs` epochs, one bag per step, validate every epoch
+(slide AUROC) and keep the best epoch's weights in a file. The plain loop reads every bag once into memory, as a
+hand-written loop would; ours reads them through `FeatureBagDataModule` as a run does, and writes what a run writes
+(best and last checkpoints, CSV metrics, predictions and results are left to the test stage, not timed here). Bags are
+synthetic features written as CLAM-style `.h5` (`--instances` patches of `--dim` features, label in a few dimensions).
+Each size runs in this process, plain loop first, then ours; the ratio is the figure (target <= 1.3x).
+
+    python benchmarks/bench_bag_phase.py [--bags 64 1000] [--epochs 40] [--instances 118] [--dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def write_bags(folder: Path, n: int, instances: int, dim: int, seed: int = 0) -> Path:
+    """`n` bags as `<slide>.h5` and a labels.csv with fixed splits (60 % train, 20 % val, 20 % test)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        label = k % 2
+        features = rng.normal(size=(instances, dim)).astype(np.float32)
+        if label:
+            features[: max(1, instances // 10), :4] += 1.5  # a few positive instances
+        with h5py.File(folder / f"bag_{k:05d}.h5", "w") as fh:
+            fh["features"] = features
+            fh["coords"] = np.stack([np.arange(instances) * 64, np.zeros(instances)], 1).astype(np.int64)
+        split = "train" if k % 5 < 3 else "val" if k % 5 == 3 else "test"
+        rows.append({"slide_id": f"bag_{k:05d}", "label": label, "split": split})
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["slide_id", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def aggregator(dim: int):
+    from icmil_pl.aggregators import ABMIL
+
+    torch.manual_seed(0)
+    return ABMIL(dim, 2)
+
+
+def plain(folder: Path, epochs: int, dim: int, out: Path) -> float:
+    """The hand-written loop; returns its wall seconds."""
+    start = time.perf_counter()
+    with (folder / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    bags = {}
+    for row in rows:
+        with h5py.File(folder / f"{row['slide_id']}.h5", "r") as fh:
+            bags[row["slide_id"]] = torch.from_numpy(fh["features"][:])
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    model = aggregator(dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    best = -1.0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        for i in torch.randperm(len(train), generator=generator).tolist():
+            logits = model(bags[train[i]["slide_id"]]).logits
+            loss = F.cross_entropy(logits[None], torch.tensor([int(train[i]["label"])]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            scores = [torch.softmax(model(bags[r["slide_id"]]).logits, -1)[1].item() for r in val]
+        auroc = roc_auc_score([int(r["label"]) for r in val], scores)
+        if auroc > best:
+            best = auroc
+            torch.save(model.state_dict(), out / "best.pt")
+    return time.perf_counter() - start
+
+
+def ours(folder: Path, epochs: int, dim: int, out: Path) -> float:
+    """`BagClassifier` through Lightning as a two-stage fit runs it; returns its wall seconds."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from data_modules.datasets.feature_bags import FeatureBagDataModule
+    from icmil_pl.bag_classifier import BagClassifier
+
+    start = time.perf_counter()
+    pl.seed_everything(0, verbose=False)
+    model = BagClassifier(aggregator(dim), lr=2e-4, weight_decay=1e-4, figures=False)
+    data = FeatureBagDataModule(str(folder / "labels.csv"), str(folder))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(out, name="logs"),
+        default_root_dir=out,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=data)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bags", type=int, nargs="+", default=[64, 1000])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--instances", type=int, default=118)
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    print(f"epochs={args.epochs} instances={args.instances} dim={args.dim} threads={torch.get_num_threads()}")
+    print(f"{'bags':>6} {'plain s':>9} {'ours s':>9} {'ours/plain':>11} {'per epoch: plain':>17} {'ours':>8}")
+    for n in args.bags:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_bags(Path(tmp) / "bags", n, args.instances, args.dim)
+            a = plain(folder, args.epochs, args.dim, Path(tmp))
+            b = ours(folder, args.epochs, args.dim, Path(tmp))
+        per = f"{1000 * a / args.epochs:>14.1f} ms {1000 * b / args.epochs:>5.1f} ms"
+        print(f"{n:>6} {a:>9.2f} {b:>9.2f} {b / a:>10.2f}x {per}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
