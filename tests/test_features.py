@@ -366,3 +366,27 @@ def test_a_full_disk_during_extraction_names_the_cache_folder(tmp_path, monkeypa
     ):
         writer.append(np.ones((4, 3), np.float32), np.zeros((4, 2), np.int32))
     assert not writer.tmp.exists() and not cache.has("s1")
+
+
+@pytest.mark.parametrize("keep_gb, reads_per_bag", [(4.0, 1), (0.0, 3)])
+def test_bags_are_read_from_their_files_once_and_kept_within_the_budget(tmp_path, monkeypatch, keep_gb, reads_per_bag):
+    """Reading and checking a bag's files costs about a training step on it: kept after the first read, unless the
+    budget says otherwise (0: every epoch reads the files)."""
+    rows = []
+    for i in range(12):
+        _h5(tmp_path / "feats", f"s{i}", np.full((4, 8), i, np.float32))
+        rows.append((f"s{i}", ["normal", "tumour"][i % 2], f"p{i}"))
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    splits = SplitConfig(folds=3, fold=0, val_fraction=0.34, seed=0)
+    data = FeatureBagDataModule(str(labels), str(tmp_path / "feats"), splits=splits, keep_in_memory_gb=keep_gb)
+    data.setup("fit")
+    reads = []
+    original = FeatureCache.read
+    monkeypatch.setattr(FeatureCache, "read", lambda self, slide_id: reads.append(slide_id) or original(self, slide_id))
+    dataset = data.bag_dataset(data.rows)
+    for _ in range(3):  # three epochs
+        items = [dataset[i] for i in range(len(dataset))]
+    assert len(reads) == reads_per_bag * len(dataset)
+    assert [float(item["features"][0, 0]) for item in items] == list(range(12))
+    with pytest.raises(ValueError, match=r"keep_in_memory_gb: expected a number of GB >= 0, got -1"):
+        FeatureBagDataModule(str(labels), str(tmp_path / "feats"), keep_in_memory_gb=-1)

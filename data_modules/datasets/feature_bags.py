@@ -12,29 +12,56 @@ from torch.utils.data import Dataset
 from ..cohort import SlideLabel, locate_slides
 from ..cohort.splits import SplitConfig
 from ..cohort.targets import Targets
+from ..io import check
 from ..slides import open_slide
 from .bag_base import BagDataModule
 from .feature_cache import FeatureCache, SlideFeatures
 from .patient_bags import BagLevel
 
-__all__ = ["FeatureBagDataModule", "FeatureBagDataset"]
+__all__ = ["FeatureBagDataModule", "FeatureBagDataset", "KeptBags"]
+
+
+class KeptBags:
+    """Bags kept in this process's memory after their first read, up to `budget` bytes: reading a bag's files (and
+    checking them) costs about as much as a training step on it (`benchmarks/bench_bag_phase.py`). Under loader
+    workers each worker keeps its own."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.bags: dict[str, SlideFeatures] = {}
+
+    def read(self, cache: FeatureCache, slide_id: str) -> SlideFeatures:
+        bag = self.bags.get(slide_id)
+        if bag is None:
+            bag = cache.read(slide_id)
+            size = bag.features.nbytes + bag.coords.nbytes
+            if self.used + size <= self.budget:
+                self.bags[slide_id], self.used = bag, self.used + size
+        return bag
 
 
 class FeatureBagDataset(Dataset):
     """One item = one slide's whole bag: `{"features": (N, D), "label": target, "slide_id": str, "coords": (N, 2)}`
     (no "label" for an unlabelled slide; the target as `Targets.encode` gives it)."""
 
-    def __init__(self, cache: FeatureCache, slides: list[SlideLabel], targets: list[torch.Tensor | None]) -> None:
+    def __init__(
+        self,
+        cache: FeatureCache,
+        slides: list[SlideLabel],
+        targets: list[torch.Tensor | None],
+        kept: KeptBags | None = None,
+    ) -> None:
         self.cache = cache
         self.slides = slides
         self.targets = targets
+        self.kept = KeptBags(0) if kept is None else kept
 
     def __len__(self) -> int:
         return len(self.slides)
 
     def __getitem__(self, index: int) -> dict:
         row = self.slides[index]
-        bag = self.cache.read(row.slide_id)
+        bag = self.kept.read(self.cache, row.slide_id)
         item = {
             "features": torch.from_numpy(bag.features),
             "slide_id": row.slide_id,
@@ -53,7 +80,8 @@ class FeatureBagDataModule(BagDataModule):
     Every slide is checked before training starts (features exist, the bag is non-empty and finite, one feature
     dimension), so a bad cohort fails at once rather than mid-epoch. See `BagDataModule` for labels and splits;
     the slides are only needed for heatmaps: the labels CSV's `path` cells, else found below `slides` (a folder or a
-    list of them, as `SlidePatchDataModule` takes it); a slide without a file gets no heatmap.
+    list of them, as `SlidePatchDataModule` takes it); a slide without a file gets no heatmap. `keep_in_memory_gb`:
+    bags stay in memory after their first read, up to this much per process (0: read from the files every epoch).
     """
 
     def __init__(
@@ -68,8 +96,11 @@ class FeatureBagDataModule(BagDataModule):
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
         annotations: str | None = None,
+        keep_in_memory_gb: float = 4.0,
     ) -> None:
         super().__init__(labels, classes, splits, split_ids, num_workers, targets, bag_level, annotations)
+        check("keep_in_memory_gb", keep_in_memory_gb >= 0, "a number of GB >= 0", keep_in_memory_gb)
+        self.kept = KeptBags(int(keep_in_memory_gb * 2**30))
         self.cache = FeatureCache.find(features)
         self.skip(self.cache.skipped())  # slides extraction could not read (on_slide_error: skip)
         self.slides = slides
@@ -89,7 +120,7 @@ class FeatureBagDataModule(BagDataModule):
         super().setup(stage)
 
     def bag_dataset(self, rows: list[SlideLabel]) -> FeatureBagDataset:
-        return FeatureBagDataset(self.cache, rows, [self.target(r) for r in rows])
+        return FeatureBagDataset(self.cache, rows, [self.target(r) for r in rows], self.kept)
 
     def feature_stats(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and standard deviation over every instance of `split` (streamed, float64)."""
