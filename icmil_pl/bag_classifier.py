@@ -15,7 +15,8 @@ __all__ = ["BagClassifier"]
 
 
 class BagClassifier(SlideTask):
-    """Aggregator + optimiser settings (ICMIL's defaults: Adam, lr 2e-4, weight decay 1e-4; clip 5 in the trainer).
+    """Aggregator + optimiser settings (ICMIL's defaults: Adam, lr 2e-4, weight decay 1e-4, gradient norm clipped at 5,
+    here or as the trainer's `gradient_clip_val`).
 
     A batch is one bag: `{"features": (N, D), "label": target, "slide_id": str}`. With `standardize`, features are
     centred and scaled per dimension by statistics of the training split (stored in the checkpoint): raw features of
@@ -35,8 +36,9 @@ class BagClassifier(SlideTask):
         figures: FigureWriter | bool = True,
         task: Task | None = None,
         bags_per_step: int = 1,
+        gradient_clip_val: float | None = None,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
+        super().__init__(aggregator, aux_loss_weight, class_names, figures, task, gradient_clip_val)
         self.save_hyperparameters(ignore=["aggregator", "figures", "task"])
         if bags_per_step < 1 or (self.task.needs_several_bags and bags_per_step < 2):
             need = (
@@ -75,8 +77,8 @@ class BagClassifier(SlideTask):
         return self.aggregator.instance_logits(self.normalize(features))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        """One bag; every `bags_per_step`-th (and the epoch's last) returns the loss of the step's bags, the others
-        None, which makes Lightning skip the optimizer step while their graphs wait."""
+        """One bag; every `bags_per_step`-th (and the epoch's last) steps the optimizer on the loss of the step's bags
+        and returns it, the others wait with their graphs and return None."""
         self._step_bags.append((self.bag_output(batch), batch["label"]))
         if len(self._step_bags) < self.cfg.bags_per_step and not self.trainer.is_last_batch:
             return None
@@ -85,8 +87,12 @@ class BagClassifier(SlideTask):
         if self.task.needs_several_bags and len(outs) < 2:
             return None  # an epoch's odd bag out: nothing to compare it with
         loss = self.task.loss_of_bags(list(outs), list(targets), self.aux_loss_weight)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(outs), prog_bar=True)
-        return loss
+        optimizer = self.optimizers()
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.epoch_means.add("train/loss", loss, len(outs))
+        return loss.detach()
 
     def configure_optimizers(self):
         cfg = self.cfg

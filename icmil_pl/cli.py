@@ -40,7 +40,7 @@ from .config_files import ConfigParser, config_files
 from .results import record_fit, write_run_report
 from .run_dir import PATH_SETTINGS, RunDir, absolute_path
 from .run_record import RECORD_KEY, check_architecture, load_checkpoint, restore
-from .slide_task import SlideTask
+from .slide_task import SlideTask, take_trainer_clipping
 from .tools import wandb_run
 
 __all__ = ["ICMILCLI", "LOG_ROOT", "main"]
@@ -71,9 +71,15 @@ class ICMILCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Without a logger a command has no folder of its own (feature extraction): it saves no config.yaml, which
-        would land in the shared `runs/` and be overwritten by the next such command."""
-        if self._get(self.config_init, "trainer", default={}).get("logger") is False:
+        would land in the shared `runs/` and be overwritten by the next such command. A slide model optimizes
+        manually: the trainer's gradient clipping is handed to it."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") is False:
             self.save_config_callback = None
+        if isinstance(self.model, SlideTask):
+            handed = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+            take_trainer_clipping(self.model, {k: trainer.get(k) or unset for k, unset in handed.items()})
+            kwargs = {**kwargs, **handed}
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:

@@ -45,7 +45,6 @@ _SETTINGS = (
     "embedder_lr",
     "weight_decay",
     "scheduler",
-    "gradient_clip_val",
     "eval_chunk_size",
     "trains",
     "shard_bags",
@@ -60,8 +59,7 @@ class EndToEndMIL(SlideTask):
     across processes once, right before each optimizer step. With `shard_bags`, every process steps through the same
     bags instead and splits each bag's chunks (`chunked.bag_backward_sharded`): one slide's exact gradient over
     several GPUs, one step equal to a single process's (set `trainer.use_distributed_sampler: false`, so that every
-    process is given every bag). Clipping happens in `on_before_optimizer_step`, after the precision plugin unscaled
-    fp16 gradients. Patches stay on the CPU; chunks move to the device as they are used.
+    process is given every bag). Patches stay on the CPU; chunks move to the device as they are used.
     """
 
     def __init__(
@@ -87,7 +85,7 @@ class EndToEndMIL(SlideTask):
         trains: Literal["both", "aggregator", "embedder"] = "both",
         shard_bags: bool = False,
     ) -> None:
-        super().__init__(aggregator, aux_loss_weight, class_names, figures, task)
+        super().__init__(aggregator, aux_loss_weight, class_names, figures, task, gradient_clip_val)
         self.save_hyperparameters(ignore=["embedder", "aggregator", "figures", "task", "stain_jitter"])
         if self.task.needs_several_bags:
             raise ValueError(
@@ -97,7 +95,6 @@ class EndToEndMIL(SlideTask):
         # settings live in plain attributes, copied from the hparams as given: LightningCLI rewrites the hparams of
         # modules nested in another module
         self.cfg = SimpleNamespace(**{name: self.hparams[name] for name in _SETTINGS}, stain_jitter=stain_jitter)
-        self.automatic_optimization = False
         check("chunk_size", chunk_size is None or chunk_size >= 1, "an int >= 1 or null (full bag)", chunk_size)
         whole = max_instances is None or max_instances >= 1
         check("max_instances", whole, "an int >= 1 or null (whole bag)", max_instances)
@@ -199,7 +196,7 @@ class EndToEndMIL(SlideTask):
                 )
             else:
                 loss = bag_backward(self.embedder, bag_loss, patches, cfg.chunk_size, scale_loss=scale)
-            self.log("train/loss", loss * cfg.bags_per_step, on_step=False, on_epoch=True, batch_size=1, prog_bar=True)
+            self.epoch_means.add("train/loss", loss * cfg.bags_per_step)
 
         if (batch_idx + 1) % cfg.bags_per_step == 0 or self.trainer.is_last_batch:
             optimizer = self.optimizers()
@@ -207,15 +204,6 @@ class EndToEndMIL(SlideTask):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return None if loss is None else loss * cfg.bags_per_step  # the bag's loss, for DivergenceGuard
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.cfg.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.gradient_clip_val, gradient_clip_algorithm="norm")
-
-    def on_train_epoch_end(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
 
     def configure_optimizers(self):
         cfg = self.cfg

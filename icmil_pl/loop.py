@@ -51,6 +51,7 @@ from .run_dir import (
     written_by_rank_zero,
 )
 from .run_record import read_record, restore
+from .slide_task import take_trainer_clipping
 
 __all__ = ["ICMIL", "ICMILLoop"]
 
@@ -213,7 +214,9 @@ class ICMILLoop:
         data = self._bag_data(cache, splits)
         root = self.run_dir.bag_dir(i)
         bag.checkpoint_dir = str(checkpoint_dir(root))
-        trainer = pl.Trainer(**{**self._trainer("bag", i, root), "default_root_dir": str(root)})
+        kwargs = self._trainer("bag", i, root)
+        take_trainer_clipping(bag, kwargs)
+        trainer = pl.Trainer(**{**kwargs, "default_root_dir": str(root)})
         trainer.fit(bag, datamodule=data, ckpt_path=resume_checkpoint(root))
         best = trainer.checkpoint_callback.best_model_path
         if not best:  # no validation-selected checkpoint (fast_dev_run, no validation): the weights as trained

@@ -500,7 +500,7 @@ def test_bad_configuration(cohort, tmp_path):
         BagGradient().fit(
             embedder, bag, slides, labels={**labels, slides[0].slide_id: 2}, trainer_kwargs={}, root=tmp_path, seed=0
         )
-    with pytest.raises(ValueError, match="^trainer_kwargs.accumulate_grad_batches"):
+    with pytest.raises(ValueError, match="^trainer.accumulate_grad_batches"):
         BagGradient().fit(
             embedder, bag, slides, labels=labels, trainer_kwargs={"accumulate_grad_batches": 2}, root=tmp_path, seed=0
         )

@@ -333,13 +333,12 @@ def _train(root: Path) -> types.SimpleNamespace:
     )
     pl.seed_everything(SEED, verbose=False)
     bags = FeatureBagDataModule(str(labels), str(cache.path), slides=str(cohort / "slides"))
-    model = BagClassifier(ABMIL(128, 2, hidden_dim=64, attention_dim=32), lr=1e-3)
+    model = BagClassifier(ABMIL(128, 2, hidden_dim=64, attention_dim=32), lr=1e-3, gradient_clip_val=5.0)
     pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=30,
         check_val_every_n_epoch=10,
-        gradient_clip_val=5.0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

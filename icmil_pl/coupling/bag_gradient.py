@@ -19,6 +19,7 @@ from data_modules.io import check, check_choices
 
 from ..encoders import PatchEmbedder
 from ..end_to_end import EndToEndMIL
+from ..slide_task import take_trainer_clipping
 from ..tasks import Task
 from .base import (
     CouplingRun,
@@ -57,8 +58,8 @@ class BagGradient(CouplingStrategy):
     couples: the bag loss is the task's (`icmil_pl.tasks`), survival and regression included. With `patients`, patients
     are held out whole (slides of one patient share tissue: one on each side would select epochs on leaked validation);
     with `patient_bags` too, a bag is a patient's slides. With fewer than 4 bags, or a class of one bag, all slides
-    train and the training loss selects. A Trainer `gradient_clip_val` is applied by the manual optimisation (norm
-    clipping). `shard_bags` splits each slide's chunks over the DDP processes instead of giving each process its own
+    train and the training loss selects. A Trainer `gradient_clip_val` clips by norm (`take_trainer_clipping`).
+    `shard_bags` splits each slide's chunks over the DDP processes instead of giving each process its own
     slides (`EndToEndMIL.shard_bags`): one slide too large for one GPU's step.
     """
 
@@ -94,17 +95,6 @@ class BagGradient(CouplingStrategy):
     def _fit(self, run: CouplingRun) -> PatchEmbedder:
         bag, labels, patients, root, seed = run.bag, run.labels, run.patients, run.root, run.seed
         trainer_kwargs = run.trainer_kwargs
-        clip = trainer_kwargs.pop("gradient_clip_val", None)
-        algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None)
-        check(
-            "trainer_kwargs.gradient_clip_algorithm",
-            algorithm in (None, "norm"),
-            "'norm' (manual optimisation clips by norm)",
-            algorithm,
-        )
-        accumulate = trainer_kwargs.pop("accumulate_grad_batches", 1)
-        check("trainer_kwargs.accumulate_grad_batches", accumulate == 1, "1 (use bags_per_step)", accumulate)
-
         by_id = {s.slide_id: s for s in run.train}
         fit_ids, val_ids = hold_out_bags(list(by_id), labels, patients, bag.task, self.val_fraction, seed)
         module = BagGradientModule(
@@ -115,11 +105,11 @@ class BagGradient(CouplingStrategy):
             bags_per_step=self.bags_per_step,
             lr=self.lr,
             weight_decay=self.weight_decay,
-            gradient_clip_val=clip,
             task=copy.deepcopy(bag.task),  # its fitted bins or target scale included
             stain_jitter=self.stain_jitter,
             shard_bags=self.shard_bags,
         )
+        take_trainer_clipping(module, trainer_kwargs)
         overrides: dict[str, Any] = {"max_epochs": self.max_epochs}
         if self.shard_bags:  # every process is given every bag, whose chunks it splits with the others
             overrides["use_distributed_sampler"] = False
