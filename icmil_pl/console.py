@@ -24,6 +24,7 @@ NOISE = (
     r"No (negative|positive) samples in targets",  # torchmetrics on a one-class batch (sanity checks, tiny splits)
     r"The '\w+_dataloader' does not have many workers",  # a hint for image loaders; ours read cached features
     r"module\(s\) in eval mode at the start of training",  # a frozen teacher or embedder, in eval on purpose
+    r"overridden `transfer_batch_to_device` in `LightningModule`",  # slide models keep a bag's patches on the CPU
 )
 _LIGHTNING = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 _WARNINGS = "py.warnings"

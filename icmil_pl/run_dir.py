@@ -76,6 +76,7 @@ RESUMABLE_SETTINGS = frozenset(
         "data.init_args.slides",
         "data.init_args.annotations",
         "data.init_args.grid_cache",
+        "data.init_args.patch_store",
         "data.init_args.batch_size",
         "data.init_args.num_workers",
     }
@@ -91,6 +92,7 @@ PATH_SETTINGS = frozenset(
         "data.init_args.slides",
         "data.init_args.annotations",
         "data.init_args.grid_cache",
+        "data.init_args.patch_store",
         "data.init_args.features",
         "data.init_args.root",
     }

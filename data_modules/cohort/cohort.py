@@ -173,11 +173,15 @@ class SlideCohort:
         return {k: v for k, v in encoded.items() if v is not None}
 
     def patches(
-        self, tiling: TilingConfig, cache_dir: str | os.PathLike, skipped: dict[str, str] | None = None
+        self,
+        tiling: TilingConfig,
+        cache_dir: str | os.PathLike,
+        skipped: dict[str, str] | None = None,
+        patch_store: str | None = None,
     ) -> list[SlidePatches]:
         """Patch grids of every slide, computed once and cached in `cache_dir`. With `skipped` (the per-slide error
         policy `skip`), a slide that cannot be tiled (unreadable, no tissue) is left out and its error recorded there
-        instead of stopping the cohort."""
+        instead of stopping the cohort. `patch_store`: where readers keep the patches decoded (None: nowhere)."""
         out = []
         for row in tqdm(self.rows, desc="tiling", unit="slide", leave=False, disable=None):  # no bar in a log file
             slide_id = row.slide_id
@@ -197,7 +201,7 @@ class SlideCohort:
                     raise
                 skipped[slide_id] = str(error)
                 continue
-            out.append(SlidePatches(slide_id, self.paths[slide_id], grid, override))
+            out.append(SlidePatches(slide_id, self.paths[slide_id], grid, override, patch_store))
         return out
 
     def mpp_override(self, slide_id: str, tiling: TilingConfig) -> float | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import zarr
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..annotations import locate_annotations
@@ -22,6 +23,7 @@ from ..io import check
 from ..slides import Resample, Slide, SlideError, open_slide
 from ..slides.tiling import SlidePatches, TilingConfig
 from .claims import SlideClaims
+from .patch_store import CHUNK, PatchStore
 from .samplers import SlideShardSampler, balanced_owners
 
 __all__ = ["PatchDataset", "PatchSampleDataModule", "SlidePatchDataModule", "parse_shard"]
@@ -35,6 +37,7 @@ class PatchDataset(Dataset):
     `skip_errors`, a patch that cannot be read (a broken tile) comes back blank with its `SlideError` message in
     `error` (empty for every good patch), so the consumer can drop its slide and go on. `views` (e.g. lightly's
     `SimCLRTransform`) adds `views`, its list of augmented views of the patch, computed in the loader's workers.
+    A slide whose patches a patch store holds decoded is read from there (`patch_store.PatchStore`).
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class PatchDataset(Dataset):
         counts = np.array([len(s.grid) for s in self.slides], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         self._open: OrderedDict[int, Slide] = OrderedDict()
+        self._stores: dict[int, zarr.Array | None] = {}  # stored patches by slide index, looked up once each
+        self._chunk: tuple[int, int, np.ndarray] | None = None  # (slide index, first patch, patches) last read
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -66,13 +71,17 @@ class PatchDataset(Dataset):
         x, y = (int(v) for v in entry.grid.coords[local])
         size = entry.grid.patch_size
         item = {"slide_id": entry.slide_id, "coords": torch.tensor([x, y], dtype=torch.int32)}
-        try:
-            pixels = self._slide(slide_idx).read_at_mpp((x, y), (size, size), entry.grid.mpp, self.resample)
-        except SlideError as error:
-            if not self.skip_errors:
-                raise
-            return {**item, "image": torch.zeros(3, size, size, dtype=torch.uint8), "error": str(error)}
-        image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        stored = self._stored(slide_idx)
+        if stored is not None:
+            image = torch.from_numpy(self._stored_patch(slide_idx, stored, local))
+        else:
+            try:
+                pixels = self._slide(slide_idx).read_at_mpp((x, y), (size, size), entry.grid.mpp, self.resample)
+            except SlideError as error:
+                if not self.skip_errors:
+                    raise
+                return {**item, "image": torch.zeros(3, size, size, dtype=torch.uint8), "error": str(error)}
+            image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         if self.views is not None:
             item["views"] = self.views(image)
         return {**item, "image": image, **({"error": ""} if self.skip_errors else {})}
@@ -88,6 +97,22 @@ class PatchDataset(Dataset):
             (s.slide_id, int(a), int(b))
             for s, a, b in zip(self.slides, self._offsets[:-1], self._offsets[1:], strict=True)
         ]
+
+    def _stored(self, slide_idx: int) -> zarr.Array | None:
+        """The slide's patches where a patch store holds them decoded (`SlidePatches.patch_store`), else None."""
+        if slide_idx not in self._stores:
+            entry = self.slides[slide_idx]
+            store = PatchStore(entry.patch_store) if entry.patch_store is not None else None
+            self._stores[slide_idx] = store.open(entry, self.resample) if store is not None else None
+        return self._stores[slide_idx]
+
+    def _stored_patch(self, slide_idx: int, stored: zarr.Array, local: int) -> np.ndarray:
+        """One stored patch, from the last chunk read where it holds it: extraction reads a slide in order, and one
+        patch alone costs a whole chunk's read."""
+        first = local // CHUNK * CHUNK
+        if self._chunk is None or self._chunk[:2] != (slide_idx, first):
+            self._chunk = (slide_idx, first, stored[first : first + CHUNK])
+        return self._chunk[2][local - first]
 
     def _slide(self, slide_idx: int) -> Slide:
         if os.getpid() != self._pid:  # forked into a worker: handles inherited from the parent are not ours
@@ -106,6 +131,7 @@ class PatchDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_stores"], state["_chunk"] = {}, None
         return state
 
     def __del__(self) -> None:
@@ -127,6 +153,10 @@ class SlidePatchDataModule(pl.LightningDataModule):
     `shard` (`i/n`, e.g. `${oc.env:SLURM_ARRAY_TASK_ID}/8`): this process takes the i-th of n fixed shares of the
     slides (balanced by patch count), for schedulers whose tasks cannot share claims on one filesystem; where they can,
     running the same extraction n times needs no shard (the feature writer's claims split the slides as they go).
+    `patch_store`: a folder where the patches are kept decoded, written by the first extraction (the feature writer)
+    or a lazy slide bag's first read, from where every later read takes them (ICMIL's couplings, re-extraction, end
+    to end; `patch_store.PatchStore`); about the size of the slides at the tiling's mpp. None: every epoch decodes
+    the slides again.
     """
 
     def __init__(
@@ -141,9 +171,11 @@ class SlidePatchDataModule(pl.LightningDataModule):
         targets: Targets = Targets(),
         annotations: str | None = None,
         shard: str | None = None,
+        patch_store: str | None = None,
     ) -> None:
         super().__init__()
         self.shard = parse_shard(shard)
+        self.patch_store = patch_store
         self.labels = labels
         self.annotations = annotations
         self.targets = targets
@@ -172,7 +204,7 @@ class SlidePatchDataModule(pl.LightningDataModule):
         _ = self.slide_annotations  # a missing annotations file fails here, before any slide is read
         if self.slide_patches is None:
             skipped = self.skipped if self.on_slide_error == "skip" else None
-            self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache, skipped)
+            self.slide_patches = self.cohort.patches(self.tiling, self.grid_cache, skipped, self.patch_store)
 
     def exclude(self, slide_ids: set[str]) -> None:
         self._excluded = set(slide_ids)

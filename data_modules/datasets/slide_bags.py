@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import Dataset
 
 from ..cohort import OnSlideError, SlideCohort, SlideLabel
@@ -16,6 +17,7 @@ from ..cohort.targets import Targets
 from ..slides import Resample, Slide, open_slide
 from ..slides.tiling import SlidePatches, TilingConfig
 from .bag_base import BagDataModule, BagLoaders
+from .patch_store import PatchStore
 from .patient_bags import BagLevel, PatientBags, patient_groups
 
 __all__ = ["PatchBagDataModule", "SlideBag", "SlideBagDataModule", "SlideBagDataset", "SlideBagSplits"]
@@ -26,7 +28,8 @@ class SlideBag:
 
     This is the lazy bag `chunked.bag_backward` expects: it stays on the CPU and reads only the chunk asked for,
     decoding patches on `threads` threads (the JPEG decoder releases the GIL). The slide is opened in the process that
-    reads, on first use; pickling drops the handle.
+    reads, on first use; pickling drops the handle. Where the tiling names a patch store (`SlidePatches.patch_store`),
+    the first read stores every patch decoded and all reads after come from there (`patch_store.PatchStore`).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class SlideBag:
         self.threads = threads
         self._slide: Slide | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._store: zarr.Array | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -51,7 +55,16 @@ class SlideBag:
             raise TypeError(
                 f"SlideBag supports slices (bag[a:b]), got {type(index).__name__}; use select() for indices"
             )
-        coords = self.patches.grid.coords[self.indices[index]]
+        picked = self.indices[index]
+        stored = self._stored()
+        if stored is None:
+            return self._decode(self.patches.grid.coords[picked])
+        if len(picked) and picked[-1] - picked[0] + 1 == len(picked):  # a run of patches, as chunks of a bag are
+            return torch.from_numpy(stored[int(picked[0]) : int(picked[-1]) + 1])
+        return torch.from_numpy(stored.oindex[picked])
+
+    def _decode(self, coords: np.ndarray) -> torch.Tensor:
+        """The patches at `coords`, read from the slide and resampled to the tiling's mpp."""
         if self._slide is None:
             self._slide = open_slide(self.patches.path, mpp=self.patches.mpp_override)
             self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -63,6 +76,18 @@ class SlideBag:
         images = list(self._pool.map(read, coords)) if self._pool is not None else [read(xy) for xy in coords]
         out = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def _stored(self) -> zarr.Array | None:
+        """The slide's decoded patches where the tiling keeps a patch store: stored whole on first use (every patch
+        of the grid, also for a selection), read from there since."""
+        if self.patches.patch_store is None:
+            return None
+        if self._store is None:
+            store = PatchStore(self.patches.patch_store)
+            self._store = store.open(self.patches, self.resample)
+            if self._store is None:
+                self._store = store.fill(self.patches, self.resample, lambda coords: self._decode(coords).numpy())
+        return self._store
 
     def select(self, indices: np.ndarray) -> SlideBag:
         """A bag of some of these patches (within-bag sampling), sharing nothing open."""
@@ -77,10 +102,10 @@ class SlideBag:
             self._pool.shutdown(wait=wait)
         if self._slide is not None:
             self._slide.close()
-        self._slide = self._pool = None
+        self._slide = self._pool = self._store = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_slide": None, "_pool": None}
+        return {**self.__dict__, "_slide": None, "_pool": None, "_store": None}
 
     def __del__(self) -> None:
         self.close(wait=False)  # the collector may run this in one of the pool's own threads, which cannot join itself
@@ -113,7 +138,8 @@ class SlideBagDataModule(BagDataModule):
 
     `slides` is where the slides are, as `SlidePatchDataModule` takes it.
     `on_slide_error: skip` leaves out a slide that cannot be tiled, and the model skips a bag with a broken tile
-    (`SlideTask`), both recorded in `skipped`."""
+    (`SlideTask`), both recorded in `skipped`. `patch_store`: a folder where the bags keep their patches decoded after
+    the first epoch (`patch_store.PatchStore`; None: every epoch decodes the slides)."""
 
     def __init__(
         self,
@@ -129,8 +155,10 @@ class SlideBagDataModule(BagDataModule):
         targets: Targets = Targets(),
         bag_level: BagLevel = "slide",
         annotations: str | None = None,
+        patch_store: str | None = None,
     ) -> None:
         super().__init__(labels, classes, splits, split_ids, 0, targets, bag_level, annotations)
+        self.patch_store = patch_store
         self.on_slide_error = on_slide_error
         self.cohort = SlideCohort(self.labels_path, slides, targets)
         self.tiling = tiling
@@ -146,7 +174,8 @@ class SlideBagDataModule(BagDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._patches is None:
             skipped: dict[str, str] | None = {} if self.on_slide_error == "skip" else None
-            self._patches = {p.slide_id: p for p in self.cohort.patches(self.tiling, self.grid_cache, skipped)}
+            patches = self.cohort.patches(self.tiling, self.grid_cache, skipped, self.patch_store)
+            self._patches = {p.slide_id: p for p in patches}
             self.skip(skipped or {})
         super().setup(stage)
 

@@ -94,12 +94,14 @@ class PatchGrid:
 
 @dataclass(frozen=True)
 class SlidePatches:
-    """Where one slide's patches are: its file, id, grid and optional mpp override."""
+    """Where one slide's patches are: its file, id, grid and optional mpp override; `patch_store`, a folder where
+    readers keep them decoded (`data_modules.datasets.patch_store`), or None."""
 
     slide_id: str
     path: Path
     grid: PatchGrid
     mpp_override: float | None = None
+    patch_store: str | None = None
 
     def digest(self) -> str:
         """What the patches are cut from and how: the file (`file_signature`: size, mtime and a content sample, of

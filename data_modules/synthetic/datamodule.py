@@ -32,6 +32,7 @@ class SyntheticCohortDataModule(SlidePatchDataModule):
         on_slide_error: OnSlideError = "raise",
         labels_file: Literal["labels.csv", "targets.csv", "grades.csv"] = "labels.csv",
         targets: Targets = Targets(),
+        patch_store: str | None = None,
     ) -> None:
         super().__init__(
             f"{root}/{labels_file}",
@@ -42,6 +43,7 @@ class SyntheticCohortDataModule(SlidePatchDataModule):
             num_workers,
             on_slide_error,
             targets,
+            patch_store=patch_store,
         )
         self.root, self.spec = root, cohort
 

@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 import icmil_pl
 from data_modules.datasets.claims import HOST, SlideClaims
 from data_modules.datasets.feature_cache import FeatureCache, FeatureDtype, SlideFeatureWriter
+from data_modules.datasets.patch_store import PatchStore, PatchWriter
 from data_modules.datasets.patches import SlidePatchDataModule
-from data_modules.slides.tiling import TilingConfig
+from data_modules.slides import Resample
+from data_modules.slides.tiling import SlidePatches, TilingConfig
 
 from ..encoders import PatchEmbedder
 from .outputs import report_skipped
@@ -62,6 +64,10 @@ class FeatureWriter(pl.Callback):
     `claim_timeout`: seconds without a heartbeat after which a claim from another host is taken to be dead (a dead
     process's claim on this host is taken over at once). A heartbeat comes with every batch, so the timeout bounds
     the time of one batch, not of one slide.
+
+    Where the data names a patch store (`SlidePatchDataModule.patch_store`), each slide's patches are stored decoded
+    as they are embedded and committed with its features, so that coupling, end-to-end and re-extraction epochs read
+    them from there instead of decoding the slide again.
     """
 
     def __init__(
@@ -77,6 +83,9 @@ class FeatureWriter(pl.Callback):
         self._grid_sizes: dict[str, float] = {}
         self._sources: dict[str, str] = {}  # slide id -> SlidePatches.digest of what its features are computed from
         self._open: dict[str, SlideFeatureWriter] = {}
+        self._storing: dict[str, PatchWriter] = {}  # the decoded patches of open slides, where a patch store is set
+        self._entries: dict[str, SlidePatches] = {}
+        self._resample: Resample = "bilinear"
         self._began: dict[str, float] = {}  # slide id -> when its first features arrived
         self._done: dict[str, float] = {}  # slide id -> seconds from its first features to its commit
         self._cached = 0  # slides whose features were there before this run
@@ -107,6 +116,7 @@ class FeatureWriter(pl.Callback):
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
         self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
+        self._entries, self._resample = {entry.slide_id: entry for entry in todo.slides}, todo.resample
         if not self._sizes:  # a complete cache: Lightning runs no predict loop, and its warning is expected
             self._warning_filters = warnings.filters[:]
             warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero")
@@ -140,8 +150,12 @@ class FeatureWriter(pl.Callback):
             elif slide not in self.skipped:
                 writer = self._open.get(slide) or self._start(slide, features.shape[1])
                 writer.append(features[start:end], coords[start:end])
+                if slide in self._storing:  # the patches as the embedder got them, decoded once for later epochs
+                    self._storing[slide].append(batch["image"][start:end].cpu().numpy())
                 if writer.complete:
                     writer.commit()
+                    if slide in self._storing:
+                        self._storing.pop(slide).commit()
                     self.claims.release(slide)
                     del self._open[slide]
                     self._done[slide] = time.perf_counter() - self._began.pop(slide)
@@ -189,9 +203,9 @@ class FeatureWriter(pl.Callback):
         self._abort()
 
     def _skip(self, slide_id: str, error: str) -> None:
-        writer = self._open.pop(slide_id, None)
-        if writer is not None:
-            writer.abort()
+        for writer in (self._open.pop(slide_id, None), self._storing.pop(slide_id, None)):
+            if writer is not None:
+                writer.abort()
         self.claims.release(slide_id)
         self.skipped[slide_id] = error
         if self._bar is not None:
@@ -207,13 +221,18 @@ class FeatureWriter(pl.Callback):
             "embedded_by": {"host": HOST, "pid": os.getpid()},
         }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
+        entry = self._entries[slide_id]
+        storing = PatchStore(entry.patch_store).writer(entry, self._resample) if entry.patch_store else None
+        if storing is not None:
+            self._storing[slide_id] = storing
         self._began[slide_id] = time.perf_counter()
         return writer
 
     def _abort(self) -> None:
-        for writer in self._open.values():
+        for writer in [*self._open.values(), *self._storing.values()]:
             writer.abort()
         self._open.clear()
+        self._storing.clear()
         if self.claims is not None:
             self.claims.release_all()
         if self._bar is not None:
