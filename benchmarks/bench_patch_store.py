@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from data_modules.cohort.splits import SplitConfig  # noqa: E402 - imported before any timing
+from data_modules.datasets.patch_store import PatchStore  # noqa: E402
 from data_modules.datasets.patches import PatchDataset  # noqa: E402
 from data_modules.datasets.slide_bags import SlideBag, SlideBagDataModule  # noqa: E402
 from data_modules.slides.tiling import TilingConfig  # noqa: E402
@@ -74,6 +75,33 @@ def extraction(slides: list[SlideBag], embedder: PatchEmbedder, chunk: int, samp
     return time.perf_counter() - start
 
 
+def reads(plain: list[SlideBag], stored: list[SlideBag]) -> dict[str, float]:
+    """Milliseconds a patch of reading alone: decoding runs of patches, and from the store a run, one patch at a time
+    through `PatchDataset` (its last chunk kept) and one patch at a time without that."""
+    n = sum(len(b) for b in plain)
+    out = {}
+    start = time.perf_counter()
+    for bag in plain:
+        SlideBag(bag.patches, threads=bag.threads)[0 : len(bag)]
+    out["decoding runs of patches"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for bag in stored:
+        SlideBag(bag.patches)[0 : len(bag)]
+    out["the store, runs of patches"] = time.perf_counter() - start
+    dataset = PatchDataset([bag.patches for bag in stored])
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    out["the store, one patch a call, in order"] = time.perf_counter() - start
+    arrays = [PatchStore(bag.patches.patch_store).open(bag.patches, "bilinear") for bag in stored]
+    start = time.perf_counter()
+    for array in arrays:
+        for i in range(array.shape[0]):
+            array[i]
+    out["the store, one patch a zarr read"] = time.perf_counter() - start
+    return {k: v / n * 1e3 for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=32)
@@ -102,6 +130,7 @@ def main() -> None:
             times["s_decode"].append(extraction(plain, embedder, args.chunk_size, patches // 2))
             times["s_store"].append(extraction(stored, embedder, args.chunk_size, patches // 2))
         size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+        alone = reads(plain, stored)
     med = {k: float(np.median(v)) for k, v in times.items()}
 
     def ratio(k: str, base: str) -> float:
@@ -123,6 +152,9 @@ def main() -> None:
     print(f"{'':44} {'seconds':>8} {'ratio':>7}")
     for text, key, base in rows:
         print(f"{text:44} {med[key]:>8.2f} {ratio(key, base):>6.2f}x")
+    print("reading alone, ms a patch:")
+    for text, ms in alone.items():
+        print(f"  {text:42} {ms:>8.3f}")
 
 
 if __name__ == "__main__":
