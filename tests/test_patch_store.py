@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import socket
 
 import numpy as np
 import pytest
@@ -131,3 +132,17 @@ def test_the_first_extraction_stores_every_slide_it_embeds(cohort, tmp_path):
     _, second = extract(str(tmp_path / "store"), "second")  # reads the store: the same features
     for entry in data.slide_patches:
         np.testing.assert_array_equal(second.read(entry.slide_id).features, plain.read(entry.slide_id).features)
+
+
+def test_the_next_writer_removes_what_a_killed_writer_left_on_this_host(cohort, tmp_path):
+    bag = _bags(cohort, tmp_path, str(tmp_path / "store")).dataset("train")[0]["patches"]
+    store = PatchStore(tmp_path / "store")
+    final = store.path(bag.patches, "bilinear")
+    host = socket.gethostname()
+    dead = final.parent / f".{final.name}.{host}-{2**22 + 7}-0000abcd"  # above any pid this kernel hands out
+    live = final.parent / f".{final.name}.{host}-{os.getpid()}-0000abcd"
+    elsewhere = final.parent / f".{final.name}.another-host-{2**22 + 7}-0000abcd"
+    for folder in (dead, live, elsewhere):
+        folder.mkdir(parents=True)
+    store.writer(bag.patches, "bilinear").abort()
+    assert not dead.exists() and live.is_dir() and elsewhere.is_dir()

@@ -9,7 +9,8 @@ are chunked in runs of `CHUNK` patches (one file each), zstd level 1: a run of p
 decoding it from the demo's slides, but one patch alone costs a whole chunk (zarr's per-call overhead dominates: one-
 patch chunks, sharded, read no faster alone and 20x slower in runs), so readers of single patches keep the last chunk
 (`PatchDataset`). An entry is written whole into a temporary folder and renamed into place, so a
-killed writer leaves nothing a reader would take, and of two processes filling one slide the first rename wins.
+killed writer leaves nothing a reader would take (and the next writer of the slide on that host removes it), and of
+two processes filling one slide the first rename wins.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from ..io import safe_name
 from ..slides import Resample
 from ..slides.tiling import SlidePatches
+from .claims import process_alive
 
 __all__ = ["CHUNK", "PatchStore", "PatchWriter"]
 
@@ -40,7 +43,7 @@ class PatchStore:
         self.root = Path(root)
 
     def path(self, patches: SlidePatches, resample: Resample) -> Path:
-        return self.root / patches.slide_id / f"{patches.digest()}-{resample}.zarr"
+        return self.root / safe_name(patches.slide_id) / f"{patches.digest()}-{resample}.zarr"
 
     def open(self, patches: SlidePatches, resample: Resample) -> zarr.Array | None:
         """The slide's stored patches, or None where they are not (yet) stored."""
@@ -50,7 +53,13 @@ class PatchStore:
     def writer(self, patches: SlidePatches, resample: Resample) -> PatchWriter | None:
         """A writer of the slide's patches in grid order, or None where they are stored already."""
         final = self.path(patches, resample)
-        return None if final.is_dir() else PatchWriter(final, len(patches.grid), patches.grid.patch_size)
+        if final.is_dir():
+            return None
+        for partial in final.parent.glob(f".{final.name}.*"):  # what writers killed on this host left
+            host, pid, _ = partial.name[len(final.name) + 2 :].rsplit("-", 2)
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(partial, ignore_errors=True)
+        return PatchWriter(final, len(patches.grid), patches.grid.patch_size)
 
     def fill(self, patches: SlidePatches, resample: Resample, read: Callable[[np.ndarray], np.ndarray]) -> zarr.Array:
         """Store every patch of the slide, reading `CHUNK` at a time with `read(coords) -> uint8 (n, 3, S, S)`;
