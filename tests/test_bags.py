@@ -70,8 +70,9 @@ def test_the_former_name_still_builds_the_same_data_module(cohort, tmp_path):
     assert isinstance(old, SlideBagDataModule)
 
 
-@pytest.mark.parametrize("data_class", ["SlideBagDataModule", "PatchBagDataModule"])
-def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class):
+@pytest.mark.parametrize("data_class, store", [("SlideBagDataModule", False), ("PatchBagDataModule", True)])
+def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class, store):
+    """Also with a patch store: every slide the fit and its test read is stored decoded."""
     main(
         [
             "fit",
@@ -90,6 +91,7 @@ def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class):
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *([f"--data.patch_store={tmp_path / 'store'}"] if store else []),
         ]
     )
     run = tmp_path / "lightning_logs" / "version_0"
@@ -102,6 +104,9 @@ def test_end_to_end_fit_on_slides(cohort, tmp_path, data_class):
     assert entry["seconds"]["fit"] > 0 and (run / entry["checkpoint"]).is_file()
     assert entry["checkpoint"].startswith("checkpoints/")
     splits = json.loads((run / "splits.json").read_text())
+    if store:
+        stored = sorted(p.parent.name for p in (tmp_path / "store").glob("*/*.zarr"))
+        assert stored == sorted(s for split in splits.values() for s in split)
     with (run / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert sorted(r["slide_id"] for r in rows) == sorted(splits["test"]) and rows  # one row per test slide
