@@ -1,16 +1,15 @@
 """Decoded patches written once and read by every later epoch instead of the slide.
 
 A coupling or end-to-end epoch reads every patch of its slides again: the tile decode and the resampling to the
-tiling's mpp, identical each time, were most of what those epochs spent outside the model. The store keeps them as
-uint8 (N, 3, S, S), the readers' own layout, one zarr array per slide and tiling:
-`<root>/<slide_id>/<digest>-<resample>.zarr`, the digest being `SlidePatches.digest()` (the file's signature, the grid,
-the output size and mpp), so a changed slide or tiling is a different entry and a stale one is never read. Arrays
-are chunked in runs of `CHUNK` patches (one file each), zstd level 1: a run of patches reads about 17x faster than
-decoding it from the demo's slides, but one patch alone costs a whole chunk (zarr's per-call overhead dominates: one-
-patch chunks, sharded, read no faster alone and 20x slower in runs), so readers of single patches keep the last chunk
-(`PatchDataset`). An entry is written whole into a temporary folder and renamed into place, so a
-killed writer leaves nothing a reader would take (and the next writer of the slide on that host removes it), and of
-two processes filling one slide the first rename wins.
+tiling's mpp are identical each time. The store keeps the patches as uint8 (N, 3, S, S), the readers' own layout, one
+zarr array per slide and tiling: `<root>/<safe slide id>/<digest>-<resample>.zarr`, the digest being
+`SlidePatches.digest()` (the file's signature, the grid, the output size and mpp), so a changed slide or tiling is a
+different entry and a stale one is never read. Arrays are chunked in runs of `CHUNK` patches (one file each), zstd
+level 1: a run of patches reads an order of magnitude faster than decoding it, but one patch alone costs a whole
+chunk (zarr's per-call overhead dominates, and one-patch chunks in shards made runs as slow as decoding), so readers
+of single patches keep the last chunk (`PatchDataset`); figures in benchmarks/RESULTS.md. An entry is written into a
+temporary folder and renamed into place, so a killed writer leaves nothing a reader would take (the next writer of
+the slide on that host removes it), and of two processes filling one slide the first rename wins.
 """
 
 from __future__ import annotations
@@ -118,6 +117,7 @@ class PatchWriter:
         except OSError:
             if not self.final.is_dir():  # not another process's rename winning: a real failure
                 raise
+            self.abort()
         return zarr.open_array(self.final, mode="r")
 
     def abort(self) -> None:

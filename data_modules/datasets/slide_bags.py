@@ -59,7 +59,7 @@ class SlideBag:
         stored = self._stored()
         if stored is None:
             return self._decode(self.patches.grid.coords[picked])
-        if len(picked) and picked[-1] - picked[0] + 1 == len(picked):  # a run of patches, as chunks of a bag are
+        if len(picked) and (np.diff(picked) == 1).all():  # a run of patches, as a bag's chunks are
             return torch.from_numpy(stored[int(picked[0]) : int(picked[-1]) + 1])
         return torch.from_numpy(stored.oindex[picked])
 
