@@ -80,11 +80,10 @@ class FeatureWriter(pl.Callback):
         self.claims: SlideClaims | None = None
         self._provenance: dict = {}
         self._sizes: dict[str, int] = {}
-        self._grid_sizes: dict[str, float] = {}
         self._sources: dict[str, str] = {}  # slide id -> SlidePatches.digest of what its features are computed from
         self._open: dict[str, SlideFeatureWriter] = {}
         self._storing: dict[str, PatchWriter] = {}  # the decoded patches of open slides, where a patch store is set
-        self._entries: dict[str, SlidePatches] = {}
+        self._entries: dict[str, SlidePatches] = {}  # slide id -> its grid and patch store, of the slides to embed
         self._resample: Resample = "bilinear"
         self._began: dict[str, float] = {}  # slide id -> when its first features arrived
         self._done: dict[str, float] = {}  # slide id -> seconds from its first features to its commit
@@ -115,7 +114,6 @@ class FeatureWriter(pl.Callback):
         self._cached, self._done, self._clock = len(cached), {}, time.perf_counter()
         todo = data.dataset()
         self._sizes = {slide_id: end - start for slide_id, start, end in todo.slide_ranges()}
-        self._grid_sizes = {entry.slide_id: entry.grid.level0_size for entry in todo.slides}
         self._entries, self._resample = {entry.slide_id: entry for entry in todo.slides}, todo.resample
         if not self._sizes:  # a complete cache: Lightning runs no predict loop, and its warning is expected
             self._warning_filters = warnings.filters[:]
@@ -212,16 +210,16 @@ class FeatureWriter(pl.Callback):
             self._bar.update()
 
     def _start(self, slide_id: str, dim: int) -> SlideFeatureWriter:
+        entry = self._entries[slide_id]
         attrs = {
             **self._provenance,
             "slide_id": slide_id,
             "num_patches": self._sizes[slide_id],
-            "level0_patch_size": self._grid_sizes[slide_id],
+            "level0_patch_size": entry.grid.level0_size,
             "source": self._sources[slide_id],
             "embedded_by": {"host": HOST, "pid": os.getpid()},
         }
         writer = self._open[slide_id] = self.cache.writer(slide_id, self._sizes[slide_id], dim, self.dtype, attrs)
-        entry = self._entries[slide_id]
         storing = PatchStore(entry.patch_store).writer(entry, self._resample) if entry.patch_store else None
         if storing is not None:
             self._storing[slide_id] = storing
